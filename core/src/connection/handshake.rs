@@ -1,0 +1,174 @@
+//! The opening handshake (spec §1.4.2, RabbitMQ "Connection" and "Authentication" guides):
+//! protocol header → start / start-ok → (secure) → tune / tune-ok → open / open-ok.
+
+use amq_protocol::protocol::connection::StartOk;
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use super::config::{ConnectionConfig, Credentials};
+use crate::error::ConnectionError;
+
+/// Where the handshake is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeStep {
+    /// Protocol header sent; waiting for `connection.start`.
+    AwaitStart,
+    /// `start-ok` sent; waiting for `connection.tune` (or a close on failed authentication).
+    AwaitTune,
+    /// `tune-ok` and `open` sent; waiting for `connection.open-ok`.
+    AwaitOpenOk,
+}
+
+/// The SASL mechanisms we speak, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mechanism {
+    Plain,
+    AmqPlain,
+}
+
+impl Mechanism {
+    fn name(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::AmqPlain => "AMQPLAIN",
+        }
+    }
+}
+
+/// Picks PLAIN, else AMQPLAIN, from the space-separated list in `connection.start`.
+pub(crate) fn choose_mechanism(offered: &[u8]) -> Result<Mechanism, ConnectionError> {
+    let offered = String::from_utf8_lossy(offered);
+    let has = |name: &str| offered.split_ascii_whitespace().any(|m| m == name);
+    if has("PLAIN") {
+        Ok(Mechanism::Plain)
+    } else if has("AMQPLAIN") {
+        Ok(Mechanism::AmqPlain)
+    } else {
+        Err(ConnectionError::NoCommonMechanism {
+            offered: offered.into_owned(),
+        })
+    }
+}
+
+/// The SASL response for `mechanism`. It holds the password: it goes into a frame and nowhere
+/// else.
+fn auth_response(mechanism: Mechanism, credentials: &Credentials) -> LongString {
+    match mechanism {
+        // RFC 4616: authzid NUL authcid NUL passwd, with an empty authzid.
+        Mechanism::Plain => {
+            let mut r =
+                Vec::with_capacity(2 + credentials.username().len() + credentials.password().len());
+            r.push(0);
+            r.extend_from_slice(credentials.username().as_bytes());
+            r.push(0);
+            r.extend_from_slice(credentials.password().as_bytes());
+            r.into()
+        }
+        // AMQPLAIN: a field table's entries without its length prefix, LOGIN then PASSWORD.
+        Mechanism::AmqPlain => {
+            let mut r = Vec::new();
+            for (key, value) in [
+                ("LOGIN", credentials.username()),
+                ("PASSWORD", credentials.password()),
+            ] {
+                r.push(key.len() as u8);
+                r.extend_from_slice(key.as_bytes());
+                r.push(b'S');
+                r.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                r.extend_from_slice(value.as_bytes());
+            }
+            r.into()
+        }
+    }
+}
+
+/// Client properties with the capabilities RabbitMQ looks for (RabbitMQ "Connection" guide,
+/// "Client Capabilities"). `authentication_failure_close` makes a failed login a
+/// `connection.close` with 403 instead of a bare socket close.
+fn client_properties(config: &ConnectionConfig) -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for cap in [
+        "publisher_confirms",
+        "consumer_cancel_notify",
+        "basic.nack",
+        "connection.blocked",
+        "authentication_failure_close",
+    ] {
+        capabilities.insert(ShortString::from(cap), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    props.insert("product".into(), text(env!("CARGO_PKG_NAME")));
+    props.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+    props.insert("platform".into(), text("Rust"));
+    props.insert("information".into(), text("sans-IO AMQP 0-9-1 RPC client"));
+    props.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    if let Some(name) = &config.connection_name {
+        props.insert("connection_name".into(), text(name));
+    }
+    props
+}
+
+/// Builds `connection.start-ok`. The locale is `en_US`, the one every RabbitMQ offers.
+pub(crate) fn start_ok(config: &ConnectionConfig, mechanism: Mechanism) -> StartOk {
+    StartOk {
+        client_properties: client_properties(config),
+        mechanism: ShortString::from(mechanism.name()),
+        response: auth_response(mechanism, &config.credentials),
+        locale: ShortString::from("en_US"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefers_plain_then_amqplain() {
+        assert_eq!(choose_mechanism(b"AMQPLAIN PLAIN"), Ok(Mechanism::Plain));
+        assert_eq!(
+            choose_mechanism(b"AMQPLAIN EXTERNAL"),
+            Ok(Mechanism::AmqPlain)
+        );
+        assert!(matches!(
+            choose_mechanism(b"EXTERNAL SCRAM-SHA-256"),
+            Err(ConnectionError::NoCommonMechanism { offered }) if offered == "EXTERNAL SCRAM-SHA-256"
+        ));
+        assert!(choose_mechanism(b"PLAINX").is_err());
+    }
+
+    #[test]
+    fn plain_response_is_rfc4616() {
+        let r = auth_response(Mechanism::Plain, &Credentials::new("u", "p"));
+        assert_eq!(r.as_bytes(), b"\0u\0p");
+    }
+
+    #[test]
+    fn amqplain_response_is_a_table_body() {
+        let r = auth_response(Mechanism::AmqPlain, &Credentials::new("u", "pw"));
+        assert_eq!(
+            r.as_bytes(),
+            b"\x05LOGINS\x00\x00\x00\x01u\x08PASSWORDS\x00\x00\x00\x02pw"
+        );
+    }
+
+    #[test]
+    fn advertises_capabilities() {
+        let props = client_properties(&ConnectionConfig::default());
+        let Some(AMQPValue::FieldTable(caps)) = props.inner().get("capabilities") else {
+            panic!("no capabilities table");
+        };
+        for cap in [
+            "publisher_confirms",
+            "consumer_cancel_notify",
+            "basic.nack",
+            "connection.blocked",
+            "authentication_failure_close",
+        ] {
+            assert_eq!(
+                caps.inner().get(cap),
+                Some(&AMQPValue::Boolean(true)),
+                "{cap}"
+            );
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Errors, by who is at fault (DESIGN §3).
+//!
+//! - [`FrameError`]: the peer sent bytes that are not valid AMQP 0-9-1.
+//! - [`ConnectionError`]: the connection is gone (hard, sticky: every later command returns it).
+//! - [`ChannelError`]: one channel is gone; the connection lives.
+//! - [`UsageError`]: the caller misused the API; returned at the call site, nothing was sent.
+//! - [`RpcError`]: how an RPC call ended when it did not end with a reply.
+
+use std::fmt;
+
+use crate::ids::{ChannelId, ReplyCode};
+
+/// Bytes from the peer that are not valid AMQP 0-9-1. Each maps to the reply code RabbitMQ
+/// uses when it closes a connection for the same fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The header announced a payload larger than the negotiated frame_max allows.
+    FrameTooLarge {
+        /// Payload size from the header.
+        size: u32,
+        /// Negotiated frame_max (whole frame).
+        frame_max: u32,
+    },
+    /// The octet after the payload was not `0xCE`.
+    BadFrameEnd(u8),
+    /// A frame type other than method, header, body or heartbeat.
+    UnknownFrameType(u8),
+    /// A heartbeat on a channel other than 0, or with a payload.
+    BadHeartbeat,
+    /// A content header or body on channel 0.
+    ContentOnChannelZero,
+    /// A method or content-header payload that does not parse.
+    Syntax {
+        /// What failed to parse.
+        what: &'static str,
+    },
+    /// Field tables nested deeper than [`crate::codec::MAX_TABLE_DEPTH`].
+    TableTooDeep,
+    /// A frame the protocol does not allow here (content without a method, a method in the
+    /// middle of content, a body longer than announced...).
+    Unexpected {
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// The server answered our protocol header with its own: it does not speak 0-9-1.
+    ProtocolVersionRejected {
+        /// Server's major version.
+        major: u8,
+        /// Server's minor version.
+        minor: u8,
+        /// Server's revision.
+        revision: u8,
+    },
+}
+
+impl FrameError {
+    /// The reply code a `connection.close` for this fault carries (501, 502 or 505).
+    pub fn reply_code(&self) -> ReplyCode {
+        match self {
+            FrameError::FrameTooLarge { .. }
+            | FrameError::BadFrameEnd(_)
+            | FrameError::UnknownFrameType(_)
+            | FrameError::BadHeartbeat
+            | FrameError::ProtocolVersionRejected { .. } => ReplyCode::FRAME_ERROR,
+            FrameError::Syntax { .. } | FrameError::TableTooDeep => ReplyCode::SYNTAX_ERROR,
+            FrameError::ContentOnChannelZero | FrameError::Unexpected { .. } => {
+                ReplyCode::UNEXPECTED_FRAME
+            }
+        }
+    }
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::FrameTooLarge { size, frame_max } => {
+                write!(
+                    f,
+                    "frame payload of {size} bytes exceeds frame_max {frame_max}"
+                )
+            }
+            FrameError::BadFrameEnd(b) => write!(f, "frame end octet was {b:#04x}, not 0xce"),
+            FrameError::UnknownFrameType(t) => write!(f, "unknown frame type {t}"),
+            FrameError::BadHeartbeat => {
+                f.write_str("heartbeat frame not on channel 0 or not empty")
+            }
+            FrameError::ContentOnChannelZero => f.write_str("content frame on channel 0"),
+            FrameError::Syntax { what } => write!(f, "malformed {what}"),
+            FrameError::TableTooDeep => write!(
+                f,
+                "field tables nested deeper than {} levels",
+                crate::codec::MAX_TABLE_DEPTH
+            ),
+            FrameError::Unexpected { what } => write!(f, "unexpected frame: {what}"),
+            FrameError::ProtocolVersionRejected {
+                major,
+                minor,
+                revision,
+            } => write!(
+                f,
+                "server rejected AMQP 0-9-1 and offered {major}-{minor}-{revision}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Why the connection ended. Sticky: once the connection has one, every later command returns
+/// it inside [`UsageError::ConnectionClosed`], and [`crate::Event::Closed`] is the last event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The server sent bytes that are not AMQP 0-9-1; we closed with the matching code.
+    Frame(FrameError),
+    /// The server violated the protocol in a well-formed frame; we closed with `code`.
+    Protocol {
+        /// The code we closed with.
+        code: ReplyCode,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The server offers none of the SASL mechanisms we support.
+    NoCommonMechanism {
+        /// The mechanisms the server offered.
+        offered: String,
+    },
+    /// Wrong user name or password (or the user may not log in).
+    AuthenticationFailed {
+        /// The server's reason, when it gave one (never contains the password).
+        reason: String,
+    },
+    /// The server closed the connection.
+    ClosedByServer {
+        /// Its reply code (320 when the broker shuts down or an operator closed us).
+        code: ReplyCode,
+        /// Its reply text.
+        text: String,
+    },
+    /// The application closed the connection.
+    ClosedByApplication,
+    /// The handshake did not finish in time.
+    HandshakeTimedOut,
+    /// Nothing arrived for two heartbeat intervals: the peer is presumed dead.
+    HeartbeatTimedOut,
+    /// The byte stream ended (the socket closed or failed) without a close handshake.
+    ConnectionLost,
+}
+
+impl fmt::Display for ConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionError::Frame(e) => write!(f, "protocol error from server: {e}"),
+            ConnectionError::Protocol { code, reason } => {
+                write!(f, "server violated the protocol ({code}): {reason}")
+            }
+            ConnectionError::NoCommonMechanism { offered } => write!(
+                f,
+                "no common authentication mechanism: server offers [{offered}], we support PLAIN and AMQPLAIN"
+            ),
+            ConnectionError::AuthenticationFailed { reason } if reason.is_empty() => {
+                f.write_str("authentication failed: wrong user name or password")
+            }
+            ConnectionError::AuthenticationFailed { reason } => {
+                write!(f, "authentication failed: {reason}")
+            }
+            ConnectionError::ClosedByServer { code, text } => {
+                write!(f, "connection closed by server ({code}): {text}")
+            }
+            ConnectionError::ClosedByApplication => f.write_str("connection closed by the application"),
+            ConnectionError::HandshakeTimedOut => f.write_str("AMQP handshake timed out"),
+            ConnectionError::HeartbeatTimedOut => {
+                f.write_str("no data from server for two heartbeat intervals")
+            }
+            ConnectionError::ConnectionLost => f.write_str("connection lost"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectionError {}
+
+/// Who closed a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The broker sent `channel.close`.
+    Server,
+    /// We did (the application asked, or we met a fault we close channels for).
+    Client,
+}
+
+/// A channel closed; the connection lives on (spec §1.2 "soft errors").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelError {
+    /// The channel that closed.
+    pub channel: ChannelId,
+    /// Who closed it.
+    pub initiator: Initiator,
+    /// The reply code of the `channel.close` (200 for a normal close).
+    pub code: ReplyCode,
+    /// Its reply text.
+    pub text: String,
+}
+
+impl fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = match self.initiator {
+            Initiator::Server => "server",
+            Initiator::Client => "client",
+        };
+        write!(
+            f,
+            "{} closed by {who} ({}): {}",
+            self.channel, self.code, self.text
+        )
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+/// The caller misused the API. Nothing was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UsageError {
+    /// The connection is closed; this is why.
+    ConnectionClosed(ConnectionError),
+    /// The connection is not open yet (wait for [`crate::Event::Connected`]).
+    NotConnected,
+    /// The channel is not open on this connection (never opened, closing or closed).
+    ChannelNotOpen(ChannelId),
+    /// Every channel number up to the negotiated channel_max is in use.
+    NoFreeChannel,
+    /// A name or string field is longer than the 255 bytes a short string holds.
+    NameTooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A method or content header (with its tables) does not fit in the negotiated frame_max.
+    FrameTooLarge,
+    /// The connection is already closing.
+    Closing,
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageError::ConnectionClosed(e) => write!(f, "connection closed: {e}"),
+            UsageError::NotConnected => f.write_str("connection is not open yet"),
+            UsageError::ChannelNotOpen(c) => write!(f, "{c} is not open"),
+            UsageError::NoFreeChannel => f.write_str("no free channel number"),
+            UsageError::NameTooLong { field, len } => {
+                write!(
+                    f,
+                    "{field} is {len} bytes; a short string holds at most 255"
+                )
+            }
+            UsageError::FrameTooLarge => f.write_str("method or header exceeds frame_max"),
+            UsageError::Closing => f.write_str("connection is closing"),
+        }
+    }
+}
+
+impl std::error::Error for UsageError {}

@@ -1,0 +1,19 @@
+//! Sans-IO AMQP 0-9-1 client and RPC machines.
+#![doc = include_str!("../README.md")]
+
+pub mod codec;
+pub mod connection;
+pub mod error;
+pub mod ids;
+
+pub use connection::{
+    BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Credentials, Delivery, Event,
+    QueueOptions, Reply, Returned, Tune,
+};
+pub use error::{ChannelError, ConnectionError, FrameError, Initiator, UsageError};
+pub use ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+
+/// Re-exported protocol types that appear in this crate's API.
+pub mod types {
+    pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+}

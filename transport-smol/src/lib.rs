@@ -1,0 +1,1 @@
+//! smol transport (work in progress).

@@ -1,0 +1,1 @@
+//! tokio transport (work in progress).
