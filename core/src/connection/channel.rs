@@ -7,7 +7,7 @@ use amq_protocol::protocol::BasicProperties;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::FrameError;
-use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+use crate::ids::{DeliveryTag, ReplyCode, RequestId};
 
 /// Where a channel is in its life (spec §1.5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
