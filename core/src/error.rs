@@ -241,6 +241,13 @@ pub enum UsageError {
     FrameTooLarge,
     /// The connection is already closing.
     Closing,
+    /// The RPC client already has as many calls in flight as its configured limit.
+    TooManyCalls {
+        /// The configured limit ([`crate::rpc::ClientConfig::max_in_flight`]).
+        limit: usize,
+    },
+    /// The RPC client or server was shut down.
+    ShutDown,
 }
 
 impl fmt::Display for UsageError {
@@ -258,8 +265,85 @@ impl fmt::Display for UsageError {
             }
             UsageError::FrameTooLarge => f.write_str("method or header exceeds frame_max"),
             UsageError::Closing => f.write_str("connection is closing"),
+            UsageError::TooManyCalls { limit } => write!(f, "{limit} calls already in flight"),
+            UsageError::ShutDown => f.write_str("shut down"),
         }
     }
 }
 
 impl std::error::Error for UsageError {}
+
+/// How an RPC call ended when it did not end with a successful reply (DESIGN §4). Each says
+/// whether the request may have run on a server: see [`RpcError::may_have_run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// The broker returned the mandatory request: no queue is bound to its routing key.
+    /// Never ran.
+    NotRouted,
+    /// The request queue has no consumer, so nobody would answer. Never ran (never sent).
+    NoServers,
+    /// The deadline passed before the request could be sent (the client was connecting,
+    /// reconnecting, blocked or backed up). Never ran.
+    Expired,
+    /// The deadline passed after the request was sent. May have run.
+    TimedOut,
+    /// The connection or channel was lost. May have run when `sent`.
+    ConnectionLost {
+        /// Whether the request had been published.
+        sent: bool,
+    },
+    /// The server ran the request and answered with an error.
+    Remote {
+        /// Machine-readable code from the `x-rpc-error` header.
+        code: String,
+        /// Human-readable message from the body.
+        message: String,
+    },
+    /// The server refused the request as invalid before running it.
+    Rejected {
+        /// Machine-readable code from the `x-rpc-error` header.
+        code: String,
+        /// Human-readable message from the body.
+        message: String,
+    },
+}
+
+impl RpcError {
+    /// Whether a server may have run the request: `false` means retrying cannot run it twice.
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            RpcError::NotRouted
+            | RpcError::NoServers
+            | RpcError::Expired
+            | RpcError::Rejected { .. } => false,
+            RpcError::ConnectionLost { sent } => *sent,
+            RpcError::TimedOut | RpcError::Remote { .. } => true,
+        }
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RpcError::NotRouted => {
+                f.write_str("request not routed: no queue is bound to its routing key")
+            }
+            RpcError::NoServers => f.write_str("no server is consuming the request queue"),
+            RpcError::Expired => f.write_str("deadline passed before the request could be sent"),
+            RpcError::TimedOut => f.write_str("timed out waiting for the reply"),
+            RpcError::ConnectionLost { sent: true } => {
+                f.write_str("connection lost after the request was sent (it may have run)")
+            }
+            RpcError::ConnectionLost { sent: false } => {
+                f.write_str("connection lost before the request was sent")
+            }
+            RpcError::Remote { code, message } => write!(f, "server error {code}: {message}"),
+            RpcError::Rejected { code, message } => {
+                write!(f, "request rejected ({code}): {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RpcError {}

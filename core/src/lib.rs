@@ -5,12 +5,13 @@ pub mod codec;
 pub mod connection;
 pub mod error;
 pub mod ids;
+pub mod rpc;
 
 pub use connection::{
     BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Credentials, Delivery, Event,
     QueueOptions, Reply, Returned, Tune,
 };
-pub use error::{ChannelError, ConnectionError, FrameError, Initiator, UsageError};
+pub use error::{ChannelError, ConnectionError, FrameError, Initiator, RpcError, UsageError};
 pub use ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 
 /// Re-exported protocol types that appear in this crate's API.
