@@ -5,6 +5,7 @@ pub mod codec;
 pub mod connection;
 pub mod error;
 pub mod ids;
+pub mod machine;
 pub mod rpc;
 
 pub use connection::{
@@ -13,6 +14,7 @@ pub use connection::{
 };
 pub use error::{ChannelError, ConnectionError, FrameError, Initiator, RpcError, UsageError};
 pub use ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+pub use machine::Machine;
 
 /// Re-exported protocol types that appear in this crate's API.
 pub mod types {

@@ -1,1 +1,90 @@
-//! tokio transport (work in progress).
+//! RPC over RabbitMQ on tokio.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use transport_tokio::Client;
+//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let reply = client.call("rpc_queue", "30").await?;
+//! assert_eq!(&reply[..], b"832040");
+//! # Ok(()) }
+//! ```
+//!
+//! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Tokio`]; the smol
+//! transport binds the same types to its runtime, so code moves between them unchanged.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::time::Instant;
+
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+pub use amqp_rpc_driver::{
+    fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
+    ConnectionError, HandlerError, QueueKind, ReplyMode, Request, RpcError, RpcReply, ServerHandle,
+    ServerOptions, ServerReport, DEFAULT_URI,
+};
+
+/// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types
+/// from inside one (`#[tokio::main]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tokio;
+
+impl amqp_rpc_driver::Runtime for Tokio {
+    type Stream = Compat<tokio::net::TcpStream>;
+    type Sleep = tokio::time::Sleep;
+
+    fn connect(
+        host: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>> {
+        let address = format!("{host}:{port}");
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            // Requests and replies are small: send each batch at once rather than wait for
+            // Nagle's algorithm to fill a segment.
+            stream.set_nodelay(true)?;
+            Ok(stream.compat())
+        })
+    }
+
+    fn sleep_until(deadline: Instant) -> Self::Sleep {
+        tokio::time::sleep_until(deadline.into())
+    }
+
+    fn reset(sleep: Pin<&mut Self::Sleep>, deadline: Instant) {
+        sleep.reset(deadline.into());
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
+        tokio::spawn(future);
+    }
+}
+
+/// An RPC client on tokio.
+pub type Client = amqp_rpc_driver::Client<Tokio>;
+/// An RPC server on tokio.
+pub type Server = amqp_rpc_driver::Server<Tokio>;
+
+/// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

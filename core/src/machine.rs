@@ -1,0 +1,61 @@
+//! The driving contract every machine of this crate shares, as a trait, so that one driver loop
+//! can run any of them over any runtime.
+
+use std::time::Instant;
+
+use crate::rpc::{RpcClient, RpcServer};
+use crate::Connection;
+
+/// A sans-IO machine: bytes and time in, bytes and timer deadlines out.
+///
+/// Drive it like this (the crate docs show a whole loop):
+/// 1. after any input or command, drain its events;
+/// 2. when the driver's write buffer is empty, refill it with [`Machine::poll_transmit`] — this
+///    is the backpressure: bytes the socket has not taken stay in the machine, where callers
+///    can see them;
+/// 3. re-arm the timer from [`Machine::poll_timeout`] last, and call
+///    [`Machine::handle_timeout`] when it fires.
+pub trait Machine {
+    /// Bytes read from the socket.
+    fn handle_input(&mut self, now: Instant, bytes: &[u8]);
+    /// The socket reached EOF or failed.
+    fn handle_eof(&mut self, now: Instant);
+    /// The timer from [`Machine::poll_timeout`] fired (late is fine, early is harmless).
+    fn handle_timeout(&mut self, now: Instant);
+    /// Appends bytes to send; returns how many.
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize;
+    /// When to call [`Machine::handle_timeout`] next.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Whether the connection is closed: once the write buffer is flushed, drop the socket.
+    fn is_closed(&self) -> bool;
+}
+
+macro_rules! impl_machine {
+    ($ty:ty, $conn:ident => $closed:expr) => {
+        impl Machine for $ty {
+            fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
+                <$ty>::handle_input(self, now, bytes)
+            }
+            fn handle_eof(&mut self, now: Instant) {
+                <$ty>::handle_eof(self, now)
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                <$ty>::handle_timeout(self, now)
+            }
+            fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
+                <$ty>::poll_transmit(self, now, buf)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                <$ty>::poll_timeout(self)
+            }
+            fn is_closed(&self) -> bool {
+                let $conn = self;
+                $closed
+            }
+        }
+    };
+}
+
+impl_machine!(Connection, c => c.is_closed());
+impl_machine!(RpcClient, c => c.connection().is_closed());
+impl_machine!(RpcServer, s => s.connection().is_closed());

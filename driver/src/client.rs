@@ -1,0 +1,392 @@
+//! The async RPC client: a cheap, cloneable handle to one driver task that owns the
+//! connection.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amqp_rpc_core::rpc::{
+    CallId, CallRequest, ClientConfig, ClientEvent, RpcClient, RpcReply, UnixMillis,
+};
+use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use futures_util::SinkExt;
+
+use crate::io_loop::{Handler, Loop};
+use crate::options::{ConnectError, ConnectOptions};
+use crate::reconnect::{connect_stream, Backoff};
+use crate::Runtime;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Broker and connection settings.
+    pub connect: ConnectOptions,
+    /// RPC settings (reply mode, in-flight bound, server check).
+    pub rpc: ClientConfig,
+    /// Timeout of [`Client::call`].
+    pub default_timeout: Duration,
+    /// How to reconnect after the connection is lost.
+    pub backoff: Backoff,
+    /// Whether a failed first connect is retried with `backoff` (`false`: [`Client::connect`]
+    /// fails at once with a clear error, which is what a command-line tool wants).
+    pub retry_first_connect: bool,
+}
+
+impl ClientOptions {
+    /// Options for `uri` with defaults for the rest.
+    pub fn from_uri(uri: &str) -> Result<Self, ConnectError> {
+        Ok(Self {
+            connect: ConnectOptions::from_uri(uri)?,
+            rpc: ClientConfig::default(),
+            default_timeout: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            retry_first_connect: false,
+        })
+    }
+}
+
+/// Why a call did not return a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The call ran its course and ended without a reply (see [`RpcError::may_have_run`]).
+    Rpc(RpcError),
+    /// The client already has its limit of calls in flight. Never sent.
+    TooManyCalls {
+        /// The limit ([`ClientConfig::max_in_flight`]).
+        limit: usize,
+    },
+    /// The client is closed. Never sent.
+    Closed,
+    /// The request is malformed (a name longer than 255 bytes). Never sent.
+    Invalid(UsageError),
+}
+
+impl CallError {
+    /// Whether a server may have run the request.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, CallError::Rpc(e) if e.may_have_run())
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Rpc(e) => e.fmt(f),
+            CallError::TooManyCalls { limit } => {
+                write!(f, "too many calls in flight (limit {limit})")
+            }
+            CallError::Closed => f.write_str("client is closed"),
+            CallError::Invalid(e) => write!(f, "invalid request: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl From<RpcError> for CallError {
+    fn from(e: RpcError) -> Self {
+        CallError::Rpc(e)
+    }
+}
+
+enum Command {
+    Call {
+        request: CallRequest,
+        reply: oneshot::Sender<Result<RpcReply, CallError>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// An RPC client. Clone it freely: every clone talks to the same connection, and many tasks
+/// may call at once.
+pub struct Client<R: Runtime> {
+    commands: mpsc::Sender<Command>,
+    default_timeout: Duration,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Clone for Client<R> {
+    fn clone(&self) -> Self {
+        Self {
+            commands: self.commands.clone(),
+            default_timeout: self.default_timeout,
+            _runtime: PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime> fmt::Debug for Client<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("default_timeout", &self.default_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> Client<R> {
+    /// Connects to the broker at `uri` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) and arms
+    /// the reply path. Fails promptly with a clear error when the broker is unreachable or
+    /// refuses the credentials.
+    pub async fn connect(uri: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(ClientOptions::from_uri(uri)?).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(options: ClientOptions) -> Result<Self, ConnectError> {
+        let (tx, rx) = mpsc::channel(1024);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let default_timeout = options.default_timeout;
+        R::spawn(run::<R>(options, rx, ready_tx));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Self {
+                commands: tx,
+                default_timeout,
+                _runtime: PhantomData,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConnectError::Connection(ConnectionError::ConnectionLost)),
+        }
+    }
+
+    /// Calls `queue` with `body` and the default timeout; returns the reply body.
+    pub async fn call(&self, queue: &str, body: impl Into<Bytes>) -> Result<Bytes, CallError> {
+        let request = CallRequest::new(queue, body, self.default_timeout);
+        self.call_with(request).await.map(|reply| reply.body)
+    }
+
+    /// Makes a call with every option: exchange, routing key, timeout, properties, idempotence.
+    pub async fn call_with(&self, request: CallRequest) -> Result<RpcReply, CallError> {
+        let (reply, rx) = oneshot::channel();
+        let mut commands = self.commands.clone();
+        commands
+            .send(Command::Call { request, reply })
+            .await
+            .map_err(|_| CallError::Closed)?;
+        rx.await.unwrap_or(Err(CallError::Closed))
+    }
+
+    /// Closes the connection cleanly. Calls still in flight end with `ConnectionLost`.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        let mut commands = self.commands.clone();
+        if commands.send(Command::Close { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// The wall clock, for the deadline header.
+pub(crate) fn wall_now() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    UnixMillis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// The driver task's side: callers waiting for their calls.
+struct Callers {
+    pending: HashMap<CallId, oneshot::Sender<Result<RpcReply, CallError>>>,
+    ready: Option<oneshot::Sender<Result<(), ConnectError>>>,
+    closing: Vec<oneshot::Sender<()>>,
+    shutting_down: bool,
+    last_error: Option<ConnectionError>,
+    /// Whether the reply path was armed since the last reconnect attempt (resets the backoff).
+    was_ready: bool,
+}
+
+impl Callers {
+    fn take_was_ready(&mut self) -> bool {
+        std::mem::take(&mut self.was_ready)
+    }
+}
+
+impl Handler<RpcClient> for Callers {
+    type Command = Command;
+
+    fn on_wake(&mut self, machine: &mut RpcClient, _now: Instant) {
+        while let Some(event) = machine.poll_event() {
+            match event {
+                ClientEvent::Ready => {
+                    tracing::debug!("reply path armed");
+                    self.was_ready = true;
+                    if let Some(ready) = self.ready.take() {
+                        let _ = ready.send(Ok(()));
+                    }
+                }
+                ClientEvent::CallEnded { call, result } => {
+                    if let Some(tx) = self.pending.remove(&call) {
+                        // The caller may have given up (dropped its future); nothing to do then.
+                        let _ = tx.send(result.map_err(CallError::Rpc));
+                    }
+                }
+                ClientEvent::Blocked { reason } => {
+                    tracing::warn!(%reason, "broker blocked the connection")
+                }
+                ClientEvent::Unblocked => tracing::info!("broker unblocked the connection"),
+                ClientEvent::Disconnected(error) => {
+                    tracing::warn!(%error, "connection lost");
+                    self.last_error = Some(error);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_command(&mut self, machine: &mut RpcClient, now: Instant, command: Command) {
+        match command {
+            Command::Call { request, reply } => match machine.call(now, wall_now(), request) {
+                Ok(id) => {
+                    self.pending.insert(id, reply);
+                }
+                Err(UsageError::TooManyCalls { limit }) => {
+                    let _ = reply.send(Err(CallError::TooManyCalls { limit }));
+                }
+                Err(UsageError::ShutDown) => {
+                    let _ = reply.send(Err(CallError::Closed));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(CallError::Invalid(e)));
+                }
+            },
+            Command::Close { done } => {
+                self.closing.push(done);
+                self.shutting_down = true;
+                machine.close(now);
+            }
+        }
+    }
+
+    fn on_handles_dropped(&mut self, machine: &mut RpcClient, now: Instant) {
+        self.shutting_down = true;
+        machine.close(now);
+    }
+}
+
+/// The driver task: connect, drive, and reconnect with backoff until closed.
+async fn run<R: Runtime>(
+    options: ClientOptions,
+    mut commands: mpsc::Receiver<Command>,
+    ready: oneshot::Sender<Result<(), ConnectError>>,
+) {
+    let prefix = uuid::Uuid::new_v4().simple().to_string();
+    let mut machine = RpcClient::new(
+        options.rpc.clone(),
+        options.connect.connection.clone(),
+        &prefix,
+        Instant::now(),
+    );
+    let mut callers = Callers {
+        pending: HashMap::new(),
+        ready: Some(ready),
+        closing: Vec::new(),
+        shutting_down: false,
+        last_error: None,
+        was_ready: false,
+    };
+    let mut io = Loop::<R>::new();
+    let mut attempt: u32 = 0;
+    loop {
+        let connect_error = match connect_stream::<R, _, _>(
+            &options.connect,
+            &mut io,
+            &mut machine,
+            &mut commands,
+            &mut callers,
+        )
+        .await
+        {
+            Ok(mut stream) => {
+                let exit = io
+                    .drive(
+                        Some(&mut stream),
+                        None,
+                        &mut machine,
+                        &mut commands,
+                        &mut callers,
+                    )
+                    .await;
+                tracing::debug!(?exit, "connection ended");
+                None
+            }
+            Err(error) => {
+                // Tell the machine the byte stream it was waiting for will not come.
+                machine.handle_eof(Instant::now());
+                callers.on_wake(&mut machine, Instant::now());
+                Some(error)
+            }
+        };
+        if callers.shutting_down {
+            break;
+        }
+        let first = callers.ready.is_some();
+        if first && !options.retry_first_connect {
+            if let Some(ready) = callers.ready.take() {
+                let error = connect_error.unwrap_or_else(|| {
+                    ConnectError::Connection(
+                        callers
+                            .last_error
+                            .clone()
+                            .unwrap_or(ConnectionError::ConnectionLost),
+                    )
+                });
+                let _ = ready.send(Err(error));
+            }
+            break;
+        }
+        if permanent(callers.last_error.as_ref()) && connect_error.is_none() {
+            if let Some(ready) = callers.ready.take() {
+                let error = callers
+                    .last_error
+                    .clone()
+                    .unwrap_or(ConnectionError::ConnectionLost);
+                let _ = ready.send(Err(ConnectError::Connection(error)));
+            }
+            break;
+        }
+        if callers.take_was_ready() {
+            attempt = 0;
+        }
+        let Some(delay) = options.backoff.delay(attempt) else {
+            break;
+        };
+        attempt += 1;
+        tracing::info!(attempt, ?delay, "reconnecting");
+        io.drive(
+            None,
+            Some(Instant::now() + delay),
+            &mut machine,
+            &mut commands,
+            &mut callers,
+        )
+        .await;
+        if callers.shutting_down || machine.reconnect(Instant::now()).is_err() {
+            break;
+        }
+    }
+    machine.abandon();
+    machine.close(Instant::now());
+    callers.on_wake(&mut machine, Instant::now());
+    for (_, tx) in callers.pending.drain() {
+        let _ = tx.send(Err(CallError::Closed));
+    }
+    for done in callers.closing.drain(..) {
+        let _ = done.send(());
+    }
+}
+
+/// Errors that reconnecting cannot fix.
+fn permanent(error: Option<&ConnectionError>) -> bool {
+    matches!(
+        error,
+        Some(
+            ConnectionError::AuthenticationFailed { .. }
+                | ConnectionError::NoCommonMechanism { .. }
+        )
+    )
+}
