@@ -80,6 +80,10 @@ impl Args {
         let mut positional = Vec::new();
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
+            if arg == "--" {
+                positional.extend(it.by_ref());
+                break;
+            }
             if let Some(name) = arg.strip_prefix("--") {
                 if let Some((k, v)) = name.split_once('=') {
                     flags.push((k.to_owned(), Some(v.to_owned())));

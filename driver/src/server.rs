@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::connection::BasicProperties;
@@ -150,7 +149,7 @@ impl<R: Runtime> Server<R> {
             Instant::now(),
         );
         let mut workers = Workers::<R, H> {
-            handler: Arc::new(handler),
+            handler,
             done: commands,
             limit: options.workers.max(1),
             on_ready,
@@ -232,7 +231,7 @@ impl<R: Runtime> Server<R> {
 
 /// The driver task's side: spawning handlers and collecting their results.
 struct Workers<R: Runtime, H> {
-    handler: Arc<H>,
+    handler: H,
     done: mpsc::Sender<Command>,
     limit: usize,
     on_ready: Option<Box<dyn FnMut() + Send>>,
@@ -278,26 +277,36 @@ where
             let Some(request) = machine.poll_request(now, wall) else {
                 break;
             };
-            let handler = Arc::clone(&self.handler);
-            let mut done = self.done.clone();
             let token = request.token;
             let view = Request {
                 body: request.body,
                 properties: request.properties,
             };
-            R::spawn(async move {
-                // A panicking handler still answers: the caller learns the request failed
-                // instead of waiting for its timeout.
-                let result = match AssertUnwindSafe(handler(view)).catch_unwind().await {
-                    Ok(result) => result,
-                    Err(_) => Err(HandlerError::Failed {
-                        code: "handler_panicked".into(),
-                        message: "the handler panicked".into(),
-                    }),
-                };
-                // If the server is gone, the token drops here and the request goes back.
-                let _ = done.send(Command::Done { token, result }).await;
-            });
+            // A panicking handler still answers: the caller learns the request failed instead of
+            // waiting for its timeout.
+            let mut run = Box::pin(AssertUnwindSafe((self.handler)(view)).catch_unwind().map(
+                |r| {
+                    r.unwrap_or_else(|_| {
+                        Err(HandlerError::Failed {
+                            code: "handler_panicked".into(),
+                            message: "the handler panicked".into(),
+                        })
+                    })
+                },
+            ));
+            // A handler that finishes without waiting (like fib) is answered right here, so its
+            // reply leaves in this loop turn's write; only one that waits gets a task of its own.
+            match (&mut run).now_or_never() {
+                Some(result) => machine.reply(now, token, result),
+                None => {
+                    let mut done = self.done.clone();
+                    R::spawn(async move {
+                        let result = run.await;
+                        // If the server is gone, the token drops here and the request goes back.
+                        let _ = done.send(Command::Done { token, result }).await;
+                    });
+                }
+            }
         }
     }
 

@@ -1,1 +1,93 @@
-//! smol transport (work in progress).
+//! RPC over RabbitMQ on smol (async-io), with no tokio anywhere in the dependency tree.
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use transport_smol::Client;
+//! smol::block_on(async {
+//!     let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//!     let reply = client.call("rpc_queue", "30").await?;
+//!     assert_eq!(&reply[..], b"832040");
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Smol`]; the tokio
+//! transport binds the same types to tokio, so code moves between them unchanged.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+pub use amqp_rpc_driver::{
+    fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
+    ConnectionError, HandlerError, QueueKind, ReplyMode, Request, RpcError, RpcReply, ServerHandle,
+    ServerOptions, ServerReport, DEFAULT_URI,
+};
+
+/// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types
+/// work from `smol::block_on` or any other executor.
+#[derive(Debug, Clone, Copy)]
+pub struct Smol;
+
+/// A resettable smol timer that resolves to `()`.
+#[derive(Debug)]
+pub struct Sleep(smol::Timer);
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+impl amqp_rpc_driver::Runtime for Smol {
+    type Stream = smol::net::TcpStream;
+    type Sleep = Sleep;
+
+    fn connect(
+        host: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>> {
+        let address = format!("{host}:{port}");
+        Box::pin(async move {
+            let stream = smol::net::TcpStream::connect(address).await?;
+            // Requests and replies are small: send each batch at once.
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
+
+    fn sleep_until(deadline: Instant) -> Self::Sleep {
+        Sleep(smol::Timer::at(deadline))
+    }
+
+    fn reset(mut sleep: Pin<&mut Self::Sleep>, deadline: Instant) {
+        sleep.0.set_at(deadline);
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
+        smol::spawn(future).detach();
+    }
+}
+
+/// An RPC client on smol.
+pub type Client = amqp_rpc_driver::Client<Smol>;
+/// An RPC server on smol.
+pub type Server = amqp_rpc_driver::Server<Smol>;
+
+/// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
+pub async fn shutdown_signal() {
+    use async_signal::{Signal, Signals};
+    use futures_util::StreamExt;
+    match Signals::new([Signal::Int, Signal::Term]) {
+        Ok(mut signals) => {
+            let _ = signals.next().await;
+        }
+        // Without signal handling there is nothing to wait for but the process's end.
+        Err(_) => std::future::pending().await,
+    }
+}

@@ -1,0 +1,6 @@
+//! Asks the Fibonacci RPC server for fib(n) on smol: `cargo run -p transport-smol --bin client 30`
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    smol::block_on(amqp_rpc_driver::client_main::<transport_smol::Smol>())
+}
