@@ -1,0 +1,105 @@
+//! Drives the RPC client machine over a plain blocking `std::net::TcpStream`: the whole
+//! "runtime" is this loop. Makes one call to the Fibonacci server and prints the answer.
+//!
+//! ```text
+//! cargo run -p transport-tokio --bin server &      # any server on rpc_queue
+//! cargo run -p amqp-rpc-core --example blocking_call -- 30
+//! ```
+//!
+//! `AMQP_ADDR` (default `127.0.0.1:5672`) picks the broker; the user is guest/guest.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amqp_rpc_core::rpc::{CallRequest, ClientConfig, ClientEvent, RpcClient, UnixMillis};
+use amqp_rpc_core::ConnectionConfig;
+
+// The core never reads a clock; its driver does.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+#[allow(clippy::disallowed_methods)]
+fn wall() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    UnixMillis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+fn main() -> ExitCode {
+    let n = std::env::args().nth(1).unwrap_or_else(|| "30".to_owned());
+    let addr = std::env::var("AMQP_ADDR").unwrap_or_else(|_| "127.0.0.1:5672".to_owned());
+    match run(&addr, &n) {
+        Ok(answer) => {
+            println!("fib({n}) = {answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("blocking_call: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(addr: &str, n: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let prefix = uuid::Uuid::new_v4().simple().to_string();
+    let mut client = RpcClient::new(
+        ClientConfig::default(),
+        ConnectionConfig::default(),
+        &prefix,
+        now(),
+    );
+    let mut answer: Option<Result<String, String>> = None;
+    let (mut out, mut input) = (Vec::new(), vec![0u8; 64 * 1024]);
+    loop {
+        // 1. Drain events.
+        while let Some(event) = client.poll_event() {
+            match event {
+                ClientEvent::Ready if answer.is_none() => {
+                    let request =
+                        CallRequest::new("rpc_queue", n.to_owned(), Duration::from_secs(10));
+                    client.call(now(), wall(), request)?;
+                }
+                ClientEvent::CallEnded { result, .. } => {
+                    answer = Some(
+                        result
+                            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                            .map_err(|e| e.to_string()),
+                    );
+                    client.close(now());
+                }
+                ClientEvent::Disconnected(e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        // 2. Send everything that is ready, in one write.
+        out.clear();
+        client.poll_transmit(now(), &mut out);
+        stream.write_all(&out)?;
+        if client.is_finished() {
+            break;
+        }
+        // 3. Wait for bytes, but no longer than the next timer.
+        let wait = client
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(now()));
+        stream.set_read_timeout(wait.map(|w| w.max(Duration::from_millis(1))))?;
+        match stream.read(&mut input) {
+            Ok(0) => client.handle_eof(now()),
+            Ok(k) => client.handle_input(now(), &input[..k]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                client.handle_timeout(now())
+            }
+            Err(_) => client.handle_eof(now()),
+        }
+    }
+    answer
+        .unwrap_or_else(|| Err("connection closed before the call ended".into()))
+        .map_err(Into::into)
+}
