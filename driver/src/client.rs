@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqp_rpc_core::rpc::{
@@ -17,6 +18,7 @@ use futures_util::SinkExt;
 use crate::io_loop::{Handler, Loop};
 use crate::options::{ConnectError, ConnectOptions};
 use crate::reconnect::{connect_stream, Backoff};
+use crate::state::{ConnectionState, StateCell};
 use crate::Runtime;
 
 /// Client settings.
@@ -107,6 +109,7 @@ enum Command {
 /// may call at once.
 pub struct Client<R: Runtime> {
     commands: mpsc::Sender<Command>,
+    state: Arc<StateCell>,
     default_timeout: Duration,
     _runtime: PhantomData<fn() -> R>,
 }
@@ -115,6 +118,7 @@ impl<R: Runtime> Clone for Client<R> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
+            state: Arc::clone(&self.state),
             default_timeout: self.default_timeout,
             _runtime: PhantomData,
         }
@@ -142,10 +146,12 @@ impl<R: Runtime> Client<R> {
         let (tx, rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = oneshot::channel();
         let default_timeout = options.default_timeout;
-        R::spawn(run::<R>(options, rx, ready_tx));
+        let state = StateCell::new();
+        R::spawn(run::<R>(options, rx, ready_tx, Arc::clone(&state)));
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
                 commands: tx,
+                state,
                 default_timeout,
                 _runtime: PhantomData,
             }),
@@ -169,6 +175,17 @@ impl<R: Runtime> Client<R> {
             .await
             .map_err(|_| CallError::Closed)?;
         rx.await.unwrap_or(Err(CallError::Closed))
+    }
+
+    /// The connection's state now.
+    pub fn state(&self) -> ConnectionState {
+        self.state.get()
+    }
+
+    /// Every later change of the connection's state (a subscriber more than 16 changes behind
+    /// misses some; [`Client::state`] is always current).
+    pub fn watch_state(&self) -> mpsc::Receiver<ConnectionState> {
+        self.state.subscribe()
     }
 
     /// Closes the connection cleanly. Calls still in flight end with `ConnectionLost`.
@@ -198,6 +215,7 @@ struct Callers {
     last_error: Option<ConnectionError>,
     /// Whether the reply path was armed since the last reconnect attempt (resets the backoff).
     was_ready: bool,
+    state: Arc<StateCell>,
 }
 
 impl Callers {
@@ -215,6 +233,7 @@ impl Handler<RpcClient> for Callers {
                 ClientEvent::Ready => {
                     tracing::debug!("reply path armed");
                     self.was_ready = true;
+                    self.state.set(ConnectionState::Connected);
                     if let Some(ready) = self.ready.take() {
                         let _ = ready.send(Ok(()));
                     }
@@ -226,9 +245,13 @@ impl Handler<RpcClient> for Callers {
                     }
                 }
                 ClientEvent::Blocked { reason } => {
-                    tracing::warn!(%reason, "broker blocked the connection")
+                    tracing::warn!(%reason, "broker blocked the connection");
+                    self.state.set(ConnectionState::Blocked { reason });
                 }
-                ClientEvent::Unblocked => tracing::info!("broker unblocked the connection"),
+                ClientEvent::Unblocked => {
+                    tracing::info!("broker unblocked the connection");
+                    self.state.set(ConnectionState::Connected);
+                }
                 ClientEvent::Disconnected(error) => {
                     tracing::warn!(%error, "connection lost");
                     self.last_error = Some(error);
@@ -273,6 +296,7 @@ async fn run<R: Runtime>(
     options: ClientOptions,
     mut commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), ConnectError>>,
+    state: Arc<StateCell>,
 ) {
     let prefix = uuid::Uuid::new_v4().simple().to_string();
     let mut machine = RpcClient::new(
@@ -288,6 +312,7 @@ async fn run<R: Runtime>(
         shutting_down: false,
         last_error: None,
         was_ready: false,
+        state,
     };
     let mut io = Loop::<R>::new();
     let mut attempt: u32 = 0;
@@ -357,6 +382,7 @@ async fn run<R: Runtime>(
         };
         attempt += 1;
         tracing::info!(attempt, ?delay, "reconnecting");
+        callers.state.set(ConnectionState::Reconnecting { attempt });
         io.drive(
             None,
             Some(Instant::now() + delay),
@@ -369,6 +395,7 @@ async fn run<R: Runtime>(
             break;
         }
     }
+    callers.state.set(ConnectionState::Closed);
     machine.abandon();
     machine.close(Instant::now());
     callers.on_wake(&mut machine, Instant::now());

@@ -9,6 +9,7 @@ mod io_loop;
 mod options;
 mod reconnect;
 mod server;
+mod state;
 
 use std::future::Future;
 use std::io;
@@ -24,6 +25,7 @@ pub use client::{CallError, Client, ClientOptions};
 pub use options::{ConnectError, ConnectOptions, DEFAULT_URI};
 pub use reconnect::Backoff;
 pub use server::{Request, Server, ServerHandle, ServerOptions, ServerReport, SHUTDOWN_GRACE};
+pub use state::ConnectionState;
 
 /// What a transport supplies: sockets, timers and tasks of one async runtime.
 pub trait Runtime: Send + Sync + 'static {

@@ -23,8 +23,8 @@ use std::time::Instant;
 
 pub use amqp_rpc_driver::{
     fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
-    ConnectionError, HandlerError, QueueKind, ReplyMode, Request, RpcError, RpcReply, ServerHandle,
-    ServerOptions, ServerReport, DEFAULT_URI,
+    ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
+    RpcReply, ServerHandle, ServerOptions, ServerReport, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types

@@ -21,8 +21,8 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use amqp_rpc_driver::{
     fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
-    ConnectionError, HandlerError, QueueKind, ReplyMode, Request, RpcError, RpcReply, ServerHandle,
-    ServerOptions, ServerReport, DEFAULT_URI,
+    ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
+    RpcReply, ServerHandle, ServerOptions, ServerReport, DEFAULT_URI,
 };
 
 /// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types
