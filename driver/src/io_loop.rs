@@ -22,6 +22,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Commands handled in one go before the loop flushes: a burst of calls from many tasks leaves
 /// in one write instead of one write per call.
 const COMMAND_BATCH: usize = 256;
+/// How long the last bytes of a closed connection may take to leave before the socket is
+/// dropped anyway.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// What the loop asks of the code around the machine.
 pub(crate) trait Handler<M> {
@@ -80,6 +83,7 @@ impl<R: Runtime> Loop<R> {
     ) -> Exit {
         self.write_buf.clear();
         self.written = 0;
+        let mut closed_at: Option<Instant> = None;
         loop {
             let now = Instant::now();
             handler.on_wake(machine, now);
@@ -88,8 +92,15 @@ impl<R: Runtime> Loop<R> {
                 self.written = 0;
                 machine.poll_transmit(now, &mut self.write_buf);
             }
-            if stream.is_some() && machine.is_closed() && self.write_buf.is_empty() {
-                return Exit::Closed;
+            let mut until = until;
+            if stream.is_some() && machine.is_closed() {
+                // The last bytes (a close or close-ok) get a short while to leave; a peer that
+                // stopped reading (a blocked connection, a dead network) must not hold us.
+                let linger = *closed_at.get_or_insert(now) + CLOSE_LINGER;
+                if self.write_buf.is_empty() || now >= linger {
+                    return Exit::Closed;
+                }
+                until = Some(until.map_or(linger, |u| u.min(linger)));
             }
             if until.is_some_and(|u| now >= u) {
                 return Exit::Until;
