@@ -26,9 +26,9 @@ pub fn fib(n: u32) -> Option<u128> {
     }
     let (mut a, mut b) = (0u128, 1u128);
     for _ in 0..n {
-        // n <= 186 keeps b = fib(i + 1) <= fib(187) < 2^128... fib(187) overflows, so stop
-        // computing it: checked_add returns None only past fib(186), which we never reach.
-        let next = a.checked_add(b).unwrap_or(u128::MAX);
+        // For n = 186 the last step computes fib(187), which overflows u128; it is never
+        // returned (only `a` is), so saturating is enough to avoid the overflow.
+        let next = a.saturating_add(b);
         a = b;
         b = next;
     }

@@ -59,7 +59,7 @@ pub struct Request {
 /// What [`Server::serve`] returns once shut down.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerReport {
-    /// Counters of the last connection's machine.
+    /// The machine's counters, summed over every connection it had (they survive reconnects).
     pub stats: ServerStats,
 }
 

@@ -1,3 +1,22 @@
-//! End-to-end test support.
+//! End-to-end test support: everything the suites in `tests/tests/` share.
+//!
+//! - [`rt`]: the [`rt::TestRuntime`] trait that lets one generic test case run on tokio and on
+//!   smol, runtime-neutral timers and tasks, and the [`e2e_tests!`] macro that emits one
+//!   `#[test]` per case per transport;
+//! - [`broker`]: unique queue names, queue cleanup, a blocking admin connection (declare, delete,
+//!   count consumers) and `rabbitmqctl`;
+//! - [`calls`]: connecting clients and making calls with bounds and checks;
+//! - [`servers`]: in-process RPC servers with test handlers (slow, counting);
+//! - [`process`]: child processes (our `e2e-server` bin, the tutorial's pika programs) that are
+//!   killed when their guard drops;
+//! - [`proxy`]: a fault-injecting TCP proxy, and [`faults`] to run it beside any runtime.
 
+pub mod broker;
+pub mod calls;
+pub mod faults;
+pub mod process;
 pub mod proxy;
+pub mod rt;
+pub mod servers;
+
+pub use rt::{Smol, TestRuntime, Tokio};

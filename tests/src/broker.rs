@@ -1,0 +1,284 @@
+//! The broker side of the tests: where it is, unique names, and administration (declare, delete,
+//! consumer counts, closing a connection) with a plain blocking AMQP connection or `rabbitmqctl`.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use amqp_rpc_core::rpc::QueueKind;
+use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
+use amqp_rpc_core::{
+    ChannelId, Connection, ConnectionError, Event, QueueOptions, Reply, RequestId, UsageError,
+};
+use amqp_rpc_driver::{ConnectOptions, DEFAULT_URI};
+
+/// The broker the tests use: `AMQP_URL`, else the local default (guest on 127.0.0.1:5672).
+pub fn uri() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URI.to_owned())
+}
+
+/// `uri()` with `password` instead of the right one.
+pub fn uri_with_password(password: &str) -> String {
+    let options = ConnectOptions::from_uri(&uri()).expect("AMQP_URL does not parse");
+    format!(
+        "amqp://{}:{password}@{}:{}/{}",
+        options.connection.credentials.username(),
+        options.host,
+        options.port,
+        percent_encode(&options.connection.vhost)
+    )
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A name no other test uses, e.g. `e2e-round_trip-tokio-1f0c…`.
+pub fn unique_name(what: &str) -> String {
+    format!("e2e-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A queue name that deletes its queue when dropped (after the test's servers stopped, so that
+/// none declares it again).
+#[derive(Debug)]
+pub struct QueueGuard {
+    name: String,
+}
+
+impl QueueGuard {
+    /// A fresh unique queue name; nothing is declared.
+    pub fn new(what: &str) -> Self {
+        Self {
+            name: unique_name(what),
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        if let Err(e) = delete_queue(&self.name) {
+            eprintln!("e2e: could not delete queue {}: {e}", self.name);
+        }
+    }
+}
+
+/// What a passive declare says about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Messages ready.
+    pub messages: u32,
+    /// Consumers.
+    pub consumers: u32,
+}
+
+/// Declares `name` the way a tutorial version does: a non-durable classic queue, or a durable
+/// quorum queue.
+pub fn declare_queue(name: &str, kind: QueueKind) -> Result<(), String> {
+    let (options, arguments) = match kind {
+        QueueKind::Quorum => {
+            let mut args = FieldTable::default();
+            args.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            (
+                QueueOptions {
+                    durable: true,
+                    ..QueueOptions::default()
+                },
+                args,
+            )
+        }
+        QueueKind::Classic => (QueueOptions::default(), FieldTable::default()),
+    };
+    admin_request(|conn, ch| conn.declare_queue(ch, name, options, arguments))?
+        .map(|_| ())
+        .map_err(|e| format!("declaring {name}: {e}"))
+}
+
+/// Deletes `name` (a missing queue is fine).
+pub fn delete_queue(name: &str) -> Result<(), String> {
+    admin_request(|conn, ch| conn.delete_queue(ch, name, false, false))?
+        .map(|_| ())
+        .map_err(|e| format!("deleting {name}: {e}"))
+}
+
+/// Messages and consumers of `name`, or `None` when it does not exist.
+pub fn queue_status(name: &str) -> Result<Option<QueueStatus>, String> {
+    let passive = QueueOptions {
+        passive: true,
+        ..QueueOptions::default()
+    };
+    match admin_request(|conn, ch| conn.declare_queue(ch, name, passive, FieldTable::default()))? {
+        Ok(Reply::QueueDeclared {
+            message_count,
+            consumer_count,
+            ..
+        }) => Ok(Some(QueueStatus {
+            messages: message_count,
+            consumers: consumer_count,
+        })),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) if e.contains("404") || e.contains("NOT_FOUND") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Connects, opens a channel, runs one synchronous request and closes: a blocking driver of the
+/// core's [`Connection`] over a `std` socket, within 10 seconds in all. The outer error is a
+/// connection failure, the inner one the request's (its channel closed).
+fn admin_request(
+    command: impl FnOnce(&mut Connection, ChannelId) -> Result<RequestId, UsageError>,
+) -> Result<Result<Reply, String>, String> {
+    const LIMIT: Duration = Duration::from_secs(10);
+    let options = ConnectOptions::from_uri(&uri()).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + LIMIT;
+    let address = (options.host.as_str(), options.port)
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("broker address does not resolve")?;
+    let mut stream = TcpStream::connect_timeout(&address, LIMIT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let mut conn = Connection::new(options.connection, Instant::now());
+    let mut command = Some(command);
+    let mut request = None;
+    let mut result: Option<Result<Reply, String>> = None;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let now = Instant::now();
+        out.clear();
+        conn.poll_transmit(now, &mut out);
+        stream.write_all(&out).map_err(|e| e.to_string())?;
+        while let Some(event) = conn.poll_event() {
+            match event {
+                Event::Connected => {
+                    let run = command.take().ok_or("connected twice")?;
+                    let channel = conn.open_channel().map_err(|e| e.to_string())?;
+                    request = Some(run(&mut conn, channel).map_err(|e| e.to_string())?);
+                }
+                Event::Completed {
+                    request: r, reply, ..
+                } if Some(r) == request => {
+                    result = Some(Ok(reply));
+                    let _ = conn.close(now);
+                }
+                Event::Failed { request: r, error } if Some(r) == request => {
+                    result = Some(Err(error.to_string()));
+                    let _ = conn.close(now);
+                }
+                Event::Closed(error) => {
+                    return match result {
+                        Some(r) => Ok(r),
+                        None => Err(error.to_string()),
+                    };
+                }
+                _ => {}
+            }
+        }
+        if conn.is_closed() {
+            return result.ok_or_else(|| {
+                conn.error()
+                    .cloned()
+                    .unwrap_or(ConnectionError::ConnectionLost)
+                    .to_string()
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("admin request took more than {LIMIT:?}"));
+        }
+        // Write what the events produced before reading again.
+        out.clear();
+        if conn.poll_transmit(Instant::now(), &mut out) > 0 {
+            stream.write_all(&out).map_err(|e| e.to_string())?;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => conn.handle_eof(Instant::now()),
+            Ok(n) => conn.handle_input(Instant::now(), &buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                conn.handle_timeout(Instant::now())
+            }
+            Err(_) => conn.handle_eof(Instant::now()),
+        }
+    }
+}
+
+/// Runs `rabbitmqctl args…` (at most 30 s): its stdout, or an error with its stderr.
+pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("timeout")
+        .arg("30")
+        .arg("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Erlang pids of the connections whose client properties carry `connection_name` = `name`
+/// (set through [`amqp_rpc_core::ConnectionConfig::connection_name`]).
+pub fn connection_pids(name: &str) -> Result<Vec<String>, String> {
+    let listing = rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])?;
+    // rabbitmqctl prints the property as `{"connection_name","<name>"}`.
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    Ok(listing
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+/// Has the broker close the connection named `name` (as an operator would with
+/// `rabbitmqctl close_connection`). Fails when no such connection is found within 5 s.
+pub fn close_connection_named(name: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pids = loop {
+        let pids = connection_pids(name)?;
+        if !pids.is_empty() {
+            break pids;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no connection named {name}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for pid in pids {
+        rabbitmqctl(&["close_connection", &pid, "closed by the e2e test"])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! In-process RPC servers and clients for the tests, on any runtime.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqp_rpc_driver::{
+    fib_handler, ClientOptions, ConnectError, HandlerError, ReplyMode, Request, Runtime, Server,
+    ServerHandle, ServerOptions, ServerReport,
+};
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::{select, Either};
+use futures_util::StreamExt;
+
+use crate::broker::uri;
+use crate::rt::{within, TestRuntime};
+
+/// How long a server may take to start consuming.
+pub const READY_LIMIT: Duration = Duration::from_secs(10);
+/// How long a graceful shutdown may take.
+pub const STOP_LIMIT: Duration = Duration::from_secs(15);
+
+/// Client options for the test broker with `mode`.
+pub fn client_options(mode: ReplyMode) -> ClientOptions {
+    let mut options = ClientOptions::from_uri(&uri()).expect("AMQP_URL does not parse");
+    options.rpc.reply_mode = mode;
+    options.default_timeout = Duration::from_secs(20);
+    options
+}
+
+/// Server options for `queue` on the test broker: one worker, prefetch 1, as the tutorial.
+pub fn server_options(queue: &str) -> ServerOptions {
+    ServerOptions::from_uri(&uri(), queue).expect("AMQP_URL does not parse")
+}
+
+/// The future a boxed handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+
+/// Counts the requests a handler started, so that a test knows when one is in flight and how
+/// many a server ran.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    /// The count so far.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Waits until the count reaches `n` (polling every 10 ms), at most `limit`.
+    pub async fn wait_for<R: Runtime>(&self, n: usize, limit: Duration) {
+        let what = format!("waiting for {n} requests to start (saw {})", self.get());
+        within::<R, _>(limit, &what, async {
+            while self.get() < n {
+                crate::rt::sleep::<R>(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+/// Holds requests in a handler until released or for at most `max`, so that a test can act
+/// while requests are in flight and still let them finish quickly at its end.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    released: Arc<AtomicBool>,
+    max: Duration,
+}
+
+impl Hold {
+    /// Requests take no time.
+    pub fn none() -> Self {
+        Self::up_to(Duration::ZERO)
+    }
+
+    /// Requests wait until [`Hold::release`], at most `max`.
+    pub fn up_to(max: Duration) -> Self {
+        Self {
+            released: Arc::new(AtomicBool::new(false)),
+            max,
+        }
+    }
+
+    /// Lets held requests (and later ones) go.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    async fn wait<R: Runtime>(&self) {
+        let until = Instant::now() + self.max;
+        while !self.released.load(Ordering::SeqCst) && Instant::now() < until {
+            crate::rt::sleep::<R>(Duration::from_millis(10).min(self.max)).await;
+        }
+    }
+}
+
+/// The Fibonacci service of the bins, counting each request in `started` and holding it with
+/// `hold` (on `R`'s timer) before it answers.
+pub fn fib_held<R: Runtime>(
+    hold: Hold,
+    started: Counter,
+) -> impl Fn(Request) -> HandlerFuture + Send + Sync + 'static {
+    move |request| {
+        started.bump();
+        let hold = hold.clone();
+        Box::pin(async move {
+            if !hold.max.is_zero() {
+                hold.wait::<R>().await;
+            }
+            fib_handler(request).await
+        })
+    }
+}
+
+/// A server running in a task of the test's runtime.
+#[derive(Debug)]
+pub struct TestServer {
+    handle: ServerHandle,
+    ready: mpsc::UnboundedReceiver<()>,
+    /// `None` once waited for.
+    done: Option<oneshot::Receiver<Result<ServerReport, ConnectError>>>,
+}
+
+impl TestServer {
+    /// Starts serving with `handler` and waits until the server consumes its queue (at most
+    /// [`READY_LIMIT`]). Panics if it fails to start.
+    pub async fn start<R, H, F>(options: ServerOptions, handler: H) -> Self
+    where
+        R: TestRuntime,
+        H: Fn(Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        match Self::try_start::<R, H, F>(options, handler).await {
+            Ok(server) => server,
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    }
+
+    /// Like [`TestServer::start`], but returns the error `serve` ended with.
+    pub async fn try_start<R, H, F>(
+        options: ServerOptions,
+        handler: H,
+    ) -> Result<Self, ConnectError>
+    where
+        R: TestRuntime,
+        H: Fn(Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        let queue = options.rpc.queue.clone();
+        let (ready_tx, mut ready) = mpsc::unbounded();
+        let server = Server::<R>::new(options).on_ready(move || {
+            let _ = ready_tx.unbounded_send(());
+        });
+        let handle = server.handle();
+        let (done_tx, mut done) = oneshot::channel();
+        R::spawn(async move {
+            let _ = done_tx.send(server.serve(handler).await);
+        });
+        let what = format!("server of {queue} starting on {}", R::NAME);
+        let started = within::<R, _>(READY_LIMIT, &what, select(ready.next(), &mut done)).await;
+        let ended = match started {
+            Either::Left((Some(()), _)) => {
+                return Ok(Self {
+                    handle,
+                    ready,
+                    done: Some(done),
+                })
+            }
+            // `serve` returned and dropped the on-ready callback: its result is on its way.
+            Either::Left((None, _)) => within::<R, _>(READY_LIMIT, &what, done).await,
+            Either::Right((ended, _)) => ended,
+        };
+        match ended {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => panic!("{what}: stopped before it was ready"),
+            Err(_) => panic!("{what}: task dropped"),
+        }
+    }
+
+    /// A handle that shuts the server down.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Waits until the server is consuming again (after a reconnect), at most `limit`.
+    pub async fn wait_ready_again<R: Runtime>(&mut self, limit: Duration) {
+        within::<R, _>(limit, "server consuming again", self.ready.next()).await;
+    }
+
+    /// Shuts the server down gracefully and returns its report (at most [`STOP_LIMIT`]).
+    pub async fn stop<R: Runtime>(self) -> ServerReport {
+        self.handle.shutdown().await;
+        self.wait_stopped::<R>(STOP_LIMIT)
+            .await
+            .expect("server failed while stopping")
+    }
+
+    /// Waits for `serve` to return by itself (e.g. after a connection loss with
+    /// [`amqp_rpc_driver::Backoff::never`]), at most `limit`.
+    pub async fn wait_stopped<R: Runtime>(
+        mut self,
+        limit: Duration,
+    ) -> Result<ServerReport, ConnectError> {
+        let done = self.done.take().expect("waited for once");
+        within::<R, _>(limit, "server stopping", done)
+            .await
+            .expect("server task dropped")
+    }
+}
+
+impl Drop for TestServer {
+    /// A test that panics leaves its servers behind (smol's executor outlives the test): start
+    /// their graceful shutdown, so that they stop consuming and cannot declare the test's queue
+    /// again after its guard deleted it. Sending never waits: every handle has a slot of its own.
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            let _ = futures_util::FutureExt::now_or_never(self.handle.shutdown());
+        }
+    }
+}
