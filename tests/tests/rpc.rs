@@ -40,7 +40,6 @@ e2e_tests! {
     client_close_ends_pending_calls,
     wrong_password,
     unreachable_broker,
-    #[ignore = "core bug: a request above the server's max_body_size is dropped without a reply"]
     body_over_server_limit_gets_error_reply,
 }
 

@@ -476,18 +476,50 @@ impl RpcServer {
             }
             Event::ContentTooLarge {
                 channel,
-                delivery_tag: Some(tag),
-                ..
+                delivery_tag: Some(delivery_tag),
+                body_size,
+                properties,
             } => {
-                // Too large to buffer, so it cannot be answered: drop it for good.
-                let _ = self.conn.reject(channel, tag, false);
-            }
-            Event::ConsumerCancelled { .. } => {
-                // The broker cancelled us: the queue was deleted (or its node went away).
-                // Declare it again and consume on the same channel.
-                if !matches!(self.phase, Phase::Draining { .. }) {
-                    self.check_queue_on(self.serving_channel());
+                // Too large to buffer, so it cannot run; but its caller can still learn why at
+                // once (instead of at its deadline), and it is settled for good.
+                self.stats.received += 1;
+                match properties
+                    .reply_to()
+                    .clone()
+                    .filter(|r| !r.as_str().is_empty())
+                {
+                    Some(reply_to) => {
+                        let facts = TokenFacts {
+                            epoch: self.epoch,
+                            channel,
+                            delivery_tag,
+                            redelivered: false,
+                            reply_to,
+                            correlation_id: properties.correlation_id().clone(),
+                        };
+                        self.in_flight += 1;
+                        let token = ReplyToken {
+                            facts,
+                            on_drop: None,
+                        };
+                        let message =
+                            format!("request body of {body_size} bytes exceeds the server's limit");
+                        let error = HandlerError::Rejected {
+                            code: "request_too_large".into(),
+                            message,
+                        };
+                        self.reply(now, token, Err(error));
+                    }
+                    None => {
+                        self.stats.dropped_no_reply_to += 1;
+                        let _ = self.conn.ack(channel, delivery_tag, false);
+                    }
                 }
+            }
+            // The broker cancelled us: the queue was deleted (or its node went away). Declare
+            // it again and consume on the same channel, unless we are shutting down anyway.
+            Event::ConsumerCancelled { .. } if !matches!(self.phase, Phase::Draining { .. }) => {
+                self.check_queue_on(self.serving_channel());
             }
             Event::Closed(error) => {
                 self.buffer.clear();
@@ -580,6 +612,9 @@ impl RpcServer {
 
     fn on_setup_reply(&mut self, channel: ChannelId, reply: Reply) {
         match reply {
+            // Shut down while checking or declaring the queue: do not subscribe (setting the
+            // phase to `Subscribing` here would drop `Draining` and serve after shutdown).
+            Reply::QueueDeclared { .. } if matches!(self.phase, Phase::Draining { .. }) => {}
             Reply::QueueDeclared { .. } => {
                 let prefetch = self.config.prefetch.max(1);
                 let consume = ConsumeOptions {
