@@ -125,8 +125,9 @@ fn check_table_at(payload: &[u8], start: usize) -> Result<(), TooDeep> {
             b'D' => 5,
             b'L' | b'l' | b'd' | b'T' => 8,
             b'V' => 0,
+            // Saturating: a claimed length near u32::MAX must not overflow a 32-bit usize.
             b'S' | b'x' => match read_u32(payload, pos) {
-                Some(n) => 4 + n,
+                Some(n) => n.saturating_add(4),
                 None => return Ok(()),
             },
             b'F' | b'A' => {

@@ -22,6 +22,8 @@ pub(crate) enum ChannelState {
 
 /// A synchronous reply the channel waits for, in the order the requests went out. AMQP
 /// channels answer synchronous methods in order (spec §2.2.2), so a FIFO matches each `*-ok`.
+// The variants are named after the `*-ok` methods of the spec they wait for.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expect {
     OpenOk,
@@ -115,6 +117,9 @@ pub(crate) struct CompleteContent {
 }
 
 /// What a content frame did to the message being assembled.
+// Returned once per content frame and consumed at once: boxing the complete message would cost
+// an allocation per delivery to save a short-lived move.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum ContentProgress {
     /// More frames to come.
@@ -125,6 +130,7 @@ pub(crate) enum ContentProgress {
     TooLarge {
         delivery_tag: Option<DeliveryTag>,
         body_size: u64,
+        properties: Box<BasicProperties>,
     },
     /// The skipped body has fully arrived.
     SkippedComplete,
@@ -152,14 +158,16 @@ impl PartialContent {
                 what: "second content header",
             });
         }
-        self.header = Some((body_size, properties));
         if body_size > max_body_size {
+            self.header = Some((body_size, BasicProperties::default()));
             self.body = Body::Skipped(0);
             return Ok(ContentProgress::TooLarge {
                 delivery_tag: self.method.delivery_tag(),
                 body_size,
+                properties: Box::new(properties),
             });
         }
+        self.header = Some((body_size, properties));
         Ok(self.progress())
     }
 
@@ -239,7 +247,11 @@ impl Confirms {
 
     /// Removes and returns the sequence numbers a broker ack or nack settles.
     pub(crate) fn settle(&mut self, tag: u64, multiple: bool) -> Vec<DeliveryTag> {
-        if multiple {
+        if multiple && tag == 0 {
+            // "If the multiple field is 1, and the delivery tag is zero, this indicates
+            // acknowledgement of all outstanding messages" (spec, basic.ack delivery-tag).
+            self.unsettled.drain(..).map(DeliveryTag).collect()
+        } else if multiple {
             let n = self.unsettled.partition_point(|&s| s <= tag);
             self.unsettled.drain(..n).map(DeliveryTag).collect()
         } else {
@@ -298,6 +310,19 @@ mod tests {
         assert_eq!(c.settle(9, true), vec![DeliveryTag(5)]);
     }
 
+    #[test]
+    fn multiple_with_tag_zero_settles_everything() {
+        let mut c = Confirms::default();
+        for _ in 0..3 {
+            c.next();
+        }
+        assert_eq!(c.settle(0, false), vec![]);
+        assert_eq!(
+            c.settle(0, true),
+            vec![DeliveryTag(1), DeliveryTag(2), DeliveryTag(3)]
+        );
+    }
+
     fn deliver() -> ContentMethod {
         ContentMethod::Deliver {
             consumer_tag: "c".into(),
@@ -332,7 +357,8 @@ mod tests {
             p.on_header(1000, BasicProperties::default(), 10),
             Ok(ContentProgress::TooLarge {
                 delivery_tag: Some(DeliveryTag(1)),
-                body_size: 1000
+                body_size: 1000,
+                ..
             })
         ));
         assert!(matches!(

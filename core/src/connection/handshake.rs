@@ -8,6 +8,8 @@ use super::config::{ConnectionConfig, Credentials};
 use crate::error::ConnectionError;
 
 /// Where the handshake is.
+// Each step awaits one server method; the names say which.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HandshakeStep {
     /// Protocol header sent; waiting for `connection.start`.

@@ -12,7 +12,7 @@ mod heartbeat;
 pub use config::{ConnectionConfig, Credentials, Tune};
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, channel as chan, confirm, connection, queue, AMQPClass};
 use amq_protocol::types::{FieldTable, ShortString};
@@ -88,6 +88,9 @@ pub enum Event {
         delivery_tag: Option<DeliveryTag>,
         /// The size the header announced.
         body_size: u64,
+        /// The message's properties (they arrived; only the body is skipped), so that an RPC
+        /// server can still answer the caller.
+        properties: Box<BasicProperties>,
     },
     /// The broker asked to pause (`false`) or resume (`true`) publishing on a channel.
     Flow {
@@ -276,7 +279,12 @@ impl Connection {
     /// Feeds bytes read from the socket. Any split of the stream is fine: incomplete frames
     /// wait in an internal buffer, which never holds more than one frame_max plus `bytes`.
     pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
-        if self.state == State::Closed || bytes.is_empty() {
+        // After a frame error the stream has lost its frame boundaries: no later byte can be
+        // trusted, so we wait for EOF or the close timeout instead of reading on.
+        if self.state == State::Closed
+            || bytes.is_empty()
+            || matches!(self.error, Some(ConnectionError::Frame(_)))
+        {
             return;
         }
         self.heartbeat.on_read(now);
@@ -289,6 +297,10 @@ impl Connection {
                     let code = error.reply_code();
                     let text = error.to_string();
                     self.fail(now, ConnectionError::Frame(error), Some((code, text)));
+                    // The decoder does not consume a bad frame: decoding again would meet the
+                    // same error forever.
+                    self.read_buf.clear();
+                    break;
                 }
             }
         }
@@ -469,6 +481,9 @@ impl Connection {
         if let Some(ch) = self.channels.get_mut(&channel) {
             ch.state = ChannelState::Closing;
             ch.expected.push_back(Expect::CloseOk);
+            // The rest of a message being received is discarded with it; close-ok must not
+            // count as "a method in the middle of content".
+            ch.content = None;
         }
         Ok(())
     }
@@ -700,18 +715,28 @@ impl Connection {
             }),
             Frame::Header { channel, header } => self.on_channel(now, channel, |conn, ch| {
                 let max = conn.config.max_body_size;
-                let progress = match conn.channels.get_mut(&ch).and_then(|c| c.content.as_mut()) {
-                    Some(content) => content.on_header(header.body_size, header.properties, max),
-                    None => Err(FrameError::Unexpected {
+                let progress = match conn.channels.get_mut(&ch) {
+                    // A closing channel discards content (spec §1.5.2.5): a delivery the broker
+                    // sent before it saw our channel.close.
+                    Some(c) if c.state == ChannelState::Closing => return,
+                    Some(Channel {
+                        content: Some(content),
+                        ..
+                    }) => content.on_header(header.body_size, header.properties, max),
+                    _ => Err(FrameError::Unexpected {
                         what: "content header without a content method",
                     }),
                 };
                 conn.content_progress(now, ch, progress);
             }),
             Frame::Body { channel, payload } => self.on_channel(now, channel, |conn, ch| {
-                let progress = match conn.channels.get_mut(&ch).and_then(|c| c.content.as_mut()) {
-                    Some(content) => content.on_body(payload),
-                    None => Err(FrameError::Unexpected {
+                let progress = match conn.channels.get_mut(&ch) {
+                    Some(c) if c.state == ChannelState::Closing => return,
+                    Some(Channel {
+                        content: Some(content),
+                        ..
+                    }) => content.on_body(payload),
+                    _ => Err(FrameError::Unexpected {
                         what: "content body without a content method",
                     }),
                 };
@@ -848,9 +873,13 @@ impl Connection {
         let mechanism = match handshake::choose_mechanism(start.mechanisms.as_bytes()) {
             Ok(m) => m,
             Err(e) => {
-                // Tell the server why before we go; the credentials never left.
+                // Tell the server why before we go; the credentials never left. `fail` sends
+                // nothing while we await connection.start, but the server just sent it, so it
+                // speaks AMQP and understands a close.
                 let text = e.to_string();
-                return self.fail(now, e, Some((ReplyCode::ACCESS_REFUSED, text)));
+                self.error = Some(e.clone());
+                self.report_closed(e);
+                return self.send_connection_close(now, ReplyCode::ACCESS_REFUSED, &text, true);
             }
         };
         self.server_properties = start.server_properties;
@@ -1088,11 +1117,13 @@ impl Connection {
             ContentProgress::TooLarge {
                 delivery_tag,
                 body_size,
+                properties,
             } => {
                 self.events.push_back(Event::ContentTooLarge {
                     channel,
                     delivery_tag,
                     body_size,
+                    properties,
                 });
                 false
             }
@@ -1338,9 +1369,17 @@ impl Connection {
         }
         self.error = Some(error.clone());
         self.report_closed(error);
-        match close {
+        match (self.state, close) {
+            // The application's connection.close is already out, and a peer sends one close
+            // only (spec §1.4.2.9): keep waiting for its close-ok, now reported.
+            (State::Closing { deadline, .. }, Some(_)) => {
+                self.state = State::Closing {
+                    deadline,
+                    reported: true,
+                }
+            }
             // Before connection.start the server would not understand a close.
-            Some((code, text)) if self.state != State::Handshake(HandshakeStep::AwaitStart) => {
+            (state, Some((code, text))) if state != State::Handshake(HandshakeStep::AwaitStart) => {
                 self.send_connection_close(now, code, &text, true)
             }
             _ => self.state = State::Closed,
@@ -1348,14 +1387,16 @@ impl Connection {
     }
 
     fn send_connection_close(&mut self, now: Instant, code: ReplyCode, text: &str, reported: bool) {
-        let mut text = text.to_owned();
-        text.truncate(255);
-        while ShortString::try_new(text.clone()).is_err() {
-            text.pop();
+        // A short string holds 255 bytes (spec §4.2.5.3). The text may quote the server (the
+        // mechanisms it offered), so cut it on a character boundary: `String::truncate` panics
+        // inside a character.
+        let mut end = text.len().min(255);
+        while !text.is_char_boundary(end) {
+            end -= 1;
         }
         let close = connection::Close {
             reply_code: code.0,
-            reply_text: ShortString::try_new(text).unwrap_or_default(),
+            reply_text: ShortString::try_new(&text[..end]).unwrap_or_default(),
             class_id: 0,
             method_id: 0,
         };
@@ -1363,8 +1404,16 @@ impl Connection {
             ChannelId::CONNECTION,
             AMQPClass::Connection(connection::AMQPMethod::Close(close)),
         );
+        // A blocked connection is one the broker has stopped reading (RabbitMQ "Blocked
+        // Connection Notifications"): it would not see our close before the timeout, so we do
+        // not wait for its close-ok.
+        let wait = if self.blocked {
+            Duration::ZERO
+        } else {
+            self.config.close_timeout
+        };
         self.state = State::Closing {
-            deadline: now + self.config.close_timeout,
+            deadline: now + wait,
             reported,
         };
     }

@@ -107,6 +107,9 @@ pub struct RpcReply {
 }
 
 /// What the client has to say.
+// Made once per call and handed straight to the caller: boxing the reply would cost an
+// allocation per call to save a short-lived move (as for `ContentProgress` in the connection).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ClientEvent {
@@ -165,6 +168,12 @@ enum Ended {
     Answered,
     Otherwise,
 }
+
+/// Longest timeout a call may have; longer ones are cut to it (about 100 years).
+const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Largest `expiration` RabbitMQ accepts, in milliseconds (`?MAX_EXPIRY_TIMER`, 2^32 - 1).
+const MAX_EXPIRATION_MS: u128 = 4_294_967_295;
 
 /// How many ended calls are remembered for that purpose.
 const RECENT_ENDED: usize = 4096;
@@ -290,8 +299,10 @@ impl RpcClient {
     /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`].
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
         let n = self.conn.poll_transmit(now, buf);
-        if n > 0 && !self.held.is_empty() {
-            // Outbound room freed up: requests held for backpressure may go.
+        if !self.held.is_empty() {
+            // The driver is taking bytes, so outbound room is free now (whether or not the
+            // connection had any left): requests held for backpressure may go. Checking only
+            // when `n > 0` stalled them once the connection's buffer ran dry.
             self.flush_held(now);
             return n + self.conn.poll_transmit(now, buf);
         }
@@ -377,9 +388,14 @@ impl RpcClient {
         }
         self.next_call += 1;
         let id = CallId(self.next_call);
-        let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX);
+        // `Instant + Duration` panics on overflow: a timeout beyond any representable instant
+        // is capped. (Falling back to `now` is unreachable on real clocks; the call would
+        // then end `Expired`, never panic.)
+        let timeout = request.timeout.min(MAX_TIMEOUT);
+        let deadline = now.checked_add(timeout).unwrap_or(now);
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let call = Call {
-            deadline: now + request.timeout,
+            deadline,
             wall_deadline: UnixMillis(wall.0.saturating_add(timeout_ms)),
             request,
             sent: false,
@@ -425,7 +441,9 @@ impl RpcClient {
         }
         self.phase = Phase::ShutDown;
         self.abandon();
-        let sent: Vec<CallId> = self.calls.keys().copied().collect();
+        // In id order: events must not depend on hash order (runs replay exactly).
+        let mut sent: Vec<CallId> = self.calls.keys().copied().collect();
+        sent.sort();
         for id in sent {
             self.end(id, Err(RpcError::ConnectionLost { sent: true }));
         }
@@ -688,6 +706,11 @@ impl RpcClient {
         let Some(call) = self.calls.get(&id) else {
             return Gate::Gone;
         };
+        // No budget left (a zero timeout, or bytes handled after the deadline but before the
+        // timer): publishing now could only make the call "may have run" for nothing.
+        if call.deadline <= now {
+            return Gate::Fail(RpcError::Expired);
+        }
         if !self.is_ready()
             || self.conn.is_blocked()
             || self.conn.outbound_len() >= self.config.outbound_high_water
@@ -755,11 +778,13 @@ impl RpcClient {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
+        // RabbitMQ refuses an expiration above 2^32 - 1 ms with a channel error (its
+        // `check_expiry`), which would end every call in flight: cap it there.
         let remaining_ms = call
             .deadline
             .saturating_duration_since(now)
             .as_millis()
-            .max(1);
+            .clamp(1, MAX_EXPIRATION_MS);
         let mut properties = call.request.properties.clone();
         // `expiration`: the broker discards the request if nobody takes it within the caller's
         // remaining budget (RabbitMQ "Time-To-Live and Expiration", per-message TTL).

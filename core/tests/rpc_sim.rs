@@ -1,0 +1,1339 @@
+//! Simulation: RPC client(s) + RPC server(s) + the in-memory broker of `support/broker.rs`, in
+//! virtual time, in both reply modes. One test per outcome of DESIGN §4 and per server duty.
+
+// In a test an unwrap is an assertion.
+#![allow(clippy::unwrap_used)]
+
+mod support {
+    pub mod broker;
+    pub mod rpc;
+}
+
+use std::time::{Duration, Instant};
+
+use amqp_rpc_core::rpc::{
+    CallId, CallRequest, ClientConfig, ClientEvent, HandlerError, ReplyMode, RpcClient, RpcReply,
+    RpcServer, ServerEvent, DEADLINE_HEADER, DIRECT_REPLY_TO,
+};
+use amqp_rpc_core::types::{AMQPValue, ShortString};
+use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
+use bytes::Bytes;
+
+use support::broker::Broker;
+use support::rpc::*;
+
+const MODES: [ReplyMode; 2] = [ReplyMode::DirectReplyTo, ReplyMode::ExclusiveQueue];
+const Q: &str = "rpc";
+
+/// One client, any number of servers, one broker, one virtual clock.
+struct Sim {
+    base: Instant,
+    now: Instant,
+    broker: Broker,
+    client: Wire<RpcClient>,
+    servers: Vec<Wire<RpcServer>>,
+    /// Every `CallEnded` seen, in order.
+    ended: Vec<(CallId, Result<RpcReply, RpcError>)>,
+    /// Other client events seen.
+    other: Vec<ClientEvent>,
+}
+
+impl Sim {
+    fn new(config: ClientConfig, servers: usize, prefetch: u16) -> Self {
+        let base = base_instant();
+        let mut broker = Broker::new();
+        // The queue exists before anyone serves it (as after a first server's declare).
+        broker.declare(Q);
+        let client = Wire::new(
+            RpcClient::new(config, conn_config(), "0f8e1c2a", base),
+            &mut broker,
+        );
+        let servers = (0..servers)
+            .map(|_| {
+                Wire::new(
+                    RpcServer::new(server_config(Q, prefetch), conn_config(), base),
+                    &mut broker,
+                )
+            })
+            .collect();
+        let mut sim = Self {
+            base,
+            now: base,
+            broker,
+            client,
+            servers,
+            ended: Vec::new(),
+            other: Vec::new(),
+        };
+        sim.settle();
+        sim
+    }
+
+    fn with_mode(mode: ReplyMode, servers: usize, prefetch: u16) -> Self {
+        Self::new(client_config(mode), servers, prefetch)
+    }
+
+    fn wall(&self) -> amqp_rpc_core::rpc::UnixMillis {
+        wall(self.base, self.now)
+    }
+
+    fn wires(&mut self) -> Vec<&mut dyn Step> {
+        let mut wires: Vec<&mut dyn Step> = vec![&mut self.client];
+        for s in &mut self.servers {
+            wires.push(s);
+        }
+        wires
+    }
+
+    fn collect(&mut self) {
+        for event in client_events(&mut self.client.m) {
+            match event {
+                ClientEvent::CallEnded { call, result } => {
+                    assert!(
+                        self.ended.iter().all(|(c, _)| *c != call),
+                        "{call:?} ended twice"
+                    );
+                    self.ended.push((call, result));
+                }
+                other => self.other.push(other),
+            }
+        }
+        assert!(
+            self.broker.violations.is_empty(),
+            "protocol violations: {:?}",
+            self.broker.violations
+        );
+    }
+
+    fn settle(&mut self) {
+        let now = self.now;
+        let mut broker = std::mem::take(&mut self.broker);
+        settle(&mut broker, now, &mut self.wires());
+        self.broker = broker;
+        self.collect();
+    }
+
+    /// Advances virtual time by `d`, firing every timer at its exact instant.
+    fn advance(&mut self, d: Duration) {
+        let to = self.now + d;
+        let mut now = self.now;
+        let mut broker = std::mem::take(&mut self.broker);
+        advance(&mut broker, &mut now, to, &mut self.wires(), |_, _| {});
+        self.broker = broker;
+        self.now = now;
+        self.collect();
+    }
+
+    fn call(&mut self, body: &str, timeout_ms: u64) -> CallId {
+        self.call_with(CallRequest::new(
+            Q,
+            body.to_owned(),
+            Duration::from_millis(timeout_ms),
+        ))
+    }
+
+    fn call_with(&mut self, request: CallRequest) -> CallId {
+        let id = self
+            .client
+            .m
+            .call(self.now, self.wall(), request)
+            .expect("call accepted");
+        self.settle();
+        id
+    }
+
+    /// Server `i` takes its next request.
+    fn take(&mut self, i: usize) -> Option<amqp_rpc_core::rpc::Request> {
+        let (now, wall) = (self.now, self.wall());
+        let r = self.servers[i].m.poll_request(now, wall);
+        self.settle();
+        r
+    }
+
+    fn reply(
+        &mut self,
+        i: usize,
+        req: amqp_rpc_core::rpc::Request,
+        result: Result<Bytes, HandlerError>,
+    ) {
+        let now = self.now;
+        self.servers[i].m.reply(now, req.token, result);
+        self.settle();
+    }
+
+    /// Takes and answers every request server `i` holds with "re:" + body.
+    fn serve_all(&mut self, i: usize) -> usize {
+        let mut n = 0;
+        while let Some(req) = self.take(i) {
+            let body = Bytes::from(format!("re:{}", String::from_utf8_lossy(&req.body)));
+            self.reply(i, req, Ok(body));
+            n += 1;
+        }
+        n
+    }
+
+    fn result(&self, id: CallId) -> &Result<RpcReply, RpcError> {
+        &self
+            .ended
+            .iter()
+            .find(|(c, _)| *c == id)
+            .unwrap_or_else(|| panic!("{id:?} has not ended; ended: {:?}", self.ended))
+            .1
+    }
+
+    fn is_pending(&self, id: CallId) -> bool {
+        self.ended.iter().all(|(c, _)| *c != id)
+    }
+
+    fn reply_channel(&self) -> u16 {
+        let chans = self.broker.consumer_channels(self.client.conn);
+        assert_eq!(chans.len(), 1, "one reply channel: {chans:?}");
+        chans[0]
+    }
+}
+
+fn ok_body(r: &Result<RpcReply, RpcError>) -> &[u8] {
+    match r {
+        Ok(reply) => &reply.body,
+        Err(e) => panic!("expected a reply, got {e:?}"),
+    }
+}
+
+fn err(r: &Result<RpcReply, RpcError>) -> &RpcError {
+    match r {
+        Ok(reply) => panic!("expected an error, got {reply:?}"),
+        Err(e) => e,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------------------------
+
+/// Ok, in both reply modes, with many calls in flight answered out of order by two servers,
+/// input chunked at awkward sizes, and a call made before the client was ready.
+#[test]
+fn many_calls_in_flight_round_trip_in_both_modes() {
+    for mode in MODES {
+        for chunk in [None, Some(1), Some(7)] {
+            let base = base_instant();
+            let mut broker = Broker::new();
+            broker.declare(Q);
+            let mut servers: Vec<Wire<RpcServer>> = (0..2)
+                .map(|_| {
+                    let mut s = Wire::new(
+                        RpcServer::new(server_config(Q, 10), conn_config(), base),
+                        &mut broker,
+                    );
+                    s.chunk = chunk;
+                    s
+                })
+                .collect();
+            {
+                let (a, b) = servers.split_at_mut(1);
+                settle(&mut broker, base, &mut [&mut a[0], &mut b[0]]);
+            }
+            let mut client = Wire::new(
+                RpcClient::new(client_config(mode), conn_config(), "p", base),
+                &mut broker,
+            );
+            client.chunk = chunk;
+            // Called before the handshake: it waits for the reply path, which for direct
+            // reply-to must be consumed before the first publish (the broker enforces it).
+            let early = client
+                .m
+                .call(
+                    base,
+                    wall(base, base),
+                    CallRequest::new(Q, "early", Duration::from_secs(5)),
+                )
+                .unwrap();
+            let mut sim = Sim {
+                base,
+                now: base,
+                broker,
+                client,
+                servers,
+                ended: Vec::new(),
+                other: Vec::new(),
+            };
+            sim.settle();
+            assert!(sim.client.m.is_ready());
+            assert!(sim.other.contains(&ClientEvent::Ready));
+            let ids: Vec<CallId> = (0..40).map(|i| sim.call(&i.to_string(), 5000)).collect();
+            assert_eq!(
+                sim.client.m.in_flight(),
+                41,
+                "{:?} {:?}",
+                &sim.ended[..3.min(sim.ended.len())],
+                sim.other
+            );
+            // Server 1 answers its requests newest first, server 0 in order.
+            let mut held = Vec::new();
+            while let Some(r) = sim.take(1) {
+                held.push(r);
+            }
+            while let Some(r) = held.pop() {
+                let body = Bytes::from(format!("re:{}", String::from_utf8_lossy(&r.body)));
+                sim.reply(1, r, Ok(body));
+            }
+            // Prefetch windows refill as requests are acked: serve until nothing is left.
+            while sim.serve_all(0) + sim.serve_all(1) > 0 {}
+            assert_eq!(ok_body(sim.result(early)), b"re:early");
+            for (i, id) in ids.iter().enumerate() {
+                assert_eq!(ok_body(sim.result(*id)), format!("re:{i}").as_bytes());
+            }
+            let stats = sim.client.m.stats();
+            assert_eq!(stats.calls_started, 41);
+            assert_eq!(stats.calls_answered, 41);
+            assert_eq!(stats.requests_sent, 41);
+            assert_eq!(
+                stats.replies_duplicate + stats.replies_late + stats.replies_unknown,
+                0
+            );
+            assert_eq!(sim.client.m.in_flight(), 0);
+            let served: u64 = sim.servers.iter().map(|s| s.m.stats().replied_ok).sum();
+            assert_eq!(served, 41);
+            assert_eq!(sim.broker.unacked(sim.servers[0].conn), 0);
+        }
+    }
+}
+
+/// Handler errors become error replies: `Remote` (ran, may have run) and `Rejected` (refused
+/// before running, never ran).
+#[test]
+fn handler_errors_become_remote_and_rejected() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let a = sim.call("boom", 1000);
+        let b = sim.call("x", 1000);
+        let ra = sim.take(0).unwrap();
+        sim.reply(
+            0,
+            ra,
+            Err(HandlerError::Failed {
+                code: "handler_failed".into(),
+                message: "division by zero".into(),
+            }),
+        );
+        let rb = sim.take(0).unwrap();
+        sim.reply(
+            0,
+            rb,
+            Err(HandlerError::Rejected {
+                code: "invalid_request".into(),
+                message: "n must be a decimal integer".into(),
+            }),
+        );
+        let ea = err(sim.result(a)).clone();
+        assert_eq!(
+            ea,
+            RpcError::Remote {
+                code: "handler_failed".into(),
+                message: "division by zero".into()
+            }
+        );
+        assert!(ea.may_have_run());
+        let eb = err(sim.result(b)).clone();
+        assert_eq!(
+            eb,
+            RpcError::Rejected {
+                code: "invalid_request".into(),
+                message: "n must be a decimal integer".into()
+            }
+        );
+        assert!(!eb.may_have_run());
+        assert_eq!(sim.client.m.stats().calls_answered, 2);
+        assert_eq!(sim.servers[0].m.stats().replied_error, 2);
+    }
+}
+
+/// The simulation: a server dies after publishing its reply but before its ack. The
+/// broker redelivers the request (redelivered = true), another server answers it again, and the
+/// caller sees one answer; the second reply is dropped and counted as a duplicate.
+#[test]
+fn server_dies_between_reply_and_ack() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 2, 1);
+        // Server 1 is busy with another request so that the first goes to server 0.
+        let id = sim.call("41", 5000);
+        let first = sim
+            .servers
+            .iter()
+            .position(|s| s.m.buffered() == 1)
+            .unwrap();
+        let other = 1 - first;
+        let req = sim.take(first).unwrap();
+        assert!(!req.properties.correlation_id().is_none());
+        let conn = sim.servers[first].conn;
+        sim.broker.die_after_next_publish(conn);
+        sim.reply(first, req, Ok(Bytes::from("42")));
+        assert!(!sim.servers[first].up, "server connection died");
+        assert_eq!(ok_body(sim.result(id)), b"42");
+        // The request came back, redelivered, to the other server.
+        let again = sim.take(other).expect("redelivered");
+        assert!(
+            sim.broker.acks.iter().all(|(c, _, _)| *c != conn),
+            "never acked by the dead server"
+        );
+        sim.reply(other, again, Ok(Bytes::from("42")));
+        assert_eq!(sim.ended.len(), 1, "one answer: {:?}", sim.ended);
+        let stats = sim.client.m.stats();
+        assert_eq!(stats.replies_duplicate, 1);
+        assert_eq!(stats.calls_answered, 1);
+        assert_eq!(sim.broker.queue_len(Q), 0);
+        assert_eq!(sim.broker.unacked(sim.servers[other].conn), 0);
+    }
+}
+
+/// Same fault, single server: it reconnects, gets the request again flagged redelivered, and
+/// answers again; still one answer for the caller.
+#[test]
+fn server_dies_between_reply_and_ack_then_reconnects() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 1);
+        let id = sim.call("41", 5000);
+        let req = sim.take(0).unwrap();
+        let conn = sim.servers[0].conn;
+        sim.broker.die_after_next_publish(conn);
+        sim.reply(0, req, Ok(Bytes::from("42")));
+        let events = server_events(&mut sim.servers[0].m);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ServerEvent::Disconnected(_))),
+            "{events:?}"
+        );
+        let now = sim.now;
+        sim.servers[0].m.reconnect(now).unwrap();
+        sim.servers[0].redial(&mut sim.broker);
+        sim.settle();
+        assert!(sim.servers[0].m.is_serving());
+        let again = sim.take(0).expect("redelivered");
+        sim.reply(0, again, Ok(Bytes::from("42")));
+        assert_eq!(ok_body(sim.result(id)), b"42");
+        assert_eq!(sim.ended.len(), 1);
+        assert_eq!(sim.client.m.stats().replies_duplicate, 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures before a server could run the request
+// ---------------------------------------------------------------------------------------------
+
+/// A mandatory request no queue takes comes back (`basic.return`): `NotRouted`, never ran.
+#[test]
+fn unroutable_request_ends_not_routed() {
+    for mode in MODES {
+        let config = ClientConfig {
+            server_check: None,
+            ..client_config(mode)
+        };
+        let mut sim = Sim::new(config, 0, 1);
+        let id = sim.call_with(CallRequest::new("nowhere", "x", Duration::from_secs(1)));
+        let e = err(sim.result(id));
+        assert_eq!(*e, RpcError::NotRouted);
+        assert!(!e.may_have_run());
+        assert_eq!(sim.broker.returned, 1);
+        assert_eq!(sim.client.m.stats().requests_sent, 1);
+    }
+}
+
+/// With the consumer-count check on, a missing queue is found by the passive declare (404)
+/// and the call ends `NotRouted` without publishing.
+#[test]
+fn missing_queue_found_by_probe_ends_not_routed_unsent() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 0, 1);
+        let id = sim.call_with(CallRequest::new("nowhere", "x", Duration::from_secs(1)));
+        assert_eq!(*err(sim.result(id)), RpcError::NotRouted);
+        assert_eq!(sim.client.m.stats().requests_sent, 0);
+        // The probe's channel died with the 404; the reply path did not.
+        assert!(sim.client.m.is_ready());
+        assert_eq!(sim.broker.returned, 0);
+    }
+}
+
+/// `NoServers`: the queue exists but nobody consumes it. The first call waits for the first
+/// count (no virtual time passes) and fails fast; while that zero is fresh, calls fail at once;
+/// once it is older than `server_check`, the next call waits for a refresh and goes out.
+#[test]
+fn no_servers_fails_fast_and_refreshes_after_the_interval() {
+    for mode in MODES {
+        let config = ClientConfig {
+            server_check: Some(Duration::from_millis(500)),
+            ..client_config(mode)
+        };
+        let mut sim = Sim::new(config, 0, 1);
+        let start = sim.now;
+        let a = sim.call("a", 10_000);
+        assert_eq!(sim.now, start, "no time passed");
+        let e = err(sim.result(a)).clone();
+        assert_eq!(e, RpcError::NoServers);
+        assert!(!e.may_have_run());
+        // A server comes up; the zero count is still fresh for 500 ms.
+        let now = sim.now;
+        sim.servers.push(Wire::new(
+            RpcServer::new(server_config(Q, 1), conn_config(), now),
+            &mut sim.broker,
+        ));
+        sim.settle();
+        assert_eq!(sim.broker.consumer_count(Q), 1);
+        sim.advance(Duration::from_millis(499));
+        let b = sim.call("b", 10_000);
+        assert_eq!(*err(sim.result(b)), RpcError::NoServers, "fresh zero");
+        sim.advance(Duration::from_millis(1));
+        let c = sim.call("c", 10_000);
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(c)), b"re:c");
+        assert_eq!(sim.client.m.stats().requests_sent, 1);
+        // The server goes away: a positive count lets calls out while it is fresh, and a
+        // stale one is refreshed in the background by the next call.
+        let conn = sim.servers[0].conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        let d = sim.call("d", 300);
+        assert!(sim.is_pending(d), "sent on a fresh positive count");
+        sim.advance(Duration::from_millis(300));
+        assert_eq!(*err(sim.result(d)), RpcError::TimedOut);
+        sim.advance(Duration::from_millis(500));
+        let e1 = sim.call("e", 300);
+        assert!(
+            sim.is_pending(e1),
+            "stale positive count: sent, refresh in the background"
+        );
+        let f = sim.call("f", 300);
+        assert_eq!(
+            *err(sim.result(f)),
+            RpcError::NoServers,
+            "refreshed count is zero"
+        );
+    }
+}
+
+/// A call that cannot be sent before its deadline (the connection is down) ends `Expired`
+/// exactly at its deadline: never sent, never ran.
+#[test]
+fn unsent_call_expires_at_its_deadline() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 1);
+        let conn = sim.client.conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        assert!(sim
+            .other
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Disconnected(_))));
+        let id = sim.call("x", 200);
+        sim.advance(Duration::from_millis(199));
+        assert!(sim.is_pending(id));
+        assert_eq!(
+            sim.client.m.poll_timeout(),
+            Some(sim.now + Duration::from_millis(1))
+        );
+        sim.advance(Duration::from_millis(1));
+        let e = err(sim.result(id));
+        assert_eq!(*e, RpcError::Expired);
+        assert!(!e.may_have_run());
+        assert_eq!(sim.client.m.stats().requests_sent, 0);
+    }
+}
+
+/// A call with no time left is never published.
+#[test]
+fn zero_timeout_call_expires_unsent() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 1);
+        let id = sim.call("x", 0);
+        sim.advance(Duration::ZERO);
+        assert_eq!(*err(sim.result(id)), RpcError::Expired);
+        assert_eq!(sim.client.m.stats().requests_sent, 0);
+        assert_eq!(sim.servers[0].m.buffered(), 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines
+// ---------------------------------------------------------------------------------------------
+
+/// `TimedOut` fires exactly at the deadline in virtual time, not one tick later; the reply
+/// that arrives after it is late: dropped and counted.
+#[test]
+fn timed_out_exactly_at_deadline_then_late_reply_dropped() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 1);
+        let start = sim.now;
+        let id = sim.call("x", 250);
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            sim.client.m.poll_timeout(),
+            Some(start + Duration::from_millis(250))
+        );
+        // One nanosecond before: nothing.
+        sim.advance(Duration::from_millis(250) - Duration::from_nanos(1));
+        assert!(sim.is_pending(id));
+        sim.advance(Duration::from_nanos(1));
+        assert_eq!(sim.now, start + Duration::from_millis(250));
+        let e = err(sim.result(id));
+        assert_eq!(*e, RpcError::TimedOut);
+        assert!(e.may_have_run());
+        // The server answers anyway.
+        sim.reply(0, req, Ok(Bytes::from("late")));
+        assert_eq!(sim.ended.len(), 1);
+        assert_eq!(sim.client.m.stats().replies_late, 1);
+    }
+}
+
+/// `expiration` carries the remaining budget and the absolute deadline header travels with the
+/// request, also for a call that waited to be sent.
+#[test]
+fn expiration_and_deadline_header_carry_the_budget() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let wall0 = sim.wall().0;
+        let _a = sim.call("a", 1500);
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "1500"
+        );
+        let header = req
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get(DEADLINE_HEADER)
+            .cloned();
+        assert_eq!(header, Some(AMQPValue::LongLongInt((wall0 + 1500) as i64)));
+        assert!(req
+            .properties
+            .reply_to()
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .starts_with(match mode {
+                ReplyMode::DirectReplyTo => DIRECT_REPLY_TO,
+                _ => "amq.gen-",
+            }));
+        // A caller's own, lower expiration wins.
+        let _b = sim.call_with(CallRequest {
+            properties: BasicProperties::default().with_expiration(ShortString::from("700")),
+            ..CallRequest::new(Q, "b", Duration::from_secs(2))
+        });
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "700"
+        );
+        // A call that waits 300 ms to be sent gets what is left.
+        let conn = sim.client.conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        let c = sim.call("c", 1000);
+        sim.advance(Duration::from_millis(300));
+        let now = sim.now;
+        sim.client.m.reconnect(now).unwrap();
+        sim.client.redial(&mut sim.broker);
+        sim.settle();
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "700"
+        );
+        let header = req
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get(DEADLINE_HEADER)
+            .cloned();
+        assert_eq!(header, Some(AMQPValue::LongLongInt((wall0 + 1000) as i64)));
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(c)), b"ok");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Losing the channel or the connection
+// ---------------------------------------------------------------------------------------------
+
+/// Losing the connection ends every sent call at once with `ConnectionLost { sent: true }`;
+/// calls not sent wait for a reconnect, or end `ConnectionLost { sent: false }` at `abandon`.
+#[test]
+fn connection_loss_ends_sent_calls_at_once() {
+    for mode in MODES {
+        for forced in [false, true] {
+            let mut sim = Sim::with_mode(mode, 1, 5);
+            let a = sim.call("a", 5000);
+            let b = sim.call("b", 5000);
+            let conn = sim.client.conn;
+            let at = sim.now;
+            if forced {
+                sim.broker.close_connection(conn, 320, "CONNECTION_FORCED");
+            } else {
+                sim.broker.drop_connection(conn);
+            }
+            sim.settle();
+            assert_eq!(sim.now, at);
+            for id in [a, b] {
+                let e = err(sim.result(id));
+                assert_eq!(*e, RpcError::ConnectionLost { sent: true });
+                assert!(e.may_have_run());
+            }
+            let c = sim.call("c", 5000);
+            let d = sim.call("d", 5000);
+            assert!(sim.is_pending(c));
+            sim.client.m.abandon();
+            sim.collect();
+            let e = err(sim.result(c));
+            assert_eq!(*e, RpcError::ConnectionLost { sent: false });
+            assert!(!e.may_have_run());
+            assert_eq!(
+                *err(sim.result(d)),
+                RpcError::ConnectionLost { sent: false }
+            );
+            // The server answers a and b into the void: nobody hears them.
+            sim.serve_all(0);
+            assert_eq!(sim.ended.len(), 4);
+            // Reconnect: the reply path is armed again and calls work.
+            let now = sim.now;
+            sim.client.m.reconnect(now).unwrap();
+            sim.client.redial(&mut sim.broker);
+            sim.settle();
+            let e2 = sim.call("e", 5000);
+            sim.serve_all(0);
+            assert_eq!(ok_body(sim.result(e2)), b"re:e");
+        }
+    }
+}
+
+/// A call made while disconnected goes out after the reconnect.
+#[test]
+fn held_call_goes_out_after_reconnect() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let conn = sim.client.conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        let id = sim.call("x", 5000);
+        sim.advance(Duration::from_millis(100));
+        let now = sim.now;
+        assert_eq!(sim.client.m.reconnect(now), Ok(()));
+        sim.client.redial(&mut sim.broker);
+        sim.settle();
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(id)), b"re:x");
+    }
+}
+
+/// Losing the reply channel ends sent calls (`ConnectionLost { sent: true }`) at once; the
+/// client re-arms its reply path on a new channel and later calls work.
+#[test]
+fn channel_loss_ends_sent_calls_and_rearms() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let a = sim.call("a", 5000);
+        let ch = sim.reply_channel();
+        let conn = sim.client.conn;
+        sim.broker
+            .close_channel(conn, ch, 406, "PRECONDITION_FAILED");
+        sim.settle();
+        assert_eq!(*err(sim.result(a)), RpcError::ConnectionLost { sent: true });
+        assert!(sim.client.m.is_ready());
+        assert_ne!(sim.reply_channel(), ch);
+        let b = sim.call("b", 5000);
+        // The server answers both; a's reply goes to a dead address and is lost.
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(b)), b"re:b");
+        assert_eq!(sim.ended.len(), 2);
+    }
+}
+
+/// An idempotent call is sent again after a connection loss instead of failing.
+#[test]
+fn idempotent_call_is_resent_after_reconnect() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let id = sim.call_with(CallRequest {
+            idempotent: true,
+            ..CallRequest::new(Q, "x", Duration::from_secs(5))
+        });
+        let conn = sim.client.conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        assert!(sim.is_pending(id));
+        let now = sim.now;
+        sim.client.m.reconnect(now).unwrap();
+        sim.client.redial(&mut sim.broker);
+        sim.settle();
+        assert_eq!(sim.serve_all(0), 2, "the first copy and the resent one");
+        assert_eq!(ok_body(sim.result(id)), b"re:x");
+        assert_eq!(sim.client.m.stats().requests_sent, 2);
+        assert_eq!(sim.ended.len(), 1);
+    }
+}
+
+/// Closing the client ends every call; `is_finished` once the connection is closed.
+#[test]
+fn close_ends_every_call() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let a = sim.call("a", 5000);
+        let now = sim.now;
+        sim.client.m.close(now);
+        sim.settle();
+        assert_eq!(*err(sim.result(a)), RpcError::ConnectionLost { sent: true });
+        assert!(sim.client.m.is_finished());
+        assert_eq!(
+            sim.client.m.call(
+                now,
+                sim.wall(),
+                CallRequest::new(Q, "b", Duration::from_secs(1))
+            ),
+            Err(UsageError::ShutDown)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Late, duplicate and unknown replies; bounds; correlation ids
+// ---------------------------------------------------------------------------------------------
+
+/// Replies nobody waits for are dropped and counted, never delivered: unknown ids (another
+/// client's prefix, ids never issued, no id, garbage), duplicates of an answered call, and
+/// late replies for a call that timed out.
+#[test]
+fn late_duplicate_and_unknown_replies_are_counted_not_delivered() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let addr = sim.broker.reply_addresses(sim.client.conn);
+        assert_eq!(addr.len(), 1, "{addr:?}");
+        let addr = addr[0].clone();
+        let id = sim.call("x", 1000);
+        let req = sim.take(0).unwrap();
+        let corr = req.properties.correlation_id().clone().unwrap();
+        sim.reply(0, req, Ok(Bytes::from("1")));
+        assert_eq!(ok_body(sim.result(id)), b"1");
+        let reply = |c: Option<&str>| {
+            let p = BasicProperties::default();
+            match c {
+                Some(c) => p.with_correlation_id(ShortString::from(c)),
+                None => p,
+            }
+        };
+        // Duplicate.
+        assert!(sim
+            .broker
+            .publish(&addr, reply(Some(corr.as_str())), b"again"));
+        // Unknown: other prefix, never issued, no id, not ours at all.
+        assert!(sim
+            .broker
+            .publish(&addr, reply(Some("someone-else.1")), b"?"));
+        assert!(sim.broker.publish(&addr, reply(Some("0f8e1c2a.99")), b"?"));
+        assert!(sim.broker.publish(&addr, reply(None), b"?"));
+        assert!(sim.broker.publish(&addr, reply(Some("0f8e1c2a.x")), b"?"));
+        // Late.
+        let late = sim.call("y", 100);
+        let req = sim.take(0).unwrap();
+        sim.advance(Duration::from_millis(100));
+        assert_eq!(*err(sim.result(late)), RpcError::TimedOut);
+        sim.reply(0, req, Ok(Bytes::from("2")));
+        sim.settle();
+        let stats = sim.client.m.stats();
+        assert_eq!(stats.replies_duplicate, 1);
+        assert_eq!(stats.replies_unknown, 4);
+        assert_eq!(stats.replies_late, 1);
+        assert_eq!(sim.ended.len(), 2);
+        assert_eq!(stats.calls_answered, 1);
+        assert_eq!(stats.calls_failed, 1);
+    }
+}
+
+/// The bound on calls in flight: a clear error at the call site, never an unbounded queue.
+#[test]
+fn calls_in_flight_are_bounded() {
+    let config = ClientConfig {
+        max_in_flight: 2,
+        ..client_config(ReplyMode::DirectReplyTo)
+    };
+    let mut sim = Sim::new(config, 1, 5);
+    let a = sim.call("a", 1000);
+    let _b = sim.call("b", 1000);
+    let now = sim.now;
+    assert_eq!(
+        sim.client.m.call(
+            now,
+            sim.wall(),
+            CallRequest::new(Q, "c", Duration::from_secs(1))
+        ),
+        Err(UsageError::TooManyCalls { limit: 2 })
+    );
+    assert_eq!(sim.client.m.stats().calls_started, 2);
+    let req = sim.take(0).unwrap();
+    sim.reply(0, req, Ok(Bytes::new()));
+    assert!(!sim.is_pending(a));
+    let _c = sim.call("c", 1000);
+    assert_eq!(sim.client.m.in_flight(), 2);
+}
+
+/// Correlation ids are `prefix.counter` and always fit a short string, even for an absurd
+/// prefix of multi-byte characters.
+#[test]
+fn correlation_ids_fit_a_short_string() {
+    let base = base_instant();
+    let mut broker = Broker::new();
+    broker.declare(Q);
+    let prefix = "é".repeat(200);
+    let mut client = Wire::new(
+        RpcClient::new(
+            client_config(ReplyMode::ExclusiveQueue),
+            conn_config(),
+            &prefix,
+            base,
+        ),
+        &mut broker,
+    );
+    let mut server = Wire::new(
+        RpcServer::new(server_config(Q, 5), conn_config(), base),
+        &mut broker,
+    );
+    settle(&mut broker, base, &mut [&mut client, &mut server]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            client
+                .m
+                .call(
+                    base,
+                    wall(base, base),
+                    CallRequest::new(Q, "x", Duration::from_secs(1)),
+                )
+                .unwrap(),
+        );
+    }
+    settle(&mut broker, base, &mut [&mut client, &mut server]);
+    let mut seen = Vec::new();
+    while let Some(req) = server.m.poll_request(base, wall(base, base)) {
+        let corr = req.properties.correlation_id().clone().unwrap();
+        assert!(corr.as_str().len() <= 255);
+        assert!(prefix.starts_with(corr.as_str().rsplit_once('.').unwrap().0));
+        seen.push(corr.to_string());
+        server.m.reply(base, req.token, Ok(Bytes::new()));
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "distinct ids");
+    settle(&mut broker, base, &mut [&mut client, &mut server]);
+    let ended: Vec<_> = client_events(&mut client.m)
+        .into_iter()
+        .filter(|e| matches!(e, ClientEvent::CallEnded { result: Ok(_), .. }))
+        .collect();
+    assert_eq!(ended.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server's duties
+// ---------------------------------------------------------------------------------------------
+
+/// A request without `reply_to` is acked, dropped and counted, never handed to a handler.
+#[test]
+fn server_drops_request_without_reply_to() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 5);
+    assert!(sim.broker.publish(
+        Q,
+        BasicProperties::default().with_correlation_id(ShortString::from("c.1")),
+        b"5"
+    ));
+    sim.settle();
+    assert_eq!(sim.servers[0].m.buffered(), 1);
+    assert!(sim.take(0).is_none());
+    let stats = sim.servers[0].m.stats();
+    assert_eq!(stats.dropped_no_reply_to, 1);
+    assert_eq!(stats.received, 1);
+    assert_eq!(sim.broker.unacked(sim.servers[0].conn), 0, "acked");
+    assert_eq!(sim.broker.queue_len(Q), 0, "not requeued");
+}
+
+/// A request whose deadline passed while it waited in the prefetch buffer is acked, dropped
+/// and counted, never run; its caller times out.
+#[test]
+fn server_drops_request_expired_in_prefetch_buffer() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 2);
+        let slow = sim.call("slow", 5000);
+        let quick = sim.call("quick", 100);
+        assert_eq!(sim.servers[0].m.buffered(), 2);
+        let first = sim.take(0).unwrap();
+        sim.advance(Duration::from_millis(100));
+        assert_eq!(*err(sim.result(quick)), RpcError::TimedOut);
+        sim.reply(0, first, Ok(Bytes::from("s")));
+        assert!(
+            sim.take(0).is_none(),
+            "the expired request is not handed out"
+        );
+        let stats = sim.servers[0].m.stats();
+        assert_eq!(stats.dropped_expired, 1);
+        assert_eq!(stats.replied_ok, 1);
+        assert_eq!(sim.broker.unacked(sim.servers[0].conn), 0);
+        assert_eq!(ok_body(sim.result(slow)), b"s");
+        assert_eq!(
+            sim.client.m.stats().replies_late,
+            0,
+            "no reply for the dropped one"
+        );
+    }
+}
+
+/// A reply handle dropped unanswered is reported and the request goes back once; dropped a
+/// second time (redelivered), the request is dropped for good.
+#[test]
+fn abandoned_reply_token_is_reported_requeued_once() {
+    let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 1);
+    let id = sim.call("poison", 1000);
+    let req = sim.take(0).unwrap();
+    drop(req);
+    sim.settle();
+    let events = server_events(&mut sim.servers[0].m);
+    assert!(
+        events.contains(&ServerEvent::Abandoned { requeued: true }),
+        "{events:?}"
+    );
+    let again = sim.take(0).expect("requeued");
+    drop(again);
+    sim.settle();
+    let events = server_events(&mut sim.servers[0].m);
+    assert!(
+        events.contains(&ServerEvent::Abandoned { requeued: false }),
+        "{events:?}"
+    );
+    assert!(sim.take(0).is_none());
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert_eq!(sim.servers[0].m.stats().abandoned, 2);
+    assert_eq!(sim.servers[0].m.in_flight(), 0);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(*err(sim.result(id)), RpcError::TimedOut);
+}
+
+/// Graceful shutdown: the consumer is cancelled, buffered requests go back to the broker (and
+/// to the other server), requests in flight are still answered, then the connection closes.
+#[test]
+fn graceful_shutdown_finishes_in_flight_and_gives_back_the_rest() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 3);
+        let ids: Vec<CallId> = (0..3).map(|i| sim.call(&i.to_string(), 5000)).collect();
+        assert_eq!(sim.servers[0].m.buffered(), 3);
+        let in_flight = sim.take(0).unwrap();
+        let now = sim.now;
+        sim.servers[0].m.shutdown(now);
+        sim.settle();
+        assert!(
+            !sim.servers[0].m.is_stopped(),
+            "one request is still in flight"
+        );
+        assert_eq!(sim.broker.consumer_count(Q), 0, "consumer cancelled");
+        assert_eq!(sim.broker.queue_len(Q), 2, "buffered requests given back");
+        assert_eq!(sim.servers[0].m.buffered(), 0);
+        sim.reply(0, in_flight, Ok(Bytes::from("done")));
+        assert_eq!(ok_body(sim.result(ids[0])), b"done");
+        assert!(sim.servers[0].m.is_stopped());
+        assert!(server_events(&mut sim.servers[0].m).contains(&ServerEvent::Stopped));
+        assert!(!sim.servers[0].up, "connection closed");
+        // Another server takes the rest, flagged redelivered: they never ran.
+        let now = sim.now;
+        sim.servers.push(Wire::new(
+            RpcServer::new(server_config(Q, 3), conn_config(), now),
+            &mut sim.broker,
+        ));
+        sim.settle();
+        assert_eq!(sim.serve_all(1), 2);
+        assert_eq!(ok_body(sim.result(ids[1])), b"re:1");
+        assert_eq!(ok_body(sim.result(ids[2])), b"re:2");
+        assert_eq!(sim.ended.len(), 3);
+    }
+}
+
+/// Shutting down an idle server stops it at once (after the close handshake).
+#[test]
+fn graceful_shutdown_of_idle_server() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 3);
+    let now = sim.now;
+    sim.servers[0].m.shutdown(now);
+    sim.settle();
+    assert!(sim.servers[0].m.is_stopped());
+    assert!(server_events(&mut sim.servers[0].m).contains(&ServerEvent::Stopped));
+    assert_eq!(sim.broker.consumer_count(Q), 0);
+}
+
+/// The server declares the request queue when it does not exist yet.
+#[test]
+fn server_declares_a_missing_queue() {
+    let base = base_instant();
+    let mut broker = Broker::new();
+    let mut server = Wire::new(
+        RpcServer::new(server_config("fresh", 1), conn_config(), base),
+        &mut broker,
+    );
+    settle(&mut broker, base, &mut [&mut server]);
+    assert!(server.m.is_serving());
+    assert!(broker.queue_exists("fresh"));
+    assert_eq!(broker.consumer_count("fresh"), 1);
+    assert!(broker.violations.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extreme timeouts
+// ---------------------------------------------------------------------------------------------
+
+/// RabbitMQ refuses an `expiration` above 2^32 - 1 ms with a channel error, which would take
+/// every call in flight down with it: a very long timeout must be capped on the wire.
+#[test]
+fn very_long_timeout_caps_expiration() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let other = sim.call("other", 5000);
+        let id = sim.call("x", 60 * 24 * 3600 * 1000);
+        let other_req = sim.take(0).unwrap();
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "4294967295"
+        );
+        sim.reply(0, req, Ok(Bytes::from("a")));
+        sim.reply(0, other_req, Ok(Bytes::from("b")));
+        assert_eq!(ok_body(sim.result(id)), b"a");
+        assert_eq!(ok_body(sim.result(other)), b"b");
+    }
+}
+
+/// A timeout too large for `Instant` arithmetic is a caller's choice, not a panic.
+#[test]
+fn huge_timeout_does_not_panic() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 5);
+    let id = sim.call_with(CallRequest::new(Q, "x", Duration::MAX));
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(id)), b"re:x");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow control
+// ---------------------------------------------------------------------------------------------
+
+/// With a tiny outbound high-water mark, calls beyond it wait in the client and go out as the
+/// driver takes bytes, without needing any input from the broker.
+#[test]
+fn backpressure_releases_held_calls_as_bytes_drain() {
+    let config = ClientConfig {
+        outbound_high_water: 1,
+        ..client_config(ReplyMode::DirectReplyTo)
+    };
+    let mut sim = Sim::new(config, 1, 50);
+    let now = sim.now;
+    let ids: Vec<CallId> = (0..5)
+        .map(|i| {
+            sim.client
+                .m
+                .call(
+                    now,
+                    sim.wall(),
+                    CallRequest::new(Q, i.to_string(), Duration::from_secs(1)),
+                )
+                .unwrap()
+        })
+        .collect();
+    sim.settle();
+    assert_eq!(
+        sim.client.m.stats().requests_sent,
+        5,
+        "all went out without input"
+    );
+    assert_eq!(sim.servers[0].m.buffered(), 5);
+    sim.serve_all(0);
+    for id in ids {
+        assert!(ok_body(sim.result(id)).starts_with(b"re:"));
+    }
+}
+
+/// A blocked connection holds new requests; they go out when the alarm clears, and those whose
+/// deadline passes meanwhile end `Expired` (never sent).
+#[test]
+fn blocked_connection_holds_requests() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 50);
+        let conn = sim.client.conn;
+        sim.broker.block(conn, "low on memory");
+        sim.settle();
+        assert!(sim.other.contains(&ClientEvent::Blocked {
+            reason: "low on memory".into()
+        }));
+        let short = sim.call("short", 100);
+        let long = sim.call("long", 1000);
+        assert_eq!(sim.client.m.stats().requests_sent, 0);
+        sim.advance(Duration::from_millis(100));
+        assert_eq!(*err(sim.result(short)), RpcError::Expired);
+        sim.broker.unblock(conn);
+        sim.settle();
+        assert!(sim.other.contains(&ClientEvent::Unblocked));
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(long)), b"re:long");
+        assert_eq!(sim.client.m.stats().requests_sent, 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server resilience
+// ---------------------------------------------------------------------------------------------
+
+/// The server's channel dies with a request in a handler: the broker requeues it, the server
+/// subscribes again and gets it redelivered; the old token's reply is counted stale and never
+/// acks a tag on the new channel (which would be a 406 from the broker).
+#[test]
+fn server_channel_loss_makes_tokens_stale() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 1);
+        let id = sim.call("x", 5000);
+        let old = sim.take(0).unwrap();
+        let conn = sim.servers[0].conn;
+        let ch = sim.broker.consumer_channels(conn)[0];
+        sim.broker
+            .close_channel(conn, ch, 406, "PRECONDITION_FAILED");
+        sim.settle();
+        assert!(sim.servers[0].m.is_serving(), "subscribed again");
+        let new = sim.take(0).expect("redelivered");
+        assert_eq!(new.body, old.body);
+        sim.reply(0, old, Ok(Bytes::from("stale")));
+        assert_eq!(sim.servers[0].m.stats().stale_replies, 1);
+        assert!(sim.is_pending(id), "the stale reply was not published");
+        sim.reply(0, new, Ok(Bytes::from("fresh")));
+        assert_eq!(ok_body(sim.result(id)), b"fresh");
+        assert_eq!(sim.servers[0].m.in_flight(), 0);
+    }
+}
+
+/// The request queue is deleted under the server (the broker cancels its consumer): the
+/// server declares it again and serves it.
+#[test]
+fn server_recovers_from_queue_deletion() {
+    let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 1);
+    sim.broker.delete(Q);
+    sim.settle();
+    assert!(sim.broker.queue_exists(Q), "declared again");
+    assert!(sim.servers[0].m.is_serving());
+    assert_eq!(sim.broker.consumer_count(Q), 1);
+    let id = sim.call("x", 1000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(id)), b"re:x");
+}
+
+/// The server's connection is closed by the broker: requests in flight are requeued by the
+/// broker; after `reconnect` the server serves them again.
+#[test]
+fn server_reconnects_after_connection_loss() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 2);
+    let a = sim.call("a", 5000);
+    let b = sim.call("b", 5000);
+    let held = sim.take(0).unwrap();
+    let conn = sim.servers[0].conn;
+    sim.broker.close_connection(conn, 320, "CONNECTION_FORCED");
+    sim.settle();
+    assert!(server_events(&mut sim.servers[0].m)
+        .iter()
+        .any(|e| matches!(e, ServerEvent::Disconnected(_))));
+    assert_eq!(sim.servers[0].m.buffered(), 0);
+    let now = sim.now;
+    sim.servers[0].m.reconnect(now).unwrap();
+    sim.servers[0].redial(&mut sim.broker);
+    sim.settle();
+    sim.reply(0, held, Ok(Bytes::from("void")));
+    assert_eq!(sim.servers[0].m.stats().stale_replies, 1);
+    assert_eq!(sim.serve_all(0), 2);
+    assert_eq!(ok_body(sim.result(a)), b"re:a");
+    assert_eq!(ok_body(sim.result(b)), b"re:b");
+}
+
+/// A reply handle from before a reconnect is dropped after it: the new connection reuses the
+/// channel number and delivery tag, so settling the old tag would reject someone else's
+/// delivery. The server must only count it.
+#[test]
+fn stale_token_abandoned_after_reconnect_touches_nothing() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 1);
+    let id = sim.call("x", 5000);
+    let old = sim.take(0).unwrap();
+    let conn = sim.servers[0].conn;
+    sim.broker.drop_connection(conn);
+    sim.settle();
+    let now = sim.now;
+    sim.servers[0].m.reconnect(now).unwrap();
+    sim.servers[0].redial(&mut sim.broker);
+    sim.settle();
+    assert_eq!(
+        sim.servers[0].m.buffered(),
+        1,
+        "redelivered on the new connection"
+    );
+    drop(old);
+    sim.settle();
+    assert_eq!(
+        sim.servers[0].m.buffered(),
+        1,
+        "the new delivery is untouched"
+    );
+    assert_eq!(sim.serve_all(0), 1);
+    assert_eq!(ok_body(sim.result(id)), b"re:x");
+    assert_eq!(sim.servers[0].m.stats().abandoned, 1);
+}
+
+/// The server consumes with the prefetch it is given: the broker never pushes more
+/// unacknowledged requests than that; the rest wait in the queue.
+#[test]
+fn server_prefetch_bounds_what_it_holds() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 2);
+    let ids: Vec<CallId> = (0..5).map(|i| sim.call(&i.to_string(), 5000)).collect();
+    assert_eq!(sim.servers[0].m.buffered(), 2);
+    assert_eq!(sim.broker.queue_len(Q), 3);
+    let a = sim.take(0).expect("first");
+    let b = sim.take(0).expect("second");
+    assert!(sim.take(0).is_none(), "nothing more until one is acked");
+    sim.reply(0, a, Ok(Bytes::from("a")));
+    assert_eq!(sim.servers[0].m.buffered(), 1, "one more came in");
+    sim.reply(0, b, Ok(Bytes::from("b")));
+    sim.serve_all(0);
+    assert_eq!(sim.ended.len(), 5);
+    assert_eq!(ok_body(sim.result(ids[4])), b"re:4");
+}
+
+/// Shutdown requested while the server is still subscribing (here: right after a reconnect,
+/// with a request from the old connection still in a handler) must not start serving: the
+/// subscription is abandoned, the old request finishes, the server stops.
+#[test]
+fn shutdown_while_subscribing_never_serves() {
+    let mut sim = Sim::with_mode(ReplyMode::DirectReplyTo, 1, 1);
+    let id = sim.call("x", 5000);
+    let old = sim.take(0).expect("request");
+    let conn = sim.servers[0].conn;
+    sim.broker.drop_connection(conn);
+    sim.settle();
+    let now = sim.now;
+    sim.servers[0].m.reconnect(now).expect("closed");
+    sim.servers[0].redial(&mut sim.broker);
+    // Handshake and the passive declare go out; shut down before the broker answers.
+    let mut broker = std::mem::take(&mut sim.broker);
+    for _ in 0..3 {
+        Step::step(&mut sim.servers[0], &mut broker, now);
+    }
+    sim.broker = broker;
+    assert!(!sim.servers[0].m.is_serving());
+    server_events(&mut sim.servers[0].m);
+    sim.servers[0].m.shutdown(now);
+    sim.settle();
+    assert!(
+        !sim.servers[0].m.is_serving(),
+        "started serving after shutdown"
+    );
+    assert_eq!(sim.broker.consumer_count(Q), 0);
+    assert!(!server_events(&mut sim.servers[0].m).contains(&ServerEvent::Ready));
+    sim.reply(0, old, Ok(Bytes::from("stale")));
+    assert!(sim.servers[0].m.is_stopped());
+    assert!(sim.is_pending(id), "the request went back to the queue");
+    assert_eq!(sim.broker.queue_len(Q), 1);
+}
