@@ -181,9 +181,23 @@ const RECENT_ENDED: usize = 4096;
 /// What the client knows of a request queue's consumers.
 #[derive(Debug, Clone, Copy, Default)]
 struct QueueStatus {
-    /// Last count, or `None` when the queue does not exist.
-    consumers: Option<u32>,
+    consumers: Consumers,
     checked_at: Option<Instant>,
+}
+
+/// The answer of the last passive declare of a request queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Consumers {
+    /// Not asked yet.
+    #[default]
+    Unasked,
+    /// The queue's consumer count.
+    Count(u32),
+    /// The queue does not exist (404).
+    Absent,
+    /// The broker refused to say (403, 405...): calls go out, and the mandatory flag still
+    /// catches a queue that is missing.
+    Unknown,
 }
 
 /// The reply path's progress on the current connection.
@@ -227,7 +241,13 @@ pub struct RpcClient {
     probe: Probe,
     events: VecDeque<ClientEvent>,
     stats: ClientStats,
+    /// Reply-path channels lost in a row before the path was armed.
+    arm_failures: u32,
 }
+
+/// Reply-path channel losses in a row, before it was armed, after which the client gives the
+/// connection up.
+const MAX_ARM_FAILURES: u32 = 3;
 
 /// The consumer-count checker: its own channel (a passive declare of a missing queue closes the
 /// channel with 404), one passive declare at a time so that a failure names its queue.
@@ -270,6 +290,7 @@ impl RpcClient {
             probe: Probe::default(),
             events: VecDeque::new(),
             stats: ClientStats::default(),
+            arm_failures: 0,
         }
     }
 
@@ -420,6 +441,7 @@ impl RpcClient {
         }
         self.conn = Connection::new(self.conn_config.clone(), now);
         self.phase = Phase::Connecting;
+        self.arm_failures = 0;
         self.probe.channel = None;
         self.probe.in_flight = None;
         Ok(())
@@ -475,9 +497,9 @@ impl RpcClient {
                 if let Some((_, queue)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
                     // 404: the queue does not exist, so a publish to it would come back.
                     let consumers = if error.code == ReplyCode::NOT_FOUND {
-                        None
+                        Consumers::Absent
                     } else {
-                        Some(0)
+                        Consumers::Unknown
                     };
                     self.set_queue_status(
                         &queue,
@@ -495,7 +517,15 @@ impl RpcClient {
                     // The reply path is gone with its channel: calls sent on it may have run.
                     self.lose_sent_calls(now);
                     self.phase = Phase::Connecting;
-                    self.arm();
+                    self.arm_failures += 1;
+                    if self.arm_failures > MAX_ARM_FAILURES {
+                        // The broker keeps refusing the reply path (a permission, a policy):
+                        // give the connection up, so that the driver reconnects with backoff
+                        // instead of this loop spinning.
+                        let _ = self.conn.close(now);
+                    } else {
+                        self.arm();
+                    }
                 }
             }
             Event::Delivery(delivery) => self.on_reply(delivery),
@@ -583,7 +613,7 @@ impl RpcClient {
                 self.set_queue_status(
                     &queue,
                     QueueStatus {
-                        consumers: Some(*consumer_count),
+                        consumers: Consumers::Count(*consumer_count),
                         checked_at: Some(now),
                     },
                 );
@@ -623,6 +653,7 @@ impl RpcClient {
                     _ => return,
                 };
                 self.phase = Phase::Ready { channel, reply_to };
+                self.arm_failures = 0;
                 self.events.push_back(ClientEvent::Ready);
             }
             _ => {}
@@ -730,9 +761,10 @@ impl RpcClient {
             self.start_probe(&queue);
         }
         match status.map(|s| s.consumers) {
-            Some(Some(n)) if n > 0 => Gate::Send,
-            Some(Some(_)) if fresh => Gate::Fail(RpcError::NoServers),
-            Some(None) if fresh => Gate::Fail(RpcError::NotRouted),
+            Some(Consumers::Count(n)) if n > 0 => Gate::Send,
+            Some(Consumers::Count(_)) if fresh => Gate::Fail(RpcError::NoServers),
+            Some(Consumers::Absent) if fresh => Gate::Fail(RpcError::NotRouted),
+            Some(Consumers::Unknown) if fresh => Gate::Send,
             _ => Gate::Wait,
         }
     }

@@ -667,11 +667,14 @@ impl RpcServer {
             else {
                 continue;
             };
-            if facts.epoch == self.epoch {
+            let requeued = if facts.epoch == self.epoch {
                 let _ = self.conn.reject(facts.channel, facts.delivery_tag, requeue);
-            }
-            self.events
-                .push_back(ServerEvent::Abandoned { requeued: requeue });
+                requeue
+            } else {
+                // Its channel is gone, and the broker requeued everything unacked on it.
+                true
+            };
+            self.events.push_back(ServerEvent::Abandoned { requeued });
         }
         if any {
             self.maybe_finish_shutdown(now);
