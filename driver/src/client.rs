@@ -15,9 +15,9 @@ use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::SinkExt;
 
-use crate::io_loop::{Handler, Loop};
+use crate::io_loop::Handler;
 use crate::options::{ConnectError, ConnectOptions};
-use crate::reconnect::{connect_stream, Backoff};
+use crate::reconnect::{run_session, Backoff, Session};
 use crate::state::{ConnectionState, StateCell};
 use crate::Runtime;
 
@@ -218,12 +218,34 @@ struct Callers {
     last_error: Option<ConnectionError>,
     /// Whether the reply path was armed since the last reconnect attempt (resets the backoff).
     was_ready: bool,
+    retry_first_connect: bool,
     state: Arc<StateCell>,
 }
 
-impl Callers {
+impl Session<RpcClient> for Callers {
+    fn finished(&self, _machine: &RpcClient) -> bool {
+        self.shutting_down
+    }
+
     fn take_was_ready(&mut self) -> bool {
         std::mem::take(&mut self.was_ready)
+    }
+
+    fn ever_ready(&self) -> bool {
+        self.ready.is_none()
+    }
+
+    fn retry_first_connect(&self) -> bool {
+        self.retry_first_connect
+    }
+
+    fn last_error(&self) -> Option<&ConnectionError> {
+        self.last_error.as_ref()
+    }
+
+    fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
+        tracing::info!(attempt, ?delay, "reconnecting");
+        self.state.set(ConnectionState::Reconnecting { attempt });
     }
 }
 
@@ -315,88 +337,19 @@ async fn run<R: Runtime>(
         shutting_down: false,
         last_error: None,
         was_ready: false,
+        retry_first_connect: options.retry_first_connect,
         state,
     };
-    let mut io = Loop::<R>::new();
-    let mut attempt: u32 = 0;
-    loop {
-        let connect_error = match connect_stream::<R, _, _>(
-            &options.connect,
-            &mut io,
-            &mut machine,
-            &mut commands,
-            &mut callers,
-        )
-        .await
-        {
-            Ok(mut stream) => {
-                let exit = io
-                    .drive(
-                        Some(&mut stream),
-                        None,
-                        &mut machine,
-                        &mut commands,
-                        &mut callers,
-                    )
-                    .await;
-                tracing::debug!(?exit, "connection ended");
-                None
-            }
-            Err(error) => {
-                // Tell the machine the byte stream it was waiting for will not come.
-                machine.handle_eof(Instant::now());
-                callers.on_wake(&mut machine, Instant::now());
-                Some(error)
-            }
-        };
-        if callers.shutting_down {
-            break;
-        }
-        let first = callers.ready.is_some();
-        if first && !options.retry_first_connect {
-            if let Some(ready) = callers.ready.take() {
-                let error = connect_error.unwrap_or_else(|| {
-                    ConnectError::Connection(
-                        callers
-                            .last_error
-                            .clone()
-                            .unwrap_or(ConnectionError::ConnectionLost),
-                    )
-                });
-                let _ = ready.send(Err(error));
-            }
-            break;
-        }
-        if permanent(callers.last_error.as_ref()) && connect_error.is_none() {
-            if let Some(ready) = callers.ready.take() {
-                let error = callers
-                    .last_error
-                    .clone()
-                    .unwrap_or(ConnectionError::ConnectionLost);
-                let _ = ready.send(Err(ConnectError::Connection(error)));
-            }
-            break;
-        }
-        if callers.take_was_ready() {
-            attempt = 0;
-        }
-        let Some(delay) = options.backoff.delay(attempt) else {
-            break;
-        };
-        attempt += 1;
-        tracing::info!(attempt, ?delay, "reconnecting");
-        callers.state.set(ConnectionState::Reconnecting { attempt });
-        io.drive(
-            None,
-            Some(Instant::now() + delay),
-            &mut machine,
-            &mut commands,
-            &mut callers,
-        )
-        .await;
-        if callers.shutting_down || machine.reconnect(Instant::now()).is_err() {
-            break;
-        }
+    let outcome = run_session::<R, _, _>(
+        &options.connect,
+        &options.backoff,
+        &mut machine,
+        &mut commands,
+        &mut callers,
+    )
+    .await;
+    if let (Some(ready), Err(error)) = (callers.ready.take(), outcome) {
+        let _ = ready.send(Err(error));
     }
     callers.state.set(ConnectionState::Closed);
     machine.abandon();
@@ -408,15 +361,4 @@ async fn run<R: Runtime>(
     for done in callers.closing.drain(..) {
         let _ = done.send(());
     }
-}
-
-/// Errors that reconnecting cannot fix.
-fn permanent(error: Option<&ConnectionError>) -> bool {
-    matches!(
-        error,
-        Some(
-            ConnectionError::AuthenticationFailed { .. }
-                | ConnectionError::NoCommonMechanism { .. }
-        )
-    )
 }

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use amqp_rpc_core::Machine;
+use amqp_rpc_core::rpc::{RpcClient, RpcServer};
+use amqp_rpc_core::{ConnectionError, Machine, UsageError};
 use futures_channel::mpsc;
 use futures_util::future::{select, Either};
 
@@ -87,6 +88,122 @@ pub(crate) async fn connect_stream<R: Runtime, M: Machine, H: Handler<M>>(
             after: options.connect_timeout,
         }),
     }
+}
+
+/// A machine that can start over on a new socket.
+pub(crate) trait Reconnect: Machine {
+    /// Replaces the closed connection with a fresh one starting its handshake at `now`.
+    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError>;
+}
+
+impl Reconnect for RpcClient {
+    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError> {
+        RpcClient::reconnect(self, now)
+    }
+}
+
+impl Reconnect for RpcServer {
+    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError> {
+        RpcServer::reconnect(self, now)
+    }
+}
+
+/// What the session loop asks of the code around a client or server machine.
+pub(crate) trait Session<M>: Handler<M> {
+    /// Closed on purpose: no reconnect.
+    fn finished(&self, machine: &M) -> bool;
+    /// Whether the machine became ready since the last call (a fresh start resets the backoff).
+    fn take_was_ready(&mut self) -> bool;
+    /// Whether the machine has ever been ready (a first connect that fails is not retried
+    /// unless [`Session::retry_first_connect`] says so).
+    fn ever_ready(&self) -> bool;
+    /// The policy for a failed first connect.
+    fn retry_first_connect(&self) -> bool {
+        false
+    }
+    /// Why the last connection ended, as the machine reported it.
+    fn last_error(&self) -> Option<&ConnectionError>;
+    /// A reconnect attempt is about to wait `delay`.
+    fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
+        tracing::info!(attempt, ?delay, "reconnecting");
+    }
+}
+
+/// Connects, drives the machine until its connection ends, and reconnects with `backoff` until
+/// the session is finished. Returns `Err` when it gives up: a first connect that failed (unless
+/// retried), an error no reconnect can fix (credentials), or backoff attempts exhausted.
+pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
+    options: &ConnectOptions,
+    backoff: &Backoff,
+    machine: &mut M,
+    commands: &mut mpsc::Receiver<S::Command>,
+    session: &mut S,
+) -> Result<(), ConnectError> {
+    let mut io = Loop::<R>::new();
+    let mut attempt: u32 = 0;
+    loop {
+        let connect_error =
+            match connect_stream::<R, _, _>(options, &mut io, machine, commands, session).await {
+                Ok(mut stream) => {
+                    let exit = io
+                        .drive(Some(&mut stream), None, machine, commands, session)
+                        .await;
+                    tracing::debug!(?exit, "connection ended");
+                    None
+                }
+                Err(error) => {
+                    // The byte stream the machine waits for will not come.
+                    machine.handle_eof(Instant::now());
+                    Some(error)
+                }
+            };
+        session.on_wake(machine, Instant::now());
+        if session.finished(machine) {
+            return Ok(());
+        }
+        let last = ConnectError::Connection(
+            session
+                .last_error()
+                .cloned()
+                .unwrap_or(ConnectionError::ConnectionLost),
+        );
+        if !session.ever_ready() && !session.retry_first_connect() {
+            return Err(connect_error.unwrap_or(last));
+        }
+        if connect_error.is_none() && permanent(session.last_error()) {
+            return Err(last);
+        }
+        if session.take_was_ready() {
+            attempt = 0;
+        }
+        let Some(delay) = backoff.delay(attempt) else {
+            return Err(connect_error.unwrap_or(last));
+        };
+        attempt += 1;
+        session.on_reconnecting(attempt, delay);
+        io.drive(
+            None,
+            Some(Instant::now() + delay),
+            machine,
+            commands,
+            session,
+        )
+        .await;
+        if session.finished(machine) || machine.reconnect(Instant::now()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Errors that reconnecting cannot fix.
+fn permanent(error: Option<&ConnectionError>) -> bool {
+    matches!(
+        error,
+        Some(
+            ConnectionError::AuthenticationFailed { .. }
+                | ConnectionError::NoCommonMechanism { .. }
+        )
+    )
 }
 
 #[cfg(test)]

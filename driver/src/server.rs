@@ -16,9 +16,9 @@ use futures_channel::mpsc;
 use futures_util::{FutureExt, SinkExt};
 
 use crate::client::wall_now;
-use crate::io_loop::{Handler, Loop};
+use crate::io_loop::Handler;
 use crate::options::{ConnectError, ConnectOptions};
-use crate::reconnect::{connect_stream, Backoff};
+use crate::reconnect::{run_session, Backoff, Session};
 use crate::Runtime;
 
 /// Server settings.
@@ -159,70 +159,14 @@ impl<R: Runtime> Server<R> {
             stopped: false,
             _runtime: PhantomData,
         };
-        let mut io = Loop::<R>::new();
-        let mut attempt = 0;
-        loop {
-            let connect_error = match connect_stream::<R, _, _>(
-                &options.connect,
-                &mut io,
-                &mut machine,
-                &mut receiver,
-                &mut workers,
-            )
-            .await
-            {
-                Ok(mut stream) => {
-                    let exit = io
-                        .drive(
-                            Some(&mut stream),
-                            None,
-                            &mut machine,
-                            &mut receiver,
-                            &mut workers,
-                        )
-                        .await;
-                    tracing::debug!(?exit, "connection ended");
-                    None
-                }
-                Err(e) => {
-                    machine.handle_eof(Instant::now());
-                    Some(e)
-                }
-            };
-            workers.on_wake(&mut machine, Instant::now());
-            if workers.stopped || machine.is_stopped() {
-                break;
-            }
-            if !workers.ever_ready {
-                return Err(connect_error.unwrap_or_else(|| {
-                    ConnectError::Connection(
-                        workers
-                            .last_error
-                            .clone()
-                            .unwrap_or(ConnectionError::ConnectionLost),
-                    )
-                }));
-            }
-            if std::mem::take(&mut workers.was_ready) {
-                attempt = 0;
-            }
-            let Some(delay) = options.backoff.delay(attempt) else {
-                break;
-            };
-            attempt += 1;
-            tracing::info!(attempt, ?delay, "reconnecting");
-            io.drive(
-                None,
-                Some(Instant::now() + delay),
-                &mut machine,
-                &mut receiver,
-                &mut workers,
-            )
-            .await;
-            if machine.is_stopped() || machine.reconnect(Instant::now()).is_err() {
-                break;
-            }
-        }
+        run_session::<R, _, _>(
+            &options.connect,
+            &options.backoff,
+            &mut machine,
+            &mut receiver,
+            &mut workers,
+        )
+        .await?;
         Ok(ServerReport {
             stats: machine.stats(),
         })
@@ -322,6 +266,29 @@ where
 
     fn on_handles_dropped(&mut self, _machine: &mut RpcServer, _now: Instant) {
         // `Workers` holds a sender itself, so this cannot happen while it lives.
+    }
+}
+
+impl<R, H, F> Session<RpcServer> for Workers<R, H>
+where
+    R: Runtime,
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+{
+    fn finished(&self, machine: &RpcServer) -> bool {
+        self.stopped || machine.is_stopped()
+    }
+
+    fn take_was_ready(&mut self) -> bool {
+        std::mem::take(&mut self.was_ready)
+    }
+
+    fn ever_ready(&self) -> bool {
+        self.ever_ready
+    }
+
+    fn last_error(&self) -> Option<&ConnectionError> {
+        self.last_error.as_ref()
     }
 }
 

@@ -312,11 +312,13 @@ async fn server_connection_closed_mid_request<R: TestRuntime>() {
     )
     .await;
     expect_fib(reply, 30);
-    // The first server does not reconnect (Backoff::never): it stops by itself.
-    first
-        .wait_stopped::<R>(Duration::from_secs(10))
-        .await
-        .expect("first server");
+    // The first server does not reconnect (Backoff::never): it stops by itself, and says why.
+    match first.wait_stopped::<R>(Duration::from_secs(10)).await {
+        Err(ConnectError::Connection(ConnectionError::ClosedByServer { code, .. })) => {
+            assert_eq!(code.0, 320)
+        }
+        other => panic!("first server should end with the broker's close, got {other:?}"),
+    }
     hold.release();
     client.close().await;
     let report = second.stop::<R>().await;
