@@ -201,6 +201,31 @@ fn no_common_mechanism_is_reported_and_no_credentials_leave() {
 }
 
 #[test]
+fn start_ok_too_large_for_the_pre_tune_frame_is_a_clear_error() {
+    let mut sim = Sim::new(ConnectionConfig {
+        credentials: Credentials::new("user", "p".repeat(9000)),
+        ..config()
+    });
+    sim.pump();
+    sim.broker.send(0, frames::start("PLAIN AMQPLAIN"));
+    sim.pump();
+    match sim.take_events().as_slice() {
+        [Event::Closed(ConnectionError::Protocol { code, reason })] => {
+            assert_eq!(code.0, 501);
+            assert!(reason.contains("too long"), "{reason}");
+            assert!(
+                !reason.contains("ppppp"),
+                "the password must not leak: {reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // No start-ok went out, only the close.
+    let (code, _) = sim.broker.expect_connection_close();
+    assert_eq!(code, 501);
+}
+
+#[test]
 fn long_non_ascii_mechanism_list_does_not_panic() {
     // The offered list is a long string from the server; the close text that quotes it must
     // be cut to a short string (255 bytes) on a character boundary.

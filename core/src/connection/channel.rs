@@ -100,6 +100,10 @@ impl Body {
     }
 }
 
+/// Most bytes reserved for a multi-frame body before its frames arrive; beyond this the buffer
+/// grows with what actually comes.
+const INITIAL_BODY_CAPACITY: u64 = 1024 * 1024;
+
 /// A content-bearing method and what has arrived of its content.
 #[derive(Debug, Clone)]
 pub(crate) struct PartialContent {
@@ -187,8 +191,11 @@ impl PartialContent {
         self.body = match std::mem::take(&mut self.body) {
             Body::Empty if payload.len() as u64 == body_size => Body::One(payload),
             Body::Empty => {
-                // `body_size <= max_body_size`, checked in `on_header`, bounds this allocation.
-                let mut buf = BytesMut::with_capacity(usize::try_from(body_size).unwrap_or(0));
+                // Sized for what is announced (at most `max_body_size`, checked in `on_header`),
+                // but no more than a window up front: a peer that announces much and sends
+                // little must not make us reserve it all.
+                let capacity = body_size.min(INITIAL_BODY_CAPACITY);
+                let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
                 buf.extend_from_slice(&payload);
                 Body::Many(buf)
             }

@@ -870,25 +870,34 @@ impl Connection {
                 None,
             );
         }
+        // The server speaks AMQP 0-9-1 now that it sent start: from here on a failure is
+        // explained to it with a connection.close.
+        self.state = State::Handshake(HandshakeStep::AwaitTune);
         let mechanism = match handshake::choose_mechanism(start.mechanisms.as_bytes()) {
             Ok(m) => m,
             Err(e) => {
-                // Tell the server why before we go; the credentials never left. `fail` sends
-                // nothing while we await connection.start, but the server just sent it, so it
-                // speaks AMQP and understands a close.
+                // The credentials never left.
                 let text = e.to_string();
-                self.error = Some(e.clone());
-                self.report_closed(e);
-                return self.send_connection_close(now, ReplyCode::ACCESS_REFUSED, &text, true);
+                return self.fail(now, e, Some((ReplyCode::ACCESS_REFUSED, text)));
             }
         };
         self.server_properties = start.server_properties;
         let start_ok = handshake::start_ok(&self.config, mechanism);
-        self.send_method_unchecked(
-            ChannelId::CONNECTION,
-            AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
-        );
-        self.state = State::Handshake(HandshakeStep::AwaitTune);
+        let method = AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok));
+        if self.send_method(ChannelId::CONNECTION, method).is_err() {
+            // Credentials and connection name so long that start-ok exceeds the pre-tune frame
+            // size: say so now rather than let the handshake time out.
+            let reason =
+                "credentials or connection name too long for connection.start-ok".to_owned();
+            return self.fail(
+                now,
+                ConnectionError::Protocol {
+                    code: ReplyCode::FRAME_ERROR,
+                    reason: reason.clone(),
+                },
+                Some((ReplyCode::FRAME_ERROR, reason)),
+            );
+        }
     }
 
     fn on_tune(&mut self, now: Instant, tune: connection::Tune) {
