@@ -889,7 +889,7 @@ impl Connection {
             // size: say so now rather than let the handshake time out.
             let reason =
                 "credentials or connection name too long for connection.start-ok".to_owned();
-            return self.fail(
+            self.fail(
                 now,
                 ConnectionError::Protocol {
                     code: ReplyCode::FRAME_ERROR,
