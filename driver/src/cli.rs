@@ -13,7 +13,7 @@ use futures_channel::oneshot;
 
 use crate::client::{CallError, Client, ClientOptions};
 use crate::options::DEFAULT_URI;
-use crate::server::{Request, Server, ServerOptions};
+use crate::server::{Request, Server, ServerOptions, SHUTDOWN_GRACE};
 use crate::{RpcError, Runtime};
 
 /// The largest n whose Fibonacci number fits in a u128 (fib(186) ≈ 3.3 × 10^38).
@@ -204,7 +204,12 @@ pub async fn server_main<R: Runtime>(
     let handle = server.handle();
     R::spawn(async move {
         shutdown.await;
+        eprintln!("server: shutting down (cancel, drain, close)");
         handle.shutdown().await;
+        // A handler that never finishes must not keep the process alive forever.
+        R::sleep_until(Instant::now() + SHUTDOWN_GRACE).await;
+        eprintln!("server: requests still running after {SHUTDOWN_GRACE:?}; exiting anyway");
+        std::process::exit(1);
     });
     let started = Instant::now();
     match server.serve(fib_handler).await {

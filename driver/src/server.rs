@@ -292,5 +292,5 @@ where
     }
 }
 
-/// A grace period the bins give a shutdown before they exit anyway.
+/// How long the `server` program lets a graceful shutdown take before it exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
