@@ -84,6 +84,8 @@ struct MCall {
     idempotent: bool,
     /// Reply-path incarnation it was last sent on; `None` while not sent.
     sent_on: Option<u64>,
+    /// Whether it was ever published: an idempotent call waiting to be sent again may have run.
+    published: bool,
 }
 
 /// A request as the server holds it.
@@ -157,6 +159,7 @@ impl Model {
         while let Some(id) = self.held.pop_front() {
             let call = self.pending.get_mut(&id).expect("held calls are pending");
             call.sent_on = Some(self.incarnation);
+            call.published = true;
             self.client.requests_sent += 1;
             self.server.received += 1;
             self.server_buf.push_back(MReq {
@@ -224,7 +227,7 @@ impl Model {
             .map(|(id, _)| *id)
             .collect();
         for id in due {
-            let outcome = if self.pending[&id].sent_on.is_some() {
+            let outcome = if self.pending[&id].published {
                 RpcError::TimedOut
             } else {
                 RpcError::Expired
@@ -442,6 +445,7 @@ impl Harness {
                         wall_deadline: self.wall() + timeout_ms,
                         idempotent,
                         sent_on: None,
+                        published: false,
                     },
                 );
                 if timeout_ms == 0 {
@@ -643,8 +647,9 @@ impl Harness {
         self.client.m.close(now);
         // Calls not sent end first (never ran), then the sent ones (may have run).
         for id in std::mem::take(&mut self.model.held) {
-            self.model
-                .end(id, Err(RpcError::ConnectionLost { sent: false }));
+            // An idempotent call waiting to be sent again was published before: it may have run.
+            let sent = self.model.pending[&id].published;
+            self.model.end(id, Err(RpcError::ConnectionLost { sent }));
         }
         let rest: Vec<CallId> = self.model.pending.keys().copied().collect();
         for id in rest {

@@ -223,10 +223,6 @@ struct Callers {
 }
 
 impl Session<RpcClient> for Callers {
-    fn finished(&self, _machine: &RpcClient) -> bool {
-        self.shutting_down
-    }
-
     fn take_was_ready(&mut self) -> bool {
         std::mem::take(&mut self.was_ready)
     }
@@ -313,6 +309,12 @@ impl Handler<RpcClient> for Callers {
     fn on_handles_dropped(&mut self, machine: &mut RpcClient, now: Instant) {
         self.shutting_down = true;
         machine.close(now);
+    }
+
+    /// Closed: a backoff wait or a TCP connect in progress is abandoned at once, so that
+    /// `Client::close` returns promptly while reconnecting.
+    fn finished(&self, _machine: &RpcClient) -> bool {
+        self.shutting_down
     }
 }
 

@@ -36,6 +36,10 @@ pub(crate) trait Handler<M> {
     fn on_command(&mut self, machine: &mut M, now: Instant, command: Self::Command);
     /// Every user handle is gone.
     fn on_handles_dropped(&mut self, machine: &mut M, now: Instant);
+    /// Closed on purpose (the client closed, the server shut down): no reconnect, and a wait
+    /// without a socket (between reconnects, or for a TCP connect) ends at once instead of at
+    /// its deadline.
+    fn finished(&self, machine: &M) -> bool;
 }
 
 /// Why [`drive`] returned.
@@ -47,6 +51,8 @@ pub(crate) enum Exit {
     Io,
     /// `until` passed (only without a socket).
     Until,
+    /// The handler finished while there was no socket ([`Handler::finished`]).
+    Finished,
 }
 
 /// Reusable buffers and timer of one driver task.
@@ -87,6 +93,9 @@ impl<R: Runtime> Loop<R> {
         loop {
             let now = Instant::now();
             handler.on_wake(machine, now);
+            if stream.is_none() && handler.finished(machine) {
+                return Exit::Finished;
+            }
             if stream.is_some() && self.written == self.write_buf.len() {
                 self.write_buf.clear();
                 self.written = 0;

@@ -110,8 +110,6 @@ impl Reconnect for RpcServer {
 
 /// What the session loop asks of the code around a client or server machine.
 pub(crate) trait Session<M>: Handler<M> {
-    /// Closed on purpose: no reconnect.
-    fn finished(&self, machine: &M) -> bool;
     /// Whether the machine became ready since the last call (a fresh start resets the backoff).
     fn take_was_ready(&mut self) -> bool;
     /// Whether the machine has ever been ready (a first connect that fails is not retried

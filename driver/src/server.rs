@@ -267,6 +267,11 @@ where
     fn on_handles_dropped(&mut self, _machine: &mut RpcServer, _now: Instant) {
         // `Workers` holds a sender itself, so this cannot happen while it lives.
     }
+
+    /// Shut down: a backoff wait or a TCP connect in progress is abandoned at once.
+    fn finished(&self, machine: &RpcServer) -> bool {
+        self.stopped || machine.is_stopped()
+    }
 }
 
 impl<R, H, F> Session<RpcServer> for Workers<R, H>
@@ -275,10 +280,6 @@ where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
 {
-    fn finished(&self, machine: &RpcServer) -> bool {
-        self.stopped || machine.is_stopped()
-    }
-
     fn take_was_ready(&mut self) -> bool {
         std::mem::take(&mut self.was_ready)
     }

@@ -42,6 +42,147 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// A RabbitMQ node the tests talk to: its AMQP URI, and its Erlang node name for `rabbitmqctl`
+/// (`None`: `rabbitmqctl`'s default node, the main broker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    uri: String,
+    name: Option<String>,
+}
+
+impl Node {
+    /// The main test broker: [`uri`], administered with plain `rabbitmqctl`.
+    pub fn main() -> Self {
+        Self {
+            uri: uri(),
+            name: None,
+        }
+    }
+
+    /// The node at `uri` whose Erlang node name is `name` (`rabbitmqctl -n name`).
+    pub fn new(uri: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            name: Some(name.into()),
+        }
+    }
+
+    /// Its AMQP URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Its Erlang node name, when it is not `rabbitmqctl`'s default.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Runs `rabbitmqctl [-n name] args…` against this node (at most 30 s).
+    pub fn rabbitmqctl(&self, args: &[&str]) -> Result<String, String> {
+        let mut all: Vec<&str> = Vec::with_capacity(args.len() + 2);
+        if let Some(name) = &self.name {
+            all.extend(["-n", name.as_str()]);
+        }
+        all.extend_from_slice(args);
+        rabbitmqctl(&all)
+    }
+
+    /// Declares `name` on this node (see [`declare_queue`]).
+    pub fn declare_queue(&self, name: &str, kind: QueueKind) -> Result<(), String> {
+        declare_queue_at(&self.uri, name, kind)
+    }
+
+    /// Deletes `name` on this node (a missing queue is fine).
+    pub fn delete_queue(&self, name: &str) -> Result<(), String> {
+        admin_request(&self.uri, |conn, ch| {
+            conn.delete_queue(ch, name, false, false)
+        })?
+        .map(|_| ())
+        .map_err(|e| format!("deleting {name}: {e}"))
+    }
+
+    /// Messages ready and consumers of `name` on this node, or `None` when it does not exist.
+    pub fn queue_status(&self, name: &str) -> Result<Option<QueueStatus>, String> {
+        let passive = QueueOptions {
+            passive: true,
+            ..QueueOptions::default()
+        };
+        let reply = admin_request(&self.uri, |conn, ch| {
+            conn.declare_queue(ch, name, passive, FieldTable::default())
+        })?;
+        match reply {
+            Ok(Reply::QueueDeclared {
+                message_count,
+                consumer_count,
+                ..
+            }) => Ok(Some(QueueStatus {
+                messages: message_count,
+                consumers: consumer_count,
+            })),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) if e.contains("404") || e.contains("NOT_FOUND") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Erlang pids of this node's connections named `name` (see [`connection_pids`]).
+    pub fn connection_pids(&self, name: &str) -> Result<Vec<String>, String> {
+        let listing = self.rabbitmqctl(&[
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])?;
+        // rabbitmqctl prints the property as `{"connection_name","<name>"}`.
+        let needle = format!("{{\"connection_name\",\"{name}\"}}");
+        Ok(listing
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+            .collect())
+    }
+
+    /// Has this node close the connections named `name` (see [`close_connection_named`]).
+    pub fn close_connection_named(&self, name: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pids = loop {
+            let pids = self.connection_pids(name)?;
+            if !pids.is_empty() {
+                break pids;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no connection named {name}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for pid in pids {
+            self.rabbitmqctl(&["close_connection", &pid, "closed by the e2e test"])?;
+        }
+        Ok(())
+    }
+
+    /// The prefetch count of each consumer of `queue` (`rabbitmqctl list_consumers`).
+    pub fn consumer_prefetch(&self, queue: &str) -> Result<Vec<u32>, String> {
+        let listing = self.rabbitmqctl(&[
+            "-q",
+            "list_consumers",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ])?;
+        Ok(listing
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(queue))
+                    .then(|| fields.next().and_then(|p| p.parse().ok()))
+                    .flatten()
+            })
+            .collect())
+    }
+}
+
 /// A name no other test uses, e.g. `e2e-round_trip-tokio-1f0c…`.
 pub fn unique_name(what: &str) -> String {
     format!("e2e-{what}-{}", uuid::Uuid::new_v4().simple())
@@ -52,13 +193,20 @@ pub fn unique_name(what: &str) -> String {
 #[derive(Debug)]
 pub struct QueueGuard {
     name: String,
+    node: Node,
 }
 
 impl QueueGuard {
-    /// A fresh unique queue name; nothing is declared.
+    /// A fresh unique queue name on the main broker; nothing is declared.
     pub fn new(what: &str) -> Self {
+        Self::on(&Node::main(), what)
+    }
+
+    /// A fresh unique queue name on `node`; nothing is declared.
+    pub fn on(node: &Node, what: &str) -> Self {
         Self {
             name: unique_name(what),
+            node: node.clone(),
         }
     }
 
@@ -70,7 +218,7 @@ impl QueueGuard {
 
 impl Drop for QueueGuard {
     fn drop(&mut self) {
-        if let Err(e) = delete_queue(&self.name) {
+        if let Err(e) = self.node.delete_queue(&self.name) {
             eprintln!("e2e: could not delete queue {}: {e}", self.name);
         }
     }
@@ -88,6 +236,10 @@ pub struct QueueStatus {
 /// Declares `name` the way a tutorial version does: a non-durable classic queue, or a durable
 /// quorum queue.
 pub fn declare_queue(name: &str, kind: QueueKind) -> Result<(), String> {
+    declare_queue_at(&uri(), name, kind)
+}
+
+fn declare_queue_at(uri: &str, name: &str, kind: QueueKind) -> Result<(), String> {
     let (options, arguments) = match kind {
         QueueKind::Quorum => {
             let mut args = FieldTable::default();
@@ -105,47 +257,32 @@ pub fn declare_queue(name: &str, kind: QueueKind) -> Result<(), String> {
         }
         QueueKind::Classic => (QueueOptions::default(), FieldTable::default()),
     };
-    admin_request(|conn, ch| conn.declare_queue(ch, name, options, arguments))?
-        .map(|_| ())
-        .map_err(|e| format!("declaring {name}: {e}"))
+    admin_request(uri, |conn, ch| {
+        conn.declare_queue(ch, name, options, arguments)
+    })?
+    .map(|_| ())
+    .map_err(|e| format!("declaring {name}: {e}"))
 }
 
 /// Deletes `name` (a missing queue is fine).
 pub fn delete_queue(name: &str) -> Result<(), String> {
-    admin_request(|conn, ch| conn.delete_queue(ch, name, false, false))?
-        .map(|_| ())
-        .map_err(|e| format!("deleting {name}: {e}"))
+    Node::main().delete_queue(name)
 }
 
 /// Messages and consumers of `name`, or `None` when it does not exist.
 pub fn queue_status(name: &str) -> Result<Option<QueueStatus>, String> {
-    let passive = QueueOptions {
-        passive: true,
-        ..QueueOptions::default()
-    };
-    match admin_request(|conn, ch| conn.declare_queue(ch, name, passive, FieldTable::default()))? {
-        Ok(Reply::QueueDeclared {
-            message_count,
-            consumer_count,
-            ..
-        }) => Ok(Some(QueueStatus {
-            messages: message_count,
-            consumers: consumer_count,
-        })),
-        Ok(other) => Err(format!("unexpected reply {other:?}")),
-        Err(e) if e.contains("404") || e.contains("NOT_FOUND") => Ok(None),
-        Err(e) => Err(e),
-    }
+    Node::main().queue_status(name)
 }
 
 /// Connects, opens a channel, runs one synchronous request and closes: a blocking driver of the
 /// core's [`Connection`] over a `std` socket, within 10 seconds in all. The outer error is a
 /// connection failure, the inner one the request's (its channel closed).
 fn admin_request(
+    uri: &str,
     command: impl FnOnce(&mut Connection, ChannelId) -> Result<RequestId, UsageError>,
 ) -> Result<Result<Reply, String>, String> {
     const LIMIT: Duration = Duration::from_secs(10);
-    let options = ConnectOptions::from_uri(&uri()).map_err(|e| e.to_string())?;
+    let options = ConnectOptions::from_uri(uri).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + LIMIT;
     let address = (options.host.as_str(), options.port)
         .to_socket_addrs()
@@ -247,38 +384,11 @@ pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
 /// Erlang pids of the connections whose client properties carry `connection_name` = `name`
 /// (set through [`amqp_rpc_core::ConnectionConfig::connection_name`]).
 pub fn connection_pids(name: &str) -> Result<Vec<String>, String> {
-    let listing = rabbitmqctl(&[
-        "-q",
-        "list_connections",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ])?;
-    // rabbitmqctl prints the property as `{"connection_name","<name>"}`.
-    let needle = format!("{{\"connection_name\",\"{name}\"}}");
-    Ok(listing
-        .lines()
-        .filter(|line| line.contains(&needle))
-        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
-        .collect())
+    Node::main().connection_pids(name)
 }
 
 /// Has the broker close the connection named `name` (as an operator would with
 /// `rabbitmqctl close_connection`). Fails when no such connection is found within 5 s.
 pub fn close_connection_named(name: &str) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let pids = loop {
-        let pids = connection_pids(name)?;
-        if !pids.is_empty() {
-            break pids;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no connection named {name}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for pid in pids {
-        rabbitmqctl(&["close_connection", &pid, "closed by the e2e test"])?;
-    }
-    Ok(())
+    Node::main().close_connection_named(name)
 }

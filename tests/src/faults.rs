@@ -20,7 +20,12 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to the broker of [`uri`], in [`crate::proxy::FaultMode::Pass`].
     pub fn start() -> Self {
-        let options = ConnectOptions::from_uri(&uri()).expect("AMQP_URL does not parse");
+        Self::start_to(&uri())
+    }
+
+    /// Starts a proxy to the broker at `broker_uri`, in [`crate::proxy::FaultMode::Pass`].
+    pub fn start_to(broker_uri: &str) -> Self {
+        let options = ConnectOptions::from_uri(broker_uri).expect("the broker URI does not parse");
         let upstream: SocketAddr = (options.host.as_str(), options.port)
             .to_socket_addrs()
             .ok()
@@ -48,7 +53,11 @@ impl Proxy {
 
     /// Client options that connect through the proxy.
     pub fn client_options(&self, mode: ReplyMode) -> ClientOptions {
-        let mut options = client_options(mode);
+        self.redirect(client_options(mode))
+    }
+
+    /// `options` with the broker's address replaced by the proxy's.
+    pub fn redirect(&self, mut options: ClientOptions) -> ClientOptions {
         let addr = self.local_addr();
         options.connect.host = addr.ip().to_string();
         options.connect.port = addr.port();

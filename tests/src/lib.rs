@@ -9,14 +9,23 @@
 //! - [`servers`]: in-process RPC servers with test handlers (slow, counting);
 //! - [`process`]: child processes (our `e2e-server` bin, the tutorial's pika programs) that are
 //!   killed when their guard drops;
-//! - [`proxy`]: a fault-injecting TCP proxy, and [`faults`] to run it beside any runtime.
+//! - [`proxy`]: a fault-injecting TCP proxy, and [`faults`] to run it beside any runtime;
+//! - [`ledger`]: the fault suite's "nothing lost" checker and the load that feeds it;
+//! - [`node`]: the second RabbitMQ node for faults that would disturb other tests (stopping
+//!   the broker, memory alarms);
+//! - [`states`]: recording a client's connection state changes;
+//! - [`rig`]: a queue, server, client, ledger and state log for one fault case.
 
 pub mod broker;
 pub mod calls;
 pub mod faults;
+pub mod ledger;
+pub mod node;
 pub mod process;
 pub mod proxy;
+pub mod rig;
 pub mod rt;
 pub mod servers;
+pub mod states;
 
 pub use rt::{Smol, TestRuntime, Tokio};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{
-    fib_handler, ClientOptions, ConnectError, HandlerError, ReplyMode, Request, Runtime, Server,
-    ServerHandle, ServerOptions, ServerReport,
+    fib, fib_handler, Backoff, ClientOptions, ConnectError, HandlerError, ReplyMode, Request,
+    Runtime, Server, ServerHandle, ServerOptions, ServerReport,
 };
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
@@ -25,7 +25,12 @@ pub const STOP_LIMIT: Duration = Duration::from_secs(15);
 
 /// Client options for the test broker with `mode`.
 pub fn client_options(mode: ReplyMode) -> ClientOptions {
-    let mut options = ClientOptions::from_uri(&uri()).expect("AMQP_URL does not parse");
+    client_options_at(&uri(), mode)
+}
+
+/// Client options for the broker at `uri` with `mode`.
+pub fn client_options_at(uri: &str, mode: ReplyMode) -> ClientOptions {
+    let mut options = ClientOptions::from_uri(uri).expect("the broker URI does not parse");
     options.rpc.reply_mode = mode;
     options.default_timeout = Duration::from_secs(20);
     options
@@ -33,7 +38,74 @@ pub fn client_options(mode: ReplyMode) -> ClientOptions {
 
 /// Server options for `queue` on the test broker: one worker, prefetch 1, as the tutorial.
 pub fn server_options(queue: &str) -> ServerOptions {
-    ServerOptions::from_uri(&uri(), queue).expect("AMQP_URL does not parse")
+    server_options_at(&uri(), queue)
+}
+
+/// Server options for `queue` on the broker at `uri`: one worker, prefetch 1.
+pub fn server_options_at(uri: &str, queue: &str) -> ServerOptions {
+    ServerOptions::from_uri(uri, queue).expect("the broker URI does not parse")
+}
+
+/// The heartbeat of the fault suite: short, so that a dead peer is found in seconds. (In
+/// production use RabbitMQ's recommended values, 5 to 20 s at the lowest; 1 s here would make
+/// a busy broker drop healthy connections.)
+pub const FAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The reconnect policy of the fault suite: quick first retry, capped at 1 s, so that a
+/// restarted broker is found again within about a second.
+pub fn fault_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(1),
+        ..Backoff::default()
+    }
+}
+
+/// Client options of the fault suite for the broker at `uri`: [`FAULT_HEARTBEAT`],
+/// [`fault_backoff`], a connect timeout of 3 s, and `name` as the connection name (for
+/// `rabbitmqctl close_connection`).
+pub fn fault_client_options(uri: &str, mode: ReplyMode, name: &str) -> ClientOptions {
+    let mut options = client_options_at(uri, mode);
+    options.connect.connection.heartbeat = FAULT_HEARTBEAT;
+    options.connect.connection.connection_name = Some(name.to_owned());
+    options.connect.connect_timeout = Duration::from_secs(3);
+    options.connect.connection.handshake_timeout = Duration::from_secs(3);
+    options.backoff = fault_backoff();
+    options
+}
+
+/// Server options of the fault suite for `queue` at `uri`: like [`fault_client_options`], with
+/// `workers` workers and as much prefetch.
+pub fn fault_server_options(uri: &str, queue: &str, name: &str, workers: u16) -> ServerOptions {
+    let mut options = server_options_at(uri, queue);
+    options.connect.connection.heartbeat = FAULT_HEARTBEAT;
+    options.connect.connection.connection_name = Some(name.to_owned());
+    options.connect.connect_timeout = Duration::from_secs(3);
+    options.connect.connection.handshake_timeout = Duration::from_secs(3);
+    options.backoff = fault_backoff();
+    options.rpc.prefetch = workers.max(1);
+    options.workers = usize::from(workers.max(1));
+    options
+}
+
+/// The Fibonacci service for bodies padded after the number (`"30      …"`, any length): it
+/// answers fib of the leading number, so that requests can be made large.
+pub async fn fib_padded(request: Request) -> Result<Bytes, HandlerError> {
+    let digits = request
+        .body
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let n = std::str::from_utf8(&request.body[..digits.min(3)])
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok());
+    match n.and_then(fib) {
+        Some(value) => Ok(Bytes::from(value.to_string())),
+        None => Err(HandlerError::Rejected {
+            code: "invalid_request".into(),
+            message: "expected a number from 0 to 186 first".into(),
+        }),
+    }
 }
 
 /// The future a boxed handler returns.
@@ -91,6 +163,11 @@ impl Hold {
     /// Lets held requests (and later ones) go.
     pub fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds later requests again (until the next [`Hold::release`]).
+    pub fn hold_again(&self) {
+        self.released.store(false, Ordering::SeqCst);
     }
 
     async fn wait<R: Runtime>(&self) {
@@ -192,6 +269,16 @@ impl TestServer {
     /// Waits until the server is consuming again (after a reconnect), at most `limit`.
     pub async fn wait_ready_again<R: Runtime>(&mut self, limit: Duration) {
         within::<R, _>(limit, "server consuming again", self.ready.next()).await;
+    }
+
+    /// How many times the server started consuming again since the last look (after a
+    /// reconnect or a broker-sent cancel); never waits.
+    pub fn times_ready_again(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(()) = self.ready.try_recv() {
+            n += 1;
+        }
+        n
     }
 
     /// Shuts the server down gracefully and returns its report (at most [`STOP_LIMIT`]).

@@ -160,6 +160,9 @@ struct Call {
     deadline: Instant,
     wall_deadline: UnixMillis,
     sent: bool,
+    /// Whether it was ever published (an idempotent call waiting to be sent again was): a
+    /// server may have run it, whatever happens next.
+    published: bool,
 }
 
 /// How a call ended, remembered for a while to tell duplicate replies from late ones.
@@ -420,6 +423,7 @@ impl RpcClient {
             wall_deadline: UnixMillis(wall.0.saturating_add(timeout_ms)),
             request,
             sent: false,
+            published: false,
         };
         self.deadlines.insert((call.deadline, id));
         self.calls.insert(id, call);
@@ -451,7 +455,8 @@ impl RpcClient {
     /// will not reconnect.
     pub fn abandon(&mut self) {
         for id in std::mem::take(&mut self.held) {
-            self.end(id, Err(RpcError::ConnectionLost { sent: false }));
+            let sent = self.calls.get(&id).is_some_and(|c| c.published);
+            self.end(id, Err(RpcError::ConnectionLost { sent }));
         }
     }
 
@@ -740,7 +745,13 @@ impl RpcClient {
         // No budget left (a zero timeout, or bytes handled after the deadline but before the
         // timer): publishing now could only make the call "may have run" for nothing.
         if call.deadline <= now {
-            return Gate::Fail(RpcError::Expired);
+            // A call published before (an idempotent one waiting to be sent again) may have
+            // run.
+            return Gate::Fail(if call.published {
+                RpcError::TimedOut
+            } else {
+                RpcError::Expired
+            });
         }
         if !self.is_ready()
             || self.conn.is_blocked()
@@ -852,6 +863,7 @@ impl RpcClient {
         ) {
             Ok(_) => {
                 call.sent = true;
+                call.published = true;
                 self.stats.requests_sent += 1;
             }
             // The body does not fit in a frame or a header is too large: nothing was sent.
@@ -894,7 +906,7 @@ impl RpcClient {
             if deadline > now {
                 break;
             }
-            let sent = self.calls.get(&id).is_some_and(|c| c.sent);
+            let sent = self.calls.get(&id).is_some_and(|c| c.published);
             self.end(
                 id,
                 Err(if sent {
