@@ -182,3 +182,14 @@ pub fn python() -> &'static str {
 pub fn interop_script(name: &str) -> String {
     format!("{}/interop/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// For a child process of a test: exits the process as soon as its stdin closes, which happens
+/// when the test that spawned it ends, however it ends.
+pub fn exit_when_stdin_closes() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+}

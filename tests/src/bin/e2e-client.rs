@@ -6,7 +6,7 @@
 //! stdin closes, so that it never outlives the test that started it. Uses `AMQP_URL` or the
 //! default URI.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -95,12 +95,7 @@ fn main() -> ExitCode {
         }
     };
     // Never outlive the test: it holds our stdin open and its end closes it.
-    std::thread::spawn(|| {
-        let mut sink = [0u8; 256];
-        let mut stdin = std::io::stdin();
-        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-        std::process::exit(0);
-    });
+    e2e_tests::process::exit_when_stdin_closes();
     match args.transport.as_str() {
         "tokio" => Tokio::block_on(run::<Tokio>(args)),
         "smol" => Smol::block_on(run::<Smol>(args)),

@@ -6,7 +6,7 @@
 //! a request starts, before waiting `--slow-ms` and answering. Exits when its stdin closes, so
 //! that it never outlives the test that started it. Uses `AMQP_URL` or the default URI.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -105,12 +105,7 @@ fn main() -> ExitCode {
         }
     };
     // Never outlive the test: it holds our stdin open and its end closes it.
-    std::thread::spawn(|| {
-        let mut sink = [0u8; 256];
-        let mut stdin = std::io::stdin();
-        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-        std::process::exit(0);
-    });
+    e2e_tests::process::exit_when_stdin_closes();
     match args.transport.as_str() {
         "tokio" => Tokio::block_on(serve::<Tokio>(args)),
         "smol" => Smol::block_on(serve::<Smol>(args)),
