@@ -119,8 +119,6 @@ impl Drop for ReplyToken {
 pub enum ServerEvent {
     /// Consuming the request queue (again, after a reconnect or a cancel).
     Ready,
-    /// Requests are buffered: call [`RpcServer::poll_request`].
-    RequestsWaiting,
     /// A reply handle was dropped unanswered; the request went back to the broker
     /// (requeued once, then dropped, so that a request that kills its handler cannot loop).
     Abandoned {
@@ -254,9 +252,10 @@ impl RpcServer {
         self.conn.poll_timeout()
     }
 
-    /// Takes the next request to run off the prefetch buffer. Requests without `reply_to`, or
-    /// whose deadline (`wall` is the wall clock now) has passed, are acked and dropped on the
-    /// way, never returned.
+    /// Takes the next request to run off the prefetch buffer. Call it after every input, as
+    /// long as workers are free (deliveries raise no event of their own). Requests without
+    /// `reply_to`, or whose deadline (`wall` is the wall clock now) has passed, are acked and
+    /// dropped on the way, never returned.
     pub fn poll_request(&mut self, now: Instant, wall: UnixMillis) -> Option<Request> {
         self.collect_abandoned(now);
         while let Some(delivery) = self.buffer.pop_front() {
@@ -471,7 +470,6 @@ impl RpcServer {
                         .reject(delivery.channel, delivery.delivery_tag, true);
                 } else {
                     self.buffer.push_back(delivery);
-                    self.events.push_back(ServerEvent::RequestsWaiting);
                 }
             }
             Event::ContentTooLarge {
