@@ -13,8 +13,11 @@ use futures_channel::oneshot;
 
 use crate::client::{CallError, Client, ClientOptions};
 use crate::options::DEFAULT_URI;
-use crate::server::{Request, Server, ServerOptions, SHUTDOWN_GRACE};
+use crate::server::{Request, Server, ServerOptions};
 use crate::{RpcError, Runtime};
+
+/// How long the `server` program lets a graceful shutdown take before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The largest n whose Fibonacci number fits in a u128 (fib(186) ≈ 3.3 × 10^38).
 pub const FIB_MAX: u32 = 186;

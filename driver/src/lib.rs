@@ -24,7 +24,7 @@ pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};
 pub use options::{ConnectError, ConnectOptions, DEFAULT_URI};
 pub use reconnect::Backoff;
-pub use server::{Request, Server, ServerHandle, ServerOptions, ServerReport, SHUTDOWN_GRACE};
+pub use server::{Request, Server, ServerHandle, ServerOptions, ServerReport};
 pub use state::ConnectionState;
 
 /// What a transport supplies: sockets, timers and tasks of one async runtime.

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
@@ -292,6 +292,3 @@ where
         self.last_error.as_ref()
     }
 }
-
-/// How long the `server` program lets a graceful shutdown take before it exits anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
