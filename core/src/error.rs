@@ -239,6 +239,14 @@ pub enum UsageError {
     },
     /// A method or content header (with its tables) does not fit in the negotiated frame_max.
     FrameTooLarge,
+    /// A message body is larger than the broker accepts
+    /// ([`crate::ConnectionConfig::max_message_size`]).
+    MessageTooLarge {
+        /// The body's size in bytes.
+        size: u64,
+        /// The configured limit in bytes.
+        limit: u64,
+    },
     /// The connection is already closing.
     Closing,
     /// The RPC client already has as many calls in flight as its configured limit.
@@ -264,6 +272,10 @@ impl fmt::Display for UsageError {
                 )
             }
             UsageError::FrameTooLarge => f.write_str("method or header exceeds frame_max"),
+            UsageError::MessageTooLarge { size, limit } => write!(
+                f,
+                "message body of {size} bytes exceeds the broker's max_message_size of {limit}"
+            ),
             UsageError::Closing => f.write_str("connection is closing"),
             UsageError::TooManyCalls { limit } => write!(f, "{limit} calls already in flight"),
             UsageError::ShutDown => f.write_str("shut down"),

@@ -68,6 +68,11 @@ pub struct ConnectionConfig {
     /// Largest message body we accept; a larger delivery is skipped without being buffered and
     /// reported as [`crate::Event::ContentTooLarge`].
     pub max_body_size: u64,
+    /// Largest message body the broker accepts (RabbitMQ's `max_message_size`, 128 MiB by
+    /// default since 3.8). [`crate::Connection::publish`] refuses a larger body with
+    /// [`crate::UsageError::MessageTooLarge`] instead of sending it: the broker would close the
+    /// whole channel with 406 PRECONDITION_FAILED, taking every other publish on it along.
+    pub max_message_size: u64,
     /// Shown in the RabbitMQ management UI and `rabbitmqctl list_connections name`.
     pub connection_name: Option<String>,
 }
@@ -83,6 +88,7 @@ impl Default for ConnectionConfig {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             max_body_size: 16 * 1024 * 1024,
+            max_message_size: 128 * 1024 * 1024,
             connection_name: None,
         }
     }

@@ -599,6 +599,13 @@ impl Connection {
         body: &[u8],
     ) -> Result<Option<DeliveryTag>, UsageError> {
         self.channel_for_command(channel)?;
+        let size = u64::try_from(body.len()).unwrap_or(u64::MAX);
+        if size > self.config.max_message_size {
+            return Err(UsageError::MessageTooLarge {
+                size,
+                limit: self.config.max_message_size,
+            });
+        }
         let method = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
             exchange: short("exchange", exchange)?,
             routing_key: short("routing key", routing_key)?,

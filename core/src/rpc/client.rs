@@ -866,8 +866,9 @@ impl RpcClient {
                 call.published = true;
                 self.stats.requests_sent += 1;
             }
-            // The body does not fit in a frame or a header is too large: nothing was sent.
-            Err(UsageError::FrameTooLarge) => self.end(
+            // The body is above the broker's limit or a header does not fit in a frame:
+            // nothing was sent.
+            Err(UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. }) => self.end(
                 id,
                 Err(RpcError::Rejected {
                     code: "request_too_large".into(),
