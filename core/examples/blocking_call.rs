@@ -13,7 +13,9 @@ use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amqp_rpc_core::rpc::{CallRequest, ClientConfig, ClientEvent, RpcClient, UnixMillis};
+use amqp_rpc_core::rpc::{
+    CallRequest, ClientConfig, ClientEvent, CorrelationKey, RpcClient, UnixMillis,
+};
 use amqp_rpc_core::ConnectionConfig;
 
 // The core never reads a clock; its driver does.
@@ -48,11 +50,10 @@ fn main() -> ExitCode {
 fn run(addr: &str, n: &str) -> Result<String, Box<dyn std::error::Error>> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
-    let prefix = uuid::Uuid::new_v4().simple().to_string();
     let mut client = RpcClient::new(
         ClientConfig::default(),
         ConnectionConfig::default(),
-        &prefix,
+        CorrelationKey::random(),
         now(),
     );
     let mut answer: Option<Result<String, String>> = None;

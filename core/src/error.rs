@@ -146,6 +146,15 @@ pub enum ConnectionError {
     HeartbeatTimedOut,
     /// The byte stream ended (the socket closed or failed) without a close handshake.
     ConnectionLost,
+    /// The broker refused, again and again, to set up the RPC client's reply path (e.g. 403
+    /// ACCESS_REFUSED on the exclusive reply queue's `queue.declare`), so the client gave the
+    /// connection up. Carries the broker's last words.
+    ReplyPathRefused {
+        /// The reply code of the `channel.close`.
+        code: ReplyCode,
+        /// Its reply text.
+        text: String,
+    },
 }
 
 impl fmt::Display for ConnectionError {
@@ -174,6 +183,9 @@ impl fmt::Display for ConnectionError {
                 f.write_str("no data from server for two heartbeat intervals")
             }
             ConnectionError::ConnectionLost => f.write_str("connection lost"),
+            ConnectionError::ReplyPathRefused { code, text } => {
+                write!(f, "broker refused the reply path ({code}): {text}")
+            }
         }
     }
 }
@@ -256,6 +268,12 @@ pub enum UsageError {
     },
     /// The RPC client or server was shut down.
     ShutDown,
+    /// A request's `user_id` property is not the connection's user: RabbitMQ would refuse the
+    /// publish with 406 and close the channel (RabbitMQ "Validated User-ID").
+    UserIdMismatch {
+        /// The `user_id` the request carried.
+        user_id: String,
+    },
 }
 
 impl fmt::Display for UsageError {
@@ -279,6 +297,10 @@ impl fmt::Display for UsageError {
             UsageError::Closing => f.write_str("connection is closing"),
             UsageError::TooManyCalls { limit } => write!(f, "{limit} calls already in flight"),
             UsageError::ShutDown => f.write_str("shut down"),
+            UsageError::UserIdMismatch { user_id } => write!(
+                f,
+                "user_id {user_id:?} is not the connection's user; the broker would refuse it"
+            ),
         }
     }
 }
@@ -319,6 +341,18 @@ pub enum RpcError {
         /// Human-readable message from the body.
         message: String,
     },
+    /// The broker refused the request before routing it (e.g. 404: its exchange does not
+    /// exist), with the broker's reply code and text. Never ran.
+    Refused {
+        /// The broker's reply code.
+        code: ReplyCode,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// The request was sent, and then the path its reply would come back on was lost: the
+    /// broker cancelled the reply consumer (its queue was deleted, its node went away) or
+    /// closed its channel. The client arms a new reply path at once. May have run.
+    ReplyPathLost,
 }
 
 impl RpcError {
@@ -328,9 +362,10 @@ impl RpcError {
             RpcError::NotRouted
             | RpcError::NoServers
             | RpcError::Expired
-            | RpcError::Rejected { .. } => false,
+            | RpcError::Rejected { .. }
+            | RpcError::Refused { .. } => false,
             RpcError::ConnectionLost { sent } => *sent,
-            RpcError::TimedOut | RpcError::Remote { .. } => true,
+            RpcError::TimedOut | RpcError::Remote { .. } | RpcError::ReplyPathLost => true,
         }
     }
 }
@@ -353,6 +388,12 @@ impl fmt::Display for RpcError {
             RpcError::Remote { code, message } => write!(f, "server error {code}: {message}"),
             RpcError::Rejected { code, message } => {
                 write!(f, "request rejected ({code}): {message}")
+            }
+            RpcError::Refused { code, text } => {
+                write!(f, "broker refused the request ({code}): {text}")
+            }
+            RpcError::ReplyPathLost => {
+                f.write_str("reply path lost after the request was sent (it may have run)")
             }
         }
     }

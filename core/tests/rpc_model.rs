@@ -36,7 +36,10 @@ use support::broker::Broker;
 use support::rpc::*;
 
 const Q: &str = "rpc";
-const PREFIX: &str = "model";
+/// The correlation id the client under test gives call `n`.
+fn corr_id(n: u64) -> String {
+    sim_key().issue(CallId(n)).to_string()
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -86,6 +89,8 @@ struct MCall {
     sent_on: Option<u64>,
     /// Whether it was ever published: an idempotent call waiting to be sent again may have run.
     published: bool,
+    /// Reply-path channel losses it was sent again after (at most two).
+    channel_losses: u32,
 }
 
 /// A request as the server holds it.
@@ -171,7 +176,30 @@ impl Model {
         }
     }
 
-    /// The reply path died: sent calls end `ConnectionLost { sent: true }`, idempotent ones
+    /// The reply path died with its channel (the connection lives): sent calls end
+    /// `ReplyPathLost`, idempotent ones with time left wait to be sent again, at most twice.
+    fn lose_channel(&mut self, now: Instant) {
+        self.incarnation += 1;
+        self.client.reply_path_rearmed += 1;
+        let sent: Vec<CallId> = self
+            .pending
+            .iter()
+            .filter(|(_, c)| c.sent_on.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in sent {
+            let call = self.pending.get_mut(&id).expect("listed above");
+            if call.idempotent && call.deadline > now && call.channel_losses < 2 {
+                call.sent_on = None;
+                call.channel_losses += 1;
+                self.held.push_back(id);
+            } else {
+                self.end(id, Err(RpcError::ReplyPathLost));
+            }
+        }
+    }
+
+    /// The connection died: sent calls end `ConnectionLost { sent: true }`, idempotent ones
     /// with time left wait to be sent again.
     fn lose_path(&mut self, now: Instant) {
         self.incarnation += 1;
@@ -266,8 +294,7 @@ fn reply_outcome(call: CallId, kind: u8) -> (Result<Bytes, HandlerError>, Outcom
 
 /// The wire form of a reply, for replaying one by hand (documented in `amqp_rpc_core::rpc`).
 fn reply_message(call: CallId, kind: u8) -> (BasicProperties, Bytes) {
-    let props = BasicProperties::default()
-        .with_correlation_id(ShortString::from(format!("{PREFIX}.{}", call.0)));
+    let props = BasicProperties::default().with_correlation_id(ShortString::from(corr_id(call.0)));
     match reply_outcome(call, kind).0 {
         Ok(body) => (props, body),
         Err(HandlerError::Failed { code, message })
@@ -319,7 +346,7 @@ impl Harness {
             ..client_config(mode)
         };
         let mut client = Wire::new(
-            RpcClient::new(config, conn_config(), PREFIX, base),
+            RpcClient::new(config, conn_config(), sim_key(), base),
             &mut broker,
         );
         client.chunk = chunk;
@@ -446,6 +473,7 @@ impl Harness {
                         idempotent,
                         sent_on: None,
                         published: false,
+                        channel_losses: 0,
                     },
                 );
                 if timeout_ms == 0 {
@@ -475,7 +503,7 @@ impl Harness {
                         let corr = request.properties.correlation_id().clone();
                         assert_eq!(
                             corr.as_ref().map(|c| c.as_str().to_owned()),
-                            Some(format!("{PREFIX}.{}", req.call.0))
+                            Some(corr_id(req.call.0))
                         );
                         self.tokens.push((req, request));
                     }
@@ -549,12 +577,10 @@ impl Harness {
                 let props = BasicProperties::default();
                 let props = match kind {
                     0 => props.with_correlation_id(ShortString::from("someone-else.1")),
-                    1 => props.with_correlation_id(ShortString::from(format!(
-                        "{PREFIX}.{}",
-                        self.model.next_id + 1000
-                    ))),
+                    1 => props
+                        .with_correlation_id(ShortString::from(corr_id(self.model.next_id + 1000))),
                     2 => props,
-                    _ => props.with_correlation_id(ShortString::from(format!("{PREFIX}.x"))),
+                    _ => props.with_correlation_id(ShortString::from("1.x".to_owned())),
                 };
                 assert!(self.broker.publish(&addresses[0], props, b"?"));
                 self.model.client.replies_unknown += 1;
@@ -594,7 +620,7 @@ impl Harness {
                 assert_eq!(chans.len(), 1, "one reply channel: {chans:?}");
                 self.broker
                     .close_channel(self.client.conn, chans[0], 406, "PRECONDITION_FAILED");
-                self.model.lose_path(now);
+                self.model.lose_channel(now);
                 // The client re-arms at once and sends what waits.
                 self.model.flush();
                 self.settle();

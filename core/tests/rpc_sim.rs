@@ -45,7 +45,7 @@ impl Sim {
         // The queue exists before anyone serves it (as after a first server's declare).
         broker.declare(Q);
         let client = Wire::new(
-            RpcClient::new(config, conn_config(), "0f8e1c2a", base),
+            RpcClient::new(config, conn_config(), sim_key(), base),
             &mut broker,
         );
         let servers = (0..servers)
@@ -234,7 +234,7 @@ fn many_calls_in_flight_round_trip_in_both_modes() {
                 settle(&mut broker, base, &mut [&mut a[0], &mut b[0]]);
             }
             let mut client = Wire::new(
-                RpcClient::new(client_config(mode), conn_config(), "p", base),
+                RpcClient::new(client_config(mode), conn_config(), sim_key(), base),
                 &mut broker,
             );
             client.chunk = chunk;
@@ -728,7 +728,7 @@ fn held_call_goes_out_after_reconnect() {
     }
 }
 
-/// Losing the reply channel ends sent calls (`ConnectionLost { sent: true }`) at once; the
+/// Losing the reply channel ends sent calls (`ReplyPathLost`: may have run) at once; the
 /// client re-arms its reply path on a new channel and later calls work.
 #[test]
 fn channel_loss_ends_sent_calls_and_rearms() {
@@ -740,7 +740,7 @@ fn channel_loss_ends_sent_calls_and_rearms() {
         sim.broker
             .close_channel(conn, ch, 406, "PRECONDITION_FAILED");
         sim.settle();
-        assert_eq!(*err(sim.result(a)), RpcError::ConnectionLost { sent: true });
+        assert_eq!(*err(sim.result(a)), RpcError::ReplyPathLost);
         assert!(sim.client.m.is_ready());
         assert_ne!(sim.reply_channel(), ch);
         let b = sim.call("b", 5000);
@@ -749,6 +749,124 @@ fn channel_loss_ends_sent_calls_and_rearms() {
         assert_eq!(ok_body(sim.result(b)), b"re:b");
         assert_eq!(sim.ended.len(), 2);
     }
+}
+
+/// The broker cancels the reply consumer (the exclusive reply queue was deleted, RabbitMQ
+/// "Consumer Cancel Notification"): calls waiting on that path end at once as may-have-run,
+/// the path is armed again (a new queue), and the next call succeeds, on the same connection.
+#[test]
+fn broker_cancel_of_the_reply_consumer_ends_waiting_calls_and_rearms() {
+    let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 5);
+    let waiting = sim.call("a", 60_000);
+    let idempotent = sim.call_with(CallRequest {
+        idempotent: true,
+        ..CallRequest::new(Q, "i", Duration::from_secs(60))
+    });
+    let old = sim.broker.reply_addresses(sim.client.conn);
+    assert_eq!(old.len(), 1);
+    sim.broker.delete(&old[0]);
+    sim.settle();
+    // Ended at once, not at the 60 s deadline.
+    assert_eq!(*err(sim.result(waiting)), RpcError::ReplyPathLost);
+    assert!(err(sim.result(waiting)).may_have_run());
+    assert!(sim.client.m.is_ready());
+    let new = sim.broker.reply_addresses(sim.client.conn);
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old);
+    let next = sim.call("b", 1000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(next)), b"re:b");
+    // The idempotent call was sent again on the new path and answered.
+    assert_eq!(ok_body(sim.result(idempotent)), b"re:i");
+    assert_eq!(sim.client.m.stats().reply_path_rearmed, 1);
+    assert!(sim.client.up, "no reconnect");
+}
+
+/// One bad call among many: a call to an exchange that does not exist ends alone, with the
+/// broker's 404 and its words, before anything is published; the calls around it are answered.
+#[test]
+fn a_call_to_a_missing_exchange_ends_alone() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 64);
+        let good: Vec<CallId> = (0..8).map(|i| sim.call(&i.to_string(), 5000)).collect();
+        let bad = sim.call_with(CallRequest {
+            exchange: "no-such-exchange".into(),
+            ..CallRequest::new(Q, "bad", Duration::from_secs(5))
+        });
+        let more: Vec<CallId> = (8..16).map(|i| sim.call(&i.to_string(), 5000)).collect();
+        sim.serve_all(0);
+        match err(sim.result(bad)) {
+            RpcError::Refused { code, text } => {
+                assert_eq!(code.0, 404);
+                assert!(text.contains("no-such-exchange"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!err(sim.result(bad)).may_have_run());
+        for (i, id) in good.iter().chain(&more).enumerate() {
+            assert_eq!(ok_body(sim.result(*id)), format!("re:{i}").as_bytes());
+        }
+        assert_eq!(sim.client.m.stats().reply_path_rearmed, 0);
+        assert!(sim.client.up, "no reconnect");
+    }
+}
+
+/// What the broker would refuse by closing the channel is refused at the call site, with
+/// nothing sent: a body above `max_message_size`, a `user_id` that is not ours.
+#[test]
+fn calls_the_broker_would_refuse_are_refused_before_sending() {
+    let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 5);
+    let now = sim.now;
+    let wall = sim.wall();
+    let limit = conn_config().max_message_size;
+    let big = vec![0u8; usize::try_from(limit).unwrap() + 1];
+    assert_eq!(
+        sim.client
+            .m
+            .call(now, wall, CallRequest::new(Q, big, Duration::from_secs(1))),
+        Err(UsageError::MessageTooLarge {
+            size: limit + 1,
+            limit
+        })
+    );
+    let mut request = CallRequest::new(Q, "x", Duration::from_secs(1));
+    request.properties = BasicProperties::default().with_user_id(ShortString::from("mallory"));
+    assert_eq!(
+        sim.client.m.call(now, wall, request),
+        Err(UsageError::UserIdMismatch {
+            user_id: "mallory".into()
+        })
+    );
+    assert_eq!(sim.client.m.stats().calls_started, 0);
+}
+
+/// A caller that gives up cancels its call: the slot is free at once, nothing is reported for
+/// it, and its reply, when it comes, is counted as late and never delivered.
+#[test]
+fn a_cancelled_call_frees_its_slot_and_its_reply_is_late() {
+    let config = ClientConfig {
+        max_in_flight: 1,
+        ..client_config(ReplyMode::ExclusiveQueue)
+    };
+    let mut sim = Sim::new(config, 1, 5);
+    for _ in 0..10_000 {
+        let id = sim.call("dropped", 60_000);
+        assert!(sim.client.m.cancel(id));
+        assert!(!sim.client.m.cancel(id), "cancelled once");
+    }
+    assert_eq!(sim.client.m.in_flight(), 0);
+    let next = sim.call("kept", 1000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(next)), b"re:kept");
+    let stats = sim.client.m.stats();
+    assert_eq!(stats.calls_cancelled, 10_000);
+    assert_eq!(sim.ended.len(), 1, "cancelled calls raise no event");
+    // Every cancelled request that reached the server was answered and counted late.
+    assert_eq!(
+        stats.replies_late + stats.replies_duplicate + stats.replies_unknown,
+        stats.requests_sent - 1
+    );
+    assert_eq!(stats.replies_duplicate + stats.replies_unknown, 0);
 }
 
 /// An idempotent call is sent again after a connection loss instead of failing.
@@ -831,9 +949,13 @@ fn late_duplicate_and_unknown_replies_are_counted_not_delivered() {
         assert!(sim
             .broker
             .publish(&addr, reply(Some("someone-else.1")), b"?"));
-        assert!(sim.broker.publish(&addr, reply(Some("0f8e1c2a.99")), b"?"));
+        assert!(sim.broker.publish(
+            &addr,
+            reply(Some(sim_key().issue(CallId(99)).as_str())),
+            b"?"
+        ));
         assert!(sim.broker.publish(&addr, reply(None), b"?"));
-        assert!(sim.broker.publish(&addr, reply(Some("0f8e1c2a.x")), b"?"));
+        assert!(sim.broker.publish(&addr, reply(Some("1.x")), b"?"));
         // Late.
         let late = sim.call("y", 100);
         let req = sim.take(0).unwrap();
@@ -878,58 +1000,80 @@ fn calls_in_flight_are_bounded() {
     assert_eq!(sim.client.m.in_flight(), 2);
 }
 
-/// Correlation ids are `prefix.counter` and always fit a short string, even for an absurd
-/// prefix of multi-byte characters.
+/// Correlation ids fit a short string, are distinct, and cannot be predicted: whoever sees
+/// the id of one call (a server, anyone reading the request queue) and forges the next one by
+/// counting up any number in it cannot answer that call. The forged replies are counted as
+/// unknown and the call gets its real reply.
 #[test]
-fn correlation_ids_fit_a_short_string() {
-    let base = base_instant();
-    let mut broker = Broker::new();
-    broker.declare(Q);
-    let prefix = "é".repeat(200);
-    let mut client = Wire::new(
-        RpcClient::new(
-            client_config(ReplyMode::ExclusiveQueue),
-            conn_config(),
-            &prefix,
-            base,
-        ),
-        &mut broker,
-    );
-    let mut server = Wire::new(
-        RpcServer::new(server_config(Q, 5), conn_config(), base),
-        &mut broker,
-    );
-    settle(&mut broker, base, &mut [&mut client, &mut server]);
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(
-            client
-                .m
-                .call(
-                    base,
-                    wall(base, base),
-                    CallRequest::new(Q, "x", Duration::from_secs(1)),
-                )
-                .unwrap(),
+fn correlation_ids_cannot_be_forged_from_earlier_ones() {
+    for mode in MODES {
+        let mut sim = Sim::with_mode(mode, 1, 5);
+        let addr = sim.broker.reply_addresses(sim.client.conn)[0].clone();
+        let first = sim.call("a", 1000);
+        let req = sim.take(0).unwrap();
+        let seen = req.properties.correlation_id().clone().unwrap();
+        assert!(seen.as_str().len() <= 255);
+        sim.reply(0, req, Ok(Bytes::from("a")));
+        assert_eq!(ok_body(sim.result(first)), b"a");
+
+        let next = sim.call("b", 1000);
+        let forged = forge_next(seen.as_str());
+        assert!(!forged.is_empty());
+        for id in &forged {
+            let props =
+                BasicProperties::default().with_correlation_id(ShortString::from(id.as_str()));
+            assert!(sim.broker.publish(&addr, props, b"forged"));
+        }
+        sim.settle();
+        assert!(sim.is_pending(next), "a forged reply ended the call");
+        let req = sim.take(0).unwrap();
+        let real = req.properties.correlation_id().clone().unwrap();
+        assert_ne!(real, seen, "distinct ids");
+        assert!(
+            !forged.contains(&real.to_string()),
+            "{real} was predictable"
         );
+        sim.reply(0, req, Ok(Bytes::from("b")));
+        assert_eq!(ok_body(sim.result(next)), b"b");
+        assert_eq!(sim.client.m.stats().replies_unknown, forged.len() as u64);
     }
-    settle(&mut broker, base, &mut [&mut client, &mut server]);
-    let mut seen = Vec::new();
-    while let Some(req) = server.m.poll_request(base, wall(base, base)) {
-        let corr = req.properties.correlation_id().clone().unwrap();
-        assert!(corr.as_str().len() <= 255);
-        assert!(prefix.starts_with(corr.as_str().rsplit_once('.').unwrap().0));
-        seen.push(corr.to_string());
-        server.m.reply(base, req.token, Ok(Bytes::new()));
+}
+
+/// Every id an attacker would try after seeing `id`: each run of decimal or hex digits in it
+/// counted up by one to ten.
+fn forge_next(id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = id.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_hexdigit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_hexdigit() {
+            i += 1;
+        }
+        let run = &id[start..i];
+        for step in 1..=10u64 {
+            let mut candidates = Vec::new();
+            if let Ok(n) = run.parse::<u64>() {
+                candidates.push((n + step).to_string());
+            }
+            if run.len() <= 16 {
+                if let Ok(n) = u64::from_str_radix(run, 16) {
+                    candidates.push(format!("{:0width$x}", n + step, width = run.len()));
+                }
+            }
+            for c in candidates {
+                out.push(format!("{}{}{}", &id[..start], c, &id[i..]));
+            }
+        }
     }
-    seen.dedup();
-    assert_eq!(seen.len(), 3, "distinct ids");
-    settle(&mut broker, base, &mut [&mut client, &mut server]);
-    let ended: Vec<_> = client_events(&mut client.m)
-        .into_iter()
-        .filter(|e| matches!(e, ClientEvent::CallEnded { result: Ok(_), .. }))
-        .collect();
-    assert_eq!(ended.len(), 3);
+    out.sort();
+    out.dedup();
+    out.retain(|f| f != id);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientConfig, ClientEvent, RpcClient, RpcReply, UnixMillis,
+    CallId, CallRequest, ClientConfig, ClientEvent, CorrelationKey, RpcClient, RpcReply, UnixMillis,
 };
 use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 use bytes::Bytes;
@@ -95,23 +96,62 @@ impl From<RpcError> for CallError {
     }
 }
 
+/// Names a call between a caller and the driver task, before the machine gives it a
+/// [`CallId`]: the caller picks it, so that a caller that gives up can say which call it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct CallKey(u64);
+
 // `Call` is the hot variant and `Close` happens once: boxing the request to shrink the enum
 // would cost an allocation per call.
 #[allow(clippy::large_enum_variant)]
 enum Command {
     Call {
+        key: CallKey,
         request: CallRequest,
         reply: oneshot::Sender<Result<RpcReply, CallError>>,
+    },
+    /// The caller dropped its future: the call is cancelled and its slot freed.
+    Cancel {
+        key: CallKey,
     },
     Close {
         done: oneshot::Sender<()>,
     },
 }
 
+/// Cancels its call when dropped before [`CancelOnDrop::disarm`]: dropping a call's future
+/// (a `select!` with a timeout, a cancelled task) means the caller gave up.
+struct CancelOnDrop {
+    commands: mpsc::Sender<Command>,
+    key: CallKey,
+    armed: bool,
+}
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            // A fresh clone of the sender has a slot of its own in the channel (futures'
+            // bounded mpsc: capacity is buffer + number of senders), so this succeeds unless
+            // the driver is gone, and then there is nothing to cancel.
+            let _ = self
+                .commands
+                .clone()
+                .try_send(Command::Cancel { key: self.key });
+        }
+    }
+}
+
 /// An RPC client. Clone it freely: every clone talks to the same connection, and many tasks
 /// may call at once.
 pub struct Client<R: Runtime> {
     commands: mpsc::Sender<Command>,
+    next_key: Arc<AtomicU64>,
     state: Arc<StateCell>,
     default_timeout: Duration,
     _runtime: PhantomData<fn() -> R>,
@@ -121,6 +161,7 @@ impl<R: Runtime> Clone for Client<R> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
+            next_key: Arc::clone(&self.next_key),
             state: Arc::clone(&self.state),
             default_timeout: self.default_timeout,
             _runtime: PhantomData,
@@ -154,6 +195,7 @@ impl<R: Runtime> Client<R> {
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
                 commands: tx,
+                next_key: Arc::new(AtomicU64::new(0)),
                 state,
                 default_timeout,
                 _runtime: PhantomData,
@@ -170,14 +212,30 @@ impl<R: Runtime> Client<R> {
     }
 
     /// Makes a call with every option: exchange, routing key, timeout, properties, idempotence.
+    ///
+    /// Dropping the returned future before it completes cancels the call: its slot among the
+    /// [`ClientConfig::max_in_flight`] is free at once, and a reply that comes later is dropped
+    /// (counted as late). The request may still run on a server if it was already sent.
     pub async fn call_with(&self, request: CallRequest) -> Result<RpcReply, CallError> {
         let (reply, rx) = oneshot::channel();
-        let mut commands = self.commands.clone();
-        commands
-            .send(Command::Call { request, reply })
+        let key = CallKey(self.next_key.fetch_add(1, Ordering::Relaxed));
+        let mut guard = CancelOnDrop {
+            commands: self.commands.clone(),
+            key,
+            armed: true,
+        };
+        guard
+            .commands
+            .send(Command::Call {
+                key,
+                request,
+                reply,
+            })
             .await
             .map_err(|_| CallError::Closed)?;
-        rx.await.unwrap_or(Err(CallError::Closed))
+        let result = rx.await.unwrap_or(Err(CallError::Closed));
+        guard.disarm();
+        result
     }
 
     /// The connection's state now.
@@ -211,7 +269,9 @@ pub(crate) fn wall_now() -> UnixMillis {
 
 /// The driver task's side: callers waiting for their calls.
 struct Callers {
-    pending: HashMap<CallId, oneshot::Sender<Result<RpcReply, CallError>>>,
+    pending: HashMap<CallId, (CallKey, oneshot::Sender<Result<RpcReply, CallError>>)>,
+    /// The machine's id of each pending call, by the caller's key.
+    keys: HashMap<CallKey, CallId>,
     ready: Option<oneshot::Sender<Result<(), ConnectError>>>,
     closing: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
@@ -260,7 +320,8 @@ impl Handler<RpcClient> for Callers {
                     }
                 }
                 ClientEvent::CallEnded { call, result } => {
-                    if let Some(tx) = self.pending.remove(&call) {
+                    if let Some((key, tx)) = self.pending.remove(&call) {
+                        self.keys.remove(&key);
                         // The caller may have given up (dropped its future); nothing to do then.
                         let _ = tx.send(result.map_err(CallError::Rpc));
                     }
@@ -284,9 +345,14 @@ impl Handler<RpcClient> for Callers {
 
     fn on_command(&mut self, machine: &mut RpcClient, now: Instant, command: Command) {
         match command {
-            Command::Call { request, reply } => match machine.call(now, wall_now(), request) {
+            Command::Call {
+                key,
+                request,
+                reply,
+            } => match machine.call(now, wall_now(), request) {
                 Ok(id) => {
-                    self.pending.insert(id, reply);
+                    self.pending.insert(id, (key, reply));
+                    self.keys.insert(key, id);
                 }
                 Err(UsageError::TooManyCalls { limit }) => {
                     let _ = reply.send(Err(CallError::TooManyCalls { limit }));
@@ -298,6 +364,13 @@ impl Handler<RpcClient> for Callers {
                     let _ = reply.send(Err(CallError::Invalid(e)));
                 }
             },
+            Command::Cancel { key } => {
+                // Unknown when the call ended before the caller gave up: nothing to do then.
+                if let Some(id) = self.keys.remove(&key) {
+                    self.pending.remove(&id);
+                    machine.cancel(id);
+                }
+            }
             Command::Close { done } => {
                 self.closing.push(done);
                 self.shutting_down = true;
@@ -325,15 +398,15 @@ async fn run<R: Runtime>(
     ready: oneshot::Sender<Result<(), ConnectError>>,
     state: Arc<StateCell>,
 ) {
-    let prefix = uuid::Uuid::new_v4().simple().to_string();
     let mut machine = RpcClient::new(
         options.rpc.clone(),
         options.connect.connection.clone(),
-        &prefix,
+        CorrelationKey::random(),
         Instant::now(),
     );
     let mut callers = Callers {
         pending: HashMap::new(),
+        keys: HashMap::new(),
         ready: Some(ready),
         closing: Vec::new(),
         shutting_down: false,
@@ -357,7 +430,7 @@ async fn run<R: Runtime>(
     machine.abandon();
     machine.close(Instant::now());
     callers.on_wake(&mut machine, Instant::now());
-    for (_, tx) in callers.pending.drain() {
+    for (_, (_, tx)) in callers.pending.drain() {
         let _ = tx.send(Err(CallError::Closed));
     }
     for done in callers.closing.drain(..) {

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientConfig, ClientEvent, HandlerError, ReplyMode, Request, RpcClient,
-    RpcServer, ERROR_HEADER, REJECTED_HEADER,
+    CallId, CallRequest, ClientConfig, ClientEvent, CorrelationKey, HandlerError, ReplyMode,
+    Request, RpcClient, RpcServer, ERROR_HEADER, REJECTED_HEADER,
 };
 use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amqp_rpc_core::{BasicProperties, RpcError};
@@ -100,7 +100,7 @@ impl Harness {
             &mut broker,
         );
         let client = Wire::new(
-            RpcClient::new(config, conn_config(), PREFIX, base),
+            RpcClient::new(config, conn_config(), CorrelationKey::from_bytes([0x5a; 32]), base),
             &mut broker,
         );
         let mut h = Self {

@@ -30,6 +30,7 @@ pub(crate) enum Expect {
     CloseOk,
     QosOk(RequestId),
     DeclareOk(RequestId),
+    ExchangeDeclareOk(RequestId),
     DeleteOk(RequestId),
     ConsumeOk(RequestId),
     CancelOk(RequestId),
@@ -42,6 +43,7 @@ impl Expect {
             Expect::OpenOk | Expect::CloseOk => None,
             Expect::QosOk(r)
             | Expect::DeclareOk(r)
+            | Expect::ExchangeDeclareOk(r)
             | Expect::DeleteOk(r)
             | Expect::ConsumeOk(r)
             | Expect::CancelOk(r)

@@ -14,7 +14,9 @@ pub use config::{ConnectionConfig, Credentials, Tune};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{basic, channel as chan, confirm, connection, queue, AMQPClass};
+use amq_protocol::protocol::{
+    basic, channel as chan, confirm, connection, exchange, queue, AMQPClass,
+};
 use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 
@@ -127,6 +129,8 @@ pub enum Reply {
         /// Consumers on the queue.
         consumer_count: u32,
     },
+    /// `exchange.declare-ok` to a passive declare: the exchange exists.
+    ExchangeExists,
     /// `queue.delete-ok`.
     QueueDeleted {
         /// Messages deleted with the queue.
@@ -522,6 +526,32 @@ impl Connection {
             arguments,
         });
         self.request(channel, AMQPClass::Queue(method), Expect::DeclareOk)
+    }
+
+    /// Asks whether an exchange exists (a passive `exchange.declare`, spec §1.5.2.1 `passive`).
+    /// Replies [`Reply::ExchangeExists`]; a missing exchange closes the channel with 404
+    /// NOT_FOUND, reported as [`Event::Failed`] and [`Event::ChannelClosed`].
+    pub fn check_exchange(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+    ) -> Result<RequestId, UsageError> {
+        let method = exchange::AMQPMethod::Declare(exchange::Declare {
+            exchange: short("exchange name", name)?,
+            // Ignored by a passive declare; "direct" is the type every broker knows.
+            kind: ShortString::from("direct"),
+            passive: true,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        });
+        self.request(
+            channel,
+            AMQPClass::Exchange(method),
+            Expect::ExchangeDeclareOk,
+        )
     }
 
     /// Deletes a queue. Replies [`Reply::QueueDeleted`].
@@ -1033,6 +1063,12 @@ impl Connection {
                     message_count: ok.message_count,
                     consumer_count: ok.consumer_count,
                 },
+            ),
+            AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => self.complete(
+                now,
+                channel,
+                |e| matches!(e, Expect::ExchangeDeclareOk(_)),
+                Reply::ExchangeExists,
             ),
             AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => self.complete(
                 now,

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
+use super::correlation::CorrelationKey;
 use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
     BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
     Reply, Returned,
 };
-use crate::error::{ConnectionError, RpcError, UsageError};
+use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
 use crate::ids::{ChannelId, ReplyCode, RequestId};
 
 /// Identifies one call from [`RpcClient::call`] to its [`ClientEvent::CallEnded`].
@@ -51,6 +52,14 @@ pub struct ClientConfig {
     /// Outbound bytes the connection may hold before new requests wait (backpressure when the
     /// network or broker is slower than the callers).
     pub outbound_high_water: usize,
+    /// How often the existence of an exchange other than the default one is checked (a passive
+    /// `exchange.declare` on the checker's channel) before calls are published to it; `None`
+    /// turns the check off.
+    ///
+    /// RabbitMQ answers a publish to a missing exchange by closing the publishing channel with
+    /// 404, which would also drop the requests published after it on that channel. With the
+    /// check on, such a call ends alone with [`RpcError::Refused`] and the broker's words.
+    pub exchange_check: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +69,7 @@ impl Default for ClientConfig {
             max_in_flight: 4096,
             server_check: Some(Duration::from_secs(1)),
             outbound_high_water: 4 * 1024 * 1024,
+            exchange_check: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -149,8 +159,13 @@ pub struct ClientStats {
     pub replies_duplicate: u64,
     /// Replies for calls that already ended otherwise (timed out, connection lost).
     pub replies_late: u64,
-    /// Replies whose correlation id this client never issued.
+    /// Replies whose correlation id this client never issued (or forged ones).
     pub replies_unknown: u64,
+    /// Calls cancelled by [`RpcClient::cancel`] (their callers gave up) before they ended.
+    pub calls_cancelled: u64,
+    /// Times the broker cancelled the reply consumer or closed its channel and the client armed
+    /// a new reply path.
+    pub reply_path_rearmed: u64,
 }
 
 /// A call that has not ended.
@@ -163,7 +178,16 @@ struct Call {
     /// Whether it was ever published (an idempotent call waiting to be sent again was): a
     /// server may have run it, whatever happens next.
     published: bool,
+    /// The channel of its last publish, to tell which calls a closed publishing channel took.
+    sent_on: Option<ChannelId>,
+    /// Times a channel it was sent on was lost (the connection lived). An idempotent call is
+    /// sent again at most [`MAX_CHANNEL_RESENDS`] times this way, so that a request the broker
+    /// refuses for a reason no check foresaw cannot close channels in a loop.
+    channel_losses: u32,
 }
+
+/// Resends of an idempotent call after channel (not connection) losses.
+const MAX_CHANNEL_RESENDS: u32 = 2;
 
 /// How a call ended, remembered for a while to tell duplicate replies from late ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,13 +250,22 @@ enum Phase {
 }
 
 /// The RPC client machine. Owns its [`Connection`]; drive it like one.
+///
+/// Channels: the reply path (the reply consumer) has a channel of its own; requests are
+/// published on another one, so that a publish the broker refuses (which closes its channel)
+/// cannot take the reply path down. Direct reply-to is the exception: RabbitMQ requires its
+/// requests to be published on the consuming channel (RabbitMQ "Direct Reply-to"), so there
+/// the two are one. A third channel runs the passive declares of the server and exchange
+/// checks, whose 404s close it.
 #[derive(Debug)]
 pub struct RpcClient {
     conn: Connection,
     conn_config: ConnectionConfig,
     config: ClientConfig,
     phase: Phase,
-    id_prefix: String,
+    /// The publishing channel in [`ReplyMode::ExclusiveQueue`] mode.
+    publisher: Option<ChannelId>,
+    ids: CorrelationKey,
     next_call: u64,
     calls: HashMap<CallId, Call>,
     /// Every pending call by deadline, for `poll_timeout` and `expire`.
@@ -246,44 +279,72 @@ pub struct RpcClient {
     stats: ClientStats,
     /// Reply-path channels lost in a row before the path was armed.
     arm_failures: u32,
+    /// Why the reply path's channel closed last while it was being armed: the broker's words,
+    /// for the error the connection ends with when the client gives up.
+    arm_error: Option<ChannelError>,
 }
 
 /// Reply-path channel losses in a row, before it was armed, after which the client gives the
 /// connection up.
 const MAX_ARM_FAILURES: u32 = 3;
 
-/// The consumer-count checker: its own channel (a passive declare of a missing queue closes the
-/// channel with 404), one passive declare at a time so that a failure names its queue.
+/// The checker of request queues and exchanges: its own channel (a passive declare of a
+/// missing queue or exchange closes the channel with 404), one passive declare at a time so
+/// that a failure names its target.
 #[derive(Debug, Default)]
 struct Probe {
     channel: Option<ChannelId>,
-    in_flight: Option<(RequestId, String)>,
+    in_flight: Option<(RequestId, Target)>,
     queues: HashMap<String, QueueStatus>,
+    exchanges: HashMap<String, ExchangeStatus>,
 }
 
-/// Bound on distinct request queues whose status is remembered.
+/// What a passive declare asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Queue(String),
+    Exchange(String),
+}
+
+/// What the client knows of an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ExchangeStatus {
+    exists: Exists,
+    checked_at: Instant,
+}
+
+/// The answer of the last passive declare of an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Exists {
+    Yes,
+    /// The broker said no (404), in these words.
+    No {
+        code: ReplyCode,
+        text: String,
+    },
+    /// The broker refused to say (403...): calls go out.
+    Unknown,
+}
+
+/// Bound on distinct request queues (and, apart, exchanges) whose status is remembered.
 const MAX_PROBED_QUEUES: usize = 1024;
 
 impl RpcClient {
-    /// A client that starts connecting at `now`. `id_prefix` makes its correlation ids unique
-    /// among the clients sharing a server (use a random UUID); it is cut to 200 bytes.
+    /// A client that starts connecting at `now`. `ids` keys its correlation ids: draw it from a
+    /// good random source, once per client (see [`CorrelationKey`]).
     pub fn new(
         config: ClientConfig,
         conn_config: ConnectionConfig,
-        id_prefix: &str,
+        ids: CorrelationKey,
         now: Instant,
     ) -> Self {
-        let mut id_prefix = id_prefix.to_owned();
-        // Correlation ids are short strings: prefix, '.', and at most 20 digits.
-        while id_prefix.len() > 200 {
-            id_prefix.pop();
-        }
         Self {
             conn: Connection::new(conn_config.clone(), now),
             conn_config,
             config,
             phase: Phase::Connecting,
-            id_prefix,
+            publisher: None,
+            ids,
             next_call: 0,
             calls: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -294,6 +355,7 @@ impl RpcClient {
             events: VecDeque::new(),
             stats: ClientStats::default(),
             arm_failures: 0,
+            arm_error: None,
         }
     }
 
@@ -357,9 +419,9 @@ impl RpcClient {
         &self.conn
     }
 
-    /// Whether requests go out now (reply path armed, connection open).
+    /// Whether requests go out now (reply path armed, publishing channel open).
     pub fn is_ready(&self) -> bool {
-        matches!(self.phase, Phase::Ready { .. })
+        self.publish_channel().is_some()
     }
 
     /// Calls that have not ended.
@@ -410,6 +472,25 @@ impl RpcClient {
                 });
             }
         }
+        // What the broker would refuse by closing the publishing channel, taking the calls
+        // published after this one along, is refused here instead.
+        let size = u64::try_from(request.body.len()).unwrap_or(u64::MAX);
+        if size > self.conn_config.max_message_size {
+            return Err(UsageError::MessageTooLarge {
+                size,
+                limit: self.conn_config.max_message_size,
+            });
+        }
+        // RabbitMQ checks `user_id` against the authenticated user (RabbitMQ "Validated User-ID");
+        // with a mechanism that names no user here (EXTERNAL), the broker alone can tell.
+        let user = self.conn_config.credentials.username();
+        if let Some(user_id) = request.properties.user_id() {
+            if !user.is_empty() && user_id.as_str() != user {
+                return Err(UsageError::UserIdMismatch {
+                    user_id: user_id.to_string(),
+                });
+            }
+        }
         self.next_call += 1;
         let id = CallId(self.next_call);
         // `Instant + Duration` panics on overflow: a timeout beyond any representable instant
@@ -424,6 +505,8 @@ impl RpcClient {
             request,
             sent: false,
             published: false,
+            sent_on: None,
+            channel_losses: 0,
         };
         self.deadlines.insert((call.deadline, id));
         self.calls.insert(id, call);
@@ -431,6 +514,20 @@ impl RpcClient {
         self.held.push_back(id);
         self.flush_held(now);
         Ok(id)
+    }
+
+    /// Cancels a call whose caller gave up (dropped its future): its slot is free at once, no
+    /// [`ClientEvent::CallEnded`] follows, and a reply that arrives later is counted as late
+    /// ([`ClientStats::replies_late`]), never delivered. Returns whether the call was pending.
+    pub fn cancel(&mut self, call: CallId) -> bool {
+        let Some(pending) = self.calls.remove(&call) else {
+            return false;
+        };
+        self.deadlines.remove(&(pending.deadline, call));
+        // A held call leaves `held` at the next flush (`Gate::Gone`).
+        self.stats.calls_cancelled += 1;
+        self.remember(call, Ended::Otherwise);
+        true
     }
 
     /// Replaces a closed connection with a new one starting its handshake at `now` (the driver
@@ -445,7 +542,9 @@ impl RpcClient {
         }
         self.conn = Connection::new(self.conn_config.clone(), now);
         self.phase = Phase::Connecting;
+        self.publisher = None;
         self.arm_failures = 0;
+        self.arm_error = None;
         self.probe.channel = None;
         self.probe.in_flight = None;
         Ok(())
@@ -492,46 +591,28 @@ impl RpcClient {
 
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
-            Event::Connected => self.arm(),
+            Event::Connected => {
+                self.open_publisher();
+                self.arm();
+            }
             Event::Completed {
                 channel,
                 request,
                 reply,
             } => self.on_completed(now, channel, request, reply),
             Event::Failed { request, error } => {
-                if let Some((_, queue)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
-                    // 404: the queue does not exist, so a publish to it would come back.
-                    let consumers = if error.code == ReplyCode::NOT_FOUND {
-                        Consumers::Absent
-                    } else {
-                        Consumers::Unknown
-                    };
-                    self.set_queue_status(
-                        &queue,
-                        QueueStatus {
-                            consumers,
-                            checked_at: Some(now),
-                        },
-                    );
+                if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
+                    self.on_probe_failed(now, target, error);
                 }
             }
-            Event::ChannelClosed(error) => {
-                if self.probe.channel == Some(error.channel) {
-                    self.probe.channel = None;
-                } else if self.rpc_channel() == Some(error.channel) {
-                    // The reply path is gone with its channel: calls sent on it may have run.
-                    self.lose_sent_calls(now);
-                    self.phase = Phase::Connecting;
-                    self.arm_failures += 1;
-                    if self.arm_failures > MAX_ARM_FAILURES {
-                        // The broker keeps refusing the reply path (a permission, a policy):
-                        // give the connection up, so that the driver reconnects with backoff
-                        // instead of this loop spinning.
-                        let _ = self.conn.close(now);
-                    } else {
-                        self.arm();
-                    }
-                }
+            Event::ChannelClosed(error) => self.on_channel_closed(now, error),
+            // The broker cancelled the reply consumer (RabbitMQ "Consumer Cancel Notification":
+            // its queue was deleted, or the queue's node went away). Its channel lives: arm the
+            // path again on it.
+            Event::ConsumerCancelled { channel, .. } if self.rpc_channel() == Some(channel) => {
+                self.lose_reply_path(now);
+                self.stats.reply_path_rearmed += 1;
+                self.arm_on(channel);
             }
             Event::Delivery(delivery) => self.on_reply(delivery),
             Event::Returned(returned) => self.on_returned(returned),
@@ -542,9 +623,28 @@ impl RpcClient {
             Event::Blocked { reason } => self.events.push_back(ClientEvent::Blocked { reason }),
             Event::Unblocked => self.events.push_back(ClientEvent::Unblocked),
             Event::Closed(error) => {
-                self.lose_sent_calls(now);
+                self.lose_sent_calls(
+                    now,
+                    |_| true,
+                    RpcError::ConnectionLost { sent: true },
+                    false,
+                );
                 self.probe.channel = None;
                 self.probe.in_flight = None;
+                self.publisher = None;
+                // The client gave the connection up because the broker kept refusing the reply
+                // path: say so in the broker's words, not as a close of our own.
+                let error = match (self.arm_error.take(), error) {
+                    (Some(refused), ConnectionError::ClosedByApplication)
+                        if self.phase != Phase::ShutDown =>
+                    {
+                        ConnectionError::ReplyPathRefused {
+                            code: refused.code,
+                            text: refused.text,
+                        }
+                    }
+                    (_, error) => error,
+                };
                 if self.phase == Phase::ShutDown {
                     self.abandon();
                 } else {
@@ -556,41 +656,101 @@ impl RpcClient {
         }
     }
 
-    /// Sets up the reply path on a fresh channel: consume direct reply-to, or declare an
-    /// exclusive queue and consume it. Pipelined behind `channel.open`.
-    fn arm(&mut self) {
-        let result = (|| -> Result<ChannelId, UsageError> {
-            let channel = self.conn.open_channel()?;
-            let no_ack = ConsumeOptions {
-                no_ack: true,
-                exclusive: false,
-            };
-            match self.config.reply_mode {
-                // RabbitMQ requires direct reply-to to be consumed in no-ack mode, on the channel
-                // that publishes, before the first publish (RabbitMQ "Direct Reply-to").
-                ReplyMode::DirectReplyTo => {
-                    self.conn.consume(
-                        channel,
-                        DIRECT_REPLY_TO,
-                        "",
-                        no_ack,
-                        FieldTable::default(),
-                    )?;
-                }
-                ReplyMode::ExclusiveQueue => {
-                    let options = QueueOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..QueueOptions::default()
-                    };
-                    self.conn
-                        .declare_queue(channel, "", options, FieldTable::default())?;
-                }
+    fn on_channel_closed(&mut self, now: Instant, error: ChannelError) {
+        if self.probe.channel == Some(error.channel) {
+            self.probe.channel = None;
+        } else if self.rpc_channel() == Some(error.channel) {
+            // The reply path is gone with its channel (and, with direct reply-to, the
+            // publishing channel too): calls sent may have run.
+            let armed = matches!(self.phase, Phase::Ready { .. });
+            self.lose_reply_path(now);
+            self.phase = Phase::Connecting;
+            if armed {
+                self.stats.reply_path_rearmed += 1;
+                self.arm_failures = 0;
+            } else {
+                self.arm_failures += 1;
+                self.arm_error = Some(error);
             }
-            Ok(channel)
-        })();
+            if self.arm_failures > MAX_ARM_FAILURES {
+                // The broker keeps refusing the reply path (a permission, a policy): give the
+                // connection up, so that the driver reconnects with backoff instead of this
+                // loop spinning. `arm_error` names the refusal.
+                let _ = self.conn.close(now);
+            } else {
+                self.arm();
+            }
+        } else if self.publisher == Some(error.channel) {
+            // A publish was refused (a check could not foresee it, e.g. an exchange deleted
+            // since it was checked). The broker discarded what followed it on the channel, and
+            // which publish it was is not said: the calls sent on it may or may not have gone
+            // through. The reply path is intact.
+            self.publisher = None;
+            let channel = error.channel;
+            self.lose_sent_calls(
+                now,
+                |call| call.sent_on == Some(channel),
+                RpcError::ConnectionLost { sent: true },
+                true,
+            );
+            self.open_publisher();
+        }
+    }
+
+    /// Opens the publishing channel of [`ReplyMode::ExclusiveQueue`] mode.
+    fn open_publisher(&mut self) {
+        if self.config.reply_mode == ReplyMode::ExclusiveQueue && self.phase != Phase::ShutDown {
+            // Fails only when the connection is closing; its Closed event follows.
+            self.publisher = self.conn.open_channel().ok();
+        }
+    }
+
+    /// The channel requests go out on now, if any.
+    fn publish_channel(&self) -> Option<ChannelId> {
+        let Phase::Ready { channel, .. } = &self.phase else {
+            return None;
+        };
+        let channel = match self.config.reply_mode {
+            ReplyMode::DirectReplyTo => *channel,
+            ReplyMode::ExclusiveQueue => self.publisher?,
+        };
+        self.conn.is_channel_usable(channel).then_some(channel)
+    }
+
+    /// Sets up the reply path on a fresh channel. Pipelined behind `channel.open`.
+    fn arm(&mut self) {
         // An error means the connection is closing; its Closed event is on its way.
-        if let Ok(channel) = result {
+        if let Ok(channel) = self.conn.open_channel() {
+            self.arm_on(channel);
+        }
+    }
+
+    /// Sets up the reply path on `channel`: consume direct reply-to, or declare an exclusive
+    /// queue and consume it.
+    fn arm_on(&mut self, channel: ChannelId) {
+        let no_ack = ConsumeOptions {
+            no_ack: true,
+            exclusive: false,
+        };
+        let sent = match self.config.reply_mode {
+            // RabbitMQ requires direct reply-to to be consumed in no-ack mode, on the channel
+            // that publishes, before the first publish (RabbitMQ "Direct Reply-to").
+            ReplyMode::DirectReplyTo => {
+                self.conn
+                    .consume(channel, DIRECT_REPLY_TO, "", no_ack, FieldTable::default())
+            }
+            ReplyMode::ExclusiveQueue => {
+                let options = QueueOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueOptions::default()
+                };
+                self.conn
+                    .declare_queue(channel, "", options, FieldTable::default())
+            }
+        };
+        // An error means the channel or connection is closing; its event is on its way.
+        if sent.is_ok() {
             self.phase = Phase::Arming {
                 channel,
                 reply_queue: None,
@@ -606,22 +766,19 @@ impl RpcClient {
     }
 
     fn on_completed(&mut self, now: Instant, channel: ChannelId, request: RequestId, reply: Reply) {
-        if self
-            .probe
-            .in_flight
-            .as_ref()
-            .is_some_and(|(r, _)| *r == request)
-        {
-            if let (Some((_, queue)), Reply::QueueDeclared { consumer_count, .. }) =
-                (self.probe.in_flight.take(), &reply)
-            {
-                self.set_queue_status(
-                    &queue,
-                    QueueStatus {
-                        consumers: Consumers::Count(*consumer_count),
+        if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
+            match (target, reply) {
+                (Target::Queue(queue), Reply::QueueDeclared { consumer_count, .. }) => {
+                    let status = QueueStatus {
+                        consumers: Consumers::Count(consumer_count),
                         checked_at: Some(now),
-                    },
-                );
+                    };
+                    self.set_queue_status(&queue, status);
+                }
+                (Target::Exchange(exchange), Reply::ExchangeExists) => {
+                    self.set_exchange_status(&exchange, Exists::Yes, now);
+                }
+                _ => {}
             }
             return;
         }
@@ -659,9 +816,39 @@ impl RpcClient {
                 };
                 self.phase = Phase::Ready { channel, reply_to };
                 self.arm_failures = 0;
+                self.arm_error = None;
                 self.events.push_back(ClientEvent::Ready);
             }
             _ => {}
+        }
+    }
+
+    fn on_probe_failed(&mut self, now: Instant, target: Target, error: ChannelError) {
+        match target {
+            Target::Queue(queue) => {
+                // 404: the queue does not exist, so a publish to it would come back.
+                let consumers = if error.code == ReplyCode::NOT_FOUND {
+                    Consumers::Absent
+                } else {
+                    Consumers::Unknown
+                };
+                let status = QueueStatus {
+                    consumers,
+                    checked_at: Some(now),
+                };
+                self.set_queue_status(&queue, status);
+            }
+            Target::Exchange(exchange) => {
+                let exists = if error.code == ReplyCode::NOT_FOUND {
+                    Exists::No {
+                        code: error.code,
+                        text: error.text,
+                    }
+                } else {
+                    Exists::Unknown
+                };
+                self.set_exchange_status(&exchange, exists, now);
+            }
         }
     }
 
@@ -671,7 +858,9 @@ impl RpcClient {
             self.stats.replies_unknown += 1;
             return;
         };
-        if !self.calls.get(&id).is_some_and(|c| c.sent) {
+        // A call waiting to be sent again still takes a reply to an earlier publish: the
+        // request is the same, and idempotent.
+        if !self.calls.get(&id).is_some_and(|c| c.published) {
             match self.recent.get(&id) {
                 Some(Ended::Answered) => self.stats.replies_duplicate += 1,
                 Some(Ended::Otherwise) => self.stats.replies_late += 1,
@@ -710,11 +899,7 @@ impl RpcClient {
     }
 
     fn parse_correlation_id(&self, id: Option<&ShortString>) -> Option<CallId> {
-        let rest = id?
-            .as_str()
-            .strip_prefix(self.id_prefix.as_str())?
-            .strip_prefix('.')?;
-        rest.parse().ok().map(CallId)
+        self.ids.verify(id?.as_str())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -759,17 +944,20 @@ impl RpcClient {
         {
             return Gate::Wait;
         }
-        let (Some(interval), true) = (self.config.server_check, call.request.exchange.is_empty())
-        else {
+        if !call.request.exchange.is_empty() {
+            let exchange = call.request.exchange.clone();
+            return self.gate_exchange(now, exchange);
+        }
+        let Some(interval) = self.config.server_check else {
             return Gate::Send;
         };
         let queue = call.request.routing_key.clone();
         let status = self.probe.queues.get(&queue).copied();
         let fresh = status
             .and_then(|s| s.checked_at)
-            .is_some_and(|at| now < at + interval);
+            .is_some_and(|at| at.checked_add(interval).map_or(true, |until| now < until));
         if !fresh {
-            self.start_probe(&queue);
+            self.start_probe(Target::Queue(queue));
         }
         match status.map(|s| s.consumers) {
             Some(Consumers::Count(n)) if n > 0 => Gate::Send,
@@ -780,7 +968,33 @@ impl RpcClient {
         }
     }
 
-    fn start_probe(&mut self, queue: &str) {
+    /// A call through a named exchange goes out once the exchange is known to exist.
+    fn gate_exchange(&mut self, now: Instant, exchange: String) -> Gate {
+        let Some(interval) = self.config.exchange_check else {
+            return Gate::Send;
+        };
+        let status = self.probe.exchanges.get(&exchange);
+        let fresh = status.is_some_and(|s| {
+            s.checked_at
+                .checked_add(interval)
+                .map_or(true, |until| now < until)
+        });
+        let gate = match status.map(|s| &s.exists) {
+            Some(Exists::Yes) => Gate::Send,
+            Some(Exists::No { code, text }) if fresh => Gate::Fail(RpcError::Refused {
+                code: *code,
+                text: text.clone(),
+            }),
+            Some(Exists::Unknown) if fresh => Gate::Send,
+            _ => Gate::Wait,
+        };
+        if !fresh {
+            self.start_probe(Target::Exchange(exchange));
+        }
+        gate
+    }
+
+    fn start_probe(&mut self, target: Target) {
         if self.probe.in_flight.is_some() || !self.conn.is_open() {
             return;
         }
@@ -794,15 +1008,19 @@ impl RpcClient {
                 Err(_) => return,
             },
         };
-        let passive = QueueOptions {
-            passive: true,
-            ..QueueOptions::default()
+        let sent = match &target {
+            Target::Queue(queue) => {
+                let passive = QueueOptions {
+                    passive: true,
+                    ..QueueOptions::default()
+                };
+                self.conn
+                    .declare_queue(channel, queue, passive, FieldTable::default())
+            }
+            Target::Exchange(exchange) => self.conn.check_exchange(channel, exchange),
         };
-        if let Ok(request) = self
-            .conn
-            .declare_queue(channel, queue, passive, FieldTable::default())
-        {
-            self.probe.in_flight = Some((request, queue.to_owned()));
+        if let Ok(request) = sent {
+            self.probe.in_flight = Some((request, target));
         }
     }
 
@@ -813,11 +1031,25 @@ impl RpcClient {
         self.probe.queues.insert(queue.to_owned(), status);
     }
 
+    fn set_exchange_status(&mut self, exchange: &str, exists: Exists, now: Instant) {
+        let exchanges = &mut self.probe.exchanges;
+        if exchanges.len() >= MAX_PROBED_QUEUES && !exchanges.contains_key(exchange) {
+            exchanges.clear();
+        }
+        let status = ExchangeStatus {
+            exists,
+            checked_at: now,
+        };
+        exchanges.insert(exchange.to_owned(), status);
+    }
+
     fn send(&mut self, now: Instant, id: CallId) {
-        let Phase::Ready { channel, reply_to } = &self.phase else {
+        let (Some(channel), Phase::Ready { reply_to, .. }) = (self.publish_channel(), &self.phase)
+        else {
             return;
         };
-        let (channel, reply_to) = (*channel, reply_to.clone());
+        let reply_to = reply_to.clone();
+        let correlation_id = self.ids.issue(id);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -845,8 +1077,6 @@ impl RpcClient {
             ShortString::from(DEADLINE_HEADER),
             AMQPValue::LongLongInt(deadline),
         );
-        // The prefix is at most 200 bytes and a u64 at most 20 digits: this fits a short string.
-        let correlation_id = ShortString::from(format!("{}.{}", self.id_prefix, id.0));
         properties = properties
             .with_reply_to(reply_to)
             .with_correlation_id(correlation_id)
@@ -864,6 +1094,7 @@ impl RpcClient {
             Ok(_) => {
                 call.sent = true;
                 call.published = true;
+                call.sent_on = Some(channel);
                 self.stats.requests_sent += 1;
             }
             // The body is above the broker's limit or a header does not fit in a frame:
@@ -880,23 +1111,42 @@ impl RpcClient {
         }
     }
 
-    /// Calls sent on a connection or channel that is gone: idempotent ones wait to be sent
-    /// again (deadline permitting), the others end with `ConnectionLost { sent: true }`.
-    fn lose_sent_calls(&mut self, now: Instant) {
-        let mut sent: Vec<CallId> = self
+    /// The reply path was lost (its consumer cancelled or its channel closed): calls sent
+    /// cannot get their replies. Idempotent ones are sent again on the next path.
+    fn lose_reply_path(&mut self, now: Instant) {
+        self.lose_sent_calls(now, |_| true, RpcError::ReplyPathLost, true);
+    }
+
+    /// Calls sent (and `taken` by the loss) that cannot be answered any more: idempotent ones
+    /// wait to be sent again (deadline permitting, and at most [`MAX_CHANNEL_RESENDS`] times for
+    /// a channel loss), the others end with `error`.
+    fn lose_sent_calls(
+        &mut self,
+        now: Instant,
+        taken: impl Fn(&Call) -> bool,
+        error: RpcError,
+        channel_loss: bool,
+    ) {
+        let mut lost: Vec<CallId> = self
             .calls
             .iter()
-            .filter(|(_, c)| c.sent)
+            .filter(|(_, c)| c.sent && taken(c))
             .map(|(id, _)| *id)
             .collect();
-        sent.sort();
-        for id in sent {
+        // In id order: events must not depend on hash order (runs replay exactly).
+        lost.sort();
+        for id in lost {
             match self.calls.get_mut(&id) {
-                Some(call) if call.request.idempotent && call.deadline > now => {
+                Some(call)
+                    if call.request.idempotent
+                        && call.deadline > now
+                        && (!channel_loss || call.channel_losses < MAX_CHANNEL_RESENDS) =>
+                {
                     call.sent = false;
+                    call.channel_losses += u32::from(channel_loss);
                     self.held.push_back(id);
                 }
-                _ => self.end(id, Err(RpcError::ConnectionLost { sent: true })),
+                _ => self.end(id, Err(error.clone())),
             }
         }
     }
@@ -934,7 +1184,7 @@ impl RpcClient {
         } else {
             self.stats.calls_failed += 1;
         }
-        self.recent.insert(
+        self.remember(
             id,
             if answered {
                 Ended::Answered
@@ -942,14 +1192,19 @@ impl RpcClient {
                 Ended::Otherwise
             },
         );
+        self.events
+            .push_back(ClientEvent::CallEnded { call: id, result });
+    }
+
+    /// Remembers how a call ended, for a while, to tell duplicate replies from late ones.
+    fn remember(&mut self, id: CallId, ended: Ended) {
+        self.recent.insert(id, ended);
         self.recent_order.push_back(id);
         if self.recent_order.len() > RECENT_ENDED {
             if let Some(old) = self.recent_order.pop_front() {
                 self.recent.remove(&old);
             }
         }
-        self.events
-            .push_back(ClientEvent::CallEnded { call: id, result });
     }
 }
 

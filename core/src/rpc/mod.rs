@@ -12,7 +12,9 @@
 //! A **request** is a message published to the request queue (default exchange, routing key =
 //! queue name, `mandatory` set) with these properties:
 //! - `reply_to`: the queue the reply goes to (`amq.rabbitmq.reply-to` for direct reply-to);
-//! - `correlation_id`: an opaque string of at most 255 bytes, echoed by the reply;
+//! - `correlation_id`: an opaque string of at most 255 bytes, echoed by the reply. This
+//!   client's ids are `<call number in hex>.<128-bit keyed MAC of it in hex>`, so that no id can
+//!   be predicted from earlier ones and a forged reply is dropped as unknown;
 //! - `expiration`: the milliseconds left before the caller gives up, so that the broker drops a
 //!   request nobody took in time;
 //! - header `x-rpc-deadline` (64-bit integer, `l`): the caller's deadline in milliseconds since
@@ -33,12 +35,14 @@
 //! replies whose correlation id they no longer wait for.
 
 mod client;
+mod correlation;
 mod decide;
 mod server;
 
 pub use client::{
     CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
 };
+pub use correlation::CorrelationKey;
 pub use decide::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent, ServerStats,

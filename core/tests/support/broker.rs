@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::frame::{gen_frame, parsing::parse_frame, AMQPContentHeader, AMQPFrame};
-use amq_protocol::protocol::{basic, channel, connection, queue, AMQPClass, BasicProperties};
+use amq_protocol::protocol::{
+    basic, channel, connection, exchange, queue, AMQPClass, BasicProperties,
+};
 use amq_protocol::types::{FieldTable, LongString, ShortString};
 
 /// Identifies one client connection to the broker.
@@ -595,6 +597,23 @@ impl Broker {
                 );
             }
             AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => self.on_declare(id, ch, d),
+            // Only the default exchange and the `amq.*` ones exist; a passive declare of any
+            // other gets RabbitMQ's 404.
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) => {
+                let name = d.exchange.to_string();
+                if name.is_empty() || name.starts_with("amq.") {
+                    self.send_method(
+                        id,
+                        ch,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
+                } else {
+                    let text = format!("NOT_FOUND - no exchange '{name}' in vhost '/'");
+                    self.channel_error(id, ch, 404, &text);
+                }
+            }
             AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => self.on_consume(id, ch, c),
             AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => {
                 let tag = c.consumer_tag.to_string();

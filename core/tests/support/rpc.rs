@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    ClientConfig, ClientEvent, ReplyMode, RpcClient, RpcServer, ServerConfig, ServerEvent,
-    UnixMillis,
+    ClientConfig, ClientEvent, CorrelationKey, ReplyMode, RpcClient, RpcServer, ServerConfig,
+    ServerEvent, UnixMillis,
 };
 use amqp_rpc_core::{Connection, ConnectionConfig};
 
@@ -23,6 +23,11 @@ pub fn base_instant() -> Instant {
 
 /// A fixed wall-clock origin (2024-01-01T00:00:00Z) so that deadline headers are reproducible.
 pub const WALL0: u64 = 1_704_067_200_000;
+
+/// The correlation key of simulated clients: fixed, so that runs replay exactly.
+pub fn sim_key() -> CorrelationKey {
+    CorrelationKey::from_bytes([0x5a; 32])
+}
 
 /// Connection settings for the simulation: heartbeats off (the broker tunes them off too).
 pub fn conn_config() -> ConnectionConfig {
