@@ -811,6 +811,45 @@ fn a_call_to_a_missing_exchange_ends_alone() {
     }
 }
 
+/// With the exchange check off, a publish to a missing exchange closes the publishing channel.
+/// An idempotent call refused this way is sent again a bounded number of times, never in a
+/// loop; in exclusive-queue mode the reply path is not touched.
+#[test]
+fn a_refused_idempotent_call_is_not_resent_in_a_loop() {
+    for mode in MODES {
+        let config = ClientConfig {
+            exchange_check: None,
+            ..client_config(mode)
+        };
+        let mut sim = Sim::new(config, 1, 5);
+        let bad = sim.call_with(CallRequest {
+            exchange: "no-such-exchange".into(),
+            idempotent: true,
+            ..CallRequest::new(Q, "bad", Duration::from_secs(60))
+        });
+        sim.settle();
+        assert_eq!(
+            *err(sim.result(bad)),
+            match mode {
+                ReplyMode::ExclusiveQueue => RpcError::ConnectionLost { sent: true },
+                _ => RpcError::ReplyPathLost,
+            }
+        );
+        let stats = sim.client.m.stats();
+        assert_eq!(stats.requests_sent, 3, "first send and two resends");
+        let rearmed = if mode == ReplyMode::ExclusiveQueue {
+            0
+        } else {
+            3
+        };
+        assert_eq!(stats.reply_path_rearmed, rearmed);
+        let good = sim.call("ok", 1000);
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(good)), b"re:ok");
+        assert!(sim.client.up, "no reconnect");
+    }
+}
+
 /// What the broker would refuse by closing the channel is refused at the call site, with
 /// nothing sent: a body above `max_message_size`, a `user_id` that is not ours.
 #[test]

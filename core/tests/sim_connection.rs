@@ -938,6 +938,40 @@ fn blocked_and_unblocked() {
     );
 }
 
+/// Blocked after our close went out: the broker reads nothing any more, so the close ends at
+/// once instead of after the close timeout.
+#[test]
+fn blocked_while_closing_ends_the_close_at_once() {
+    let mut sim = Sim::connected(config());
+    let now = sim.now;
+    sim.client.close(now).expect("open");
+    sim.pump();
+    sim.broker.send(0, frames::blocked("low on memory"));
+    sim.pump();
+    assert_eq!(
+        sim.client.poll_timeout(),
+        Some(now),
+        "still waiting for close-ok"
+    );
+    sim.advance(Duration::from_millis(1));
+    assert!(sim.client.is_closed());
+}
+
+/// Durations too large for an `Instant` mean "never", not a panic.
+#[test]
+fn duration_max_timeouts_do_not_panic() {
+    let mut sim = Sim::connected(ConnectionConfig {
+        close_timeout: Duration::MAX,
+        handshake_timeout: Duration::MAX,
+        heartbeat: Duration::MAX,
+        ..config()
+    });
+    let now = sim.now;
+    sim.client.close(now).expect("open");
+    sim.pump();
+    assert!(!sim.client.is_closed());
+}
+
 #[test]
 fn broker_initiated_close_is_answered_and_sticky() {
     let mut sim = Sim::connected(config());

@@ -256,10 +256,13 @@ pub async fn client_main<R: Runtime>() -> ExitCode {
         .first()
         .cloned()
         .unwrap_or_else(|| "30".to_owned());
-    let timeout = match args.number("timeout", 10.0f64) {
-        Ok(t) if t > 0.0 && t.is_finite() => Duration::from_secs_f64(t),
-        _ => {
-            eprintln!("client: --timeout takes a positive number of seconds");
+    let timeout = match args
+        .number("timeout", 10.0f64)
+        .and_then(|t| seconds("timeout", t))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("client: {e}");
             return ExitCode::from(2);
         }
     };
@@ -339,7 +342,7 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
             .value("server-pid")
             .map(|p| p.parse().map_err(|_| "--server-pid: not a pid".to_owned()))
             .transpose()?;
-        let timeout = Duration::from_secs_f64(args.number("timeout", 30.0)?);
+        let timeout = seconds("timeout", args.number("timeout", 30.0)?)?;
         let mode = match args.value("reply-mode").unwrap_or("exclusive") {
             "exclusive" => ReplyMode::ExclusiveQueue,
             "direct" => ReplyMode::DirectReplyTo,
@@ -469,9 +472,28 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     }
 }
 
+/// A positive, finite number of seconds that a `Duration` holds, for flag `--{flag}`.
+fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
+    match Duration::try_from_secs_f64(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "--{flag}: a positive number of seconds, not {value}"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds_flags_refuse_what_a_duration_cannot_hold() {
+        for bad in [-1.0, 0.0, f64::NAN, f64::INFINITY, -f64::INFINITY, 1e30] {
+            let e = seconds("timeout", bad).expect_err("refused");
+            assert!(e.contains("--timeout"), "{e}");
+        }
+        assert_eq!(seconds("timeout", 0.5), Ok(Duration::from_millis(500)));
+    }
 
     #[test]
     fn fib_values() {

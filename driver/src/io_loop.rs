@@ -244,6 +244,12 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
+/// `after` from now; a user-given duration too large for an `Instant` (`Duration::MAX`) means
+/// "not in the life of this process" rather than a panic.
+pub(crate) fn deadline_in(after: Duration) -> Instant {
+    Instant::now().checked_add(after).unwrap_or_else(far_future)
+}
+
 #[cfg(test)]
 mod tests {
     //! The loop's fairness, over a socket that is always readable (a saturating flood).

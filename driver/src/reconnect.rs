@@ -8,7 +8,7 @@ use amqp_rpc_core::{ConnectionError, Machine, UsageError};
 use futures_channel::mpsc;
 use futures_util::future::{select, Either};
 
-use crate::io_loop::{Handler, Loop};
+use crate::io_loop::{deadline_in, Handler, Loop};
 use crate::options::{ConnectError, ConnectOptions};
 use crate::Runtime;
 
@@ -63,7 +63,9 @@ impl Backoff {
         // Uniform in [1 - jitter, 1]; randomness from a v4 UUID, which the core already uses.
         let unit = (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0;
         let jitter = self.jitter.clamp(0.0, 1.0);
-        Some(Duration::from_secs_f64(capped * (1.0 - jitter * unit)))
+        // `max` may be `Duration::MAX`, whose seconds an f64 rounds up past what a `Duration`
+        // holds: such a delay is `max` itself.
+        Some(Duration::try_from_secs_f64(capped * (1.0 - jitter * unit)).unwrap_or(self.max))
     }
 }
 
@@ -77,7 +79,7 @@ pub(crate) async fn connect_stream<R: Runtime, M: Machine, H: Handler<M>>(
     handler: &mut H,
 ) -> Result<R::Stream, ConnectError> {
     let address = options.address();
-    let deadline = Instant::now() + options.connect_timeout;
+    let deadline = deadline_in(options.connect_timeout);
     let connect = R::connect(&options.host, options.port);
     let idle = Box::pin(io.drive(None, Some(deadline), machine, commands, handler));
     match select(connect, idle).await {
@@ -179,14 +181,8 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
         };
         attempt += 1;
         session.on_reconnecting(attempt, delay);
-        io.drive(
-            None,
-            Some(Instant::now() + delay),
-            machine,
-            commands,
-            session,
-        )
-        .await;
+        io.drive(None, Some(deadline_in(delay)), machine, commands, session)
+            .await;
         if session.finished(machine) || machine.reconnect(Instant::now()).is_err() {
             return Ok(());
         }
@@ -225,6 +221,20 @@ mod tests {
         };
         assert_eq!(b.delay(30), Some(Duration::from_secs(10)));
         assert_eq!(Backoff::never().delay(0), None);
+    }
+
+    #[test]
+    fn duration_max_is_never_a_panic() {
+        let b = Backoff {
+            max: Duration::MAX,
+            initial: Duration::MAX,
+            factor: f64::MAX,
+            ..Backoff::default()
+        };
+        for attempt in [0, 1, 64, u32::MAX - 1] {
+            assert!(b.delay(attempt).is_some());
+        }
+        assert!(deadline_in(Duration::MAX) > Instant::now());
     }
 
     #[test]

@@ -26,6 +26,7 @@ e2e_tests! {
     one_bad_call_among_many_direct,
     dropped_calls_free_their_slots,
     refused_reply_path_names_the_brokers_words,
+    duration_max_options_do_not_panic,
 }
 
 /// "At once": a fail-fast outcome comes well within this, far below the calls' deadlines.
@@ -263,6 +264,35 @@ async fn refused_reply_path_names_the_brokers_words<R: TestRuntime>() {
     let shown = format!("{error} {error:?}");
     assert!(shown.contains("403"), "{shown}");
     assert!(!shown.contains(PASSWORD), "the password leaked: {shown}");
+}
+
+/// Every duration option at `Duration::MAX` ("no limit"): the client and server connect and
+/// answer, nothing panics.
+async fn duration_max_options_do_not_panic<R: TestRuntime>() {
+    let queue = QueueGuard::new("duration-max");
+    let mut server_opts = server_options(queue.name());
+    server_opts.connect.connect_timeout = Duration::MAX;
+    server_opts.connect.connection.close_timeout = Duration::MAX;
+    server_opts.backoff.max = Duration::MAX;
+    let server = TestServer::start::<R, _, _>(server_opts, fib_handler).await;
+    let mut options = client_options(ReplyMode::ExclusiveQueue);
+    options.default_timeout = Duration::MAX;
+    options.connect.connect_timeout = Duration::MAX;
+    options.connect.connection.handshake_timeout = Duration::MAX;
+    options.connect.connection.close_timeout = Duration::MAX;
+    options.connect.connection.heartbeat = Duration::MAX;
+    options.backoff.max = Duration::MAX;
+    options.backoff.initial = Duration::MAX;
+    options.rpc.server_check = Some(Duration::MAX);
+    options.rpc.exchange_check = Some(Duration::MAX);
+    let client = connect_with::<R>(options).await;
+    let reply = within::<R, _>(CALL_TIMEOUT, "a call without deadline", async {
+        client.call(queue.name(), "30").await
+    })
+    .await;
+    expect_fib(reply, 30);
+    within::<R, _>(CALL_TIMEOUT, "closing", client.close()).await;
+    server.stop::<R>().await;
 }
 
 // ---------------------------------------------------------------------------------------------

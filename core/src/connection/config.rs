@@ -1,7 +1,7 @@
 //! What the application chooses before connecting.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// User name and password. `Debug` never shows the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -92,6 +92,14 @@ impl Default for ConnectionConfig {
             connection_name: None,
         }
     }
+}
+
+/// `now + after`, for a deadline from a user-given duration: a duration too large for an
+/// `Instant` (`Duration::MAX`) means "never" and is cut to about a century instead of
+/// overflowing. (Falling back to `now` is unreachable on real clocks, which start near zero.)
+pub(crate) fn deadline_after(now: Instant, after: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(after.min(CENTURY)).unwrap_or(now)
 }
 
 /// The values both peers agreed on in `connection.tune` / `tune-ok` (spec §1.4.2.5).

@@ -258,7 +258,7 @@ impl Connection {
             heartbeat: std::time::Duration::ZERO,
         };
         Self {
-            handshake_deadline: now + config.handshake_timeout,
+            handshake_deadline: config::deadline_after(now, config.handshake_timeout),
             config,
             state: State::Handshake(HandshakeStep::AwaitStart),
             decoder: FrameDecoder::new(),
@@ -836,6 +836,15 @@ impl Connection {
                         });
                     }
                     self.state = State::Closed;
+                }
+                // Blocked while our close was on its way: the broker stopped reading, so it
+                // will not see the close, and waiting out the close timeout for a close-ok that
+                // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
+                M::Blocked(_) => {
+                    self.state = State::Closing {
+                        deadline: now,
+                        reported,
+                    }
                 }
                 _ => {}
             }
@@ -1465,7 +1474,7 @@ impl Connection {
             self.config.close_timeout
         };
         self.state = State::Closing {
-            deadline: now + wait,
+            deadline: config::deadline_after(now, wait),
             reported,
         };
     }
