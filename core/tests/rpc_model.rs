@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
     CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, HandlerError, ReplyMode, Request,
-    RpcClient, RpcServer, ServerStats, ERROR_HEADER, REJECTED_HEADER,
+    RpcClient, RpcServer, ServerConfig, ServerStats, ERROR_HEADER, REJECTED_HEADER,
 };
 use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
@@ -334,8 +334,15 @@ impl Harness {
     ) -> Self {
         let base = base_instant();
         let mut broker = Broker::new();
+        // Two deliveries at most: an abandoned request is requeued once, as the model says. The
+        // clocks agree exactly here, so no skew tolerance: a request is dropped at its deadline.
+        let server_config = ServerConfig {
+            max_deliveries: 2,
+            clock_skew_tolerance: Duration::ZERO,
+            ..server_config(Q, 1000)
+        };
         let mut server = Wire::new(
-            RpcServer::new(server_config(Q, 1000), conn_config(), base),
+            RpcServer::new(server_config, conn_config(), base),
             &mut broker,
         );
         settle(&mut broker, base, &mut [&mut server]);

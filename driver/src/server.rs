@@ -207,6 +207,22 @@ where
                 ServerEvent::Abandoned { requeued } => {
                     tracing::warn!(requeued, "request abandoned by its handler")
                 }
+                ServerEvent::Dropped {
+                    reason,
+                    correlation_id,
+                } => tracing::warn!(
+                    ?reason,
+                    correlation_id = correlation_id.as_deref().unwrap_or(""),
+                    "request dropped without running"
+                ),
+                ServerEvent::ReplyTooLarge {
+                    correlation_id,
+                    error,
+                } => tracing::warn!(
+                    %error,
+                    correlation_id = correlation_id.as_deref().unwrap_or(""),
+                    "reply too large to publish; sent a reply_too_large error reply instead"
+                ),
                 ServerEvent::Disconnected(error) => {
                     tracing::warn!(%error, "connection lost");
                     self.last_error = Some(error);

@@ -16,23 +16,41 @@
 //!   client's ids are `<call number in hex>.<128-bit keyed MAC of it in hex>`, so that no id can
 //!   be predicted from earlier ones and a forged reply is dropped as unknown;
 //! - `expiration`: the milliseconds left before the caller gives up, so that the broker drops a
-//!   request nobody took in time;
+//!   request nobody took in time. The server also counts this relative budget from the moment
+//!   the request reached it, which no clock skew affects;
 //! - header `x-rpc-deadline` (64-bit integer, `l`): the caller's deadline in milliseconds since
-//!   the Unix epoch. A server drops a request whose deadline has passed when it takes it off its
-//!   prefetch buffer, without running it. Clocks of client and server hosts are assumed in sync.
+//!   the Unix epoch. The server trusts it up to its clock-skew tolerance
+//!   (`ServerConfig::clock_skew_tolerance`, 2 s by default).
+//!
+//! A server drops (acks, counts and logs, never runs) a request whose caller has given up by
+//! the time it takes it off its prefetch buffer: its relative budget ran out, or its absolute
+//! deadline is more than the tolerance behind the server's clock. A handler still running at
+//! that instant is abandoned with the error reply `deadline_exceeded`.
+//!
+//! A server rejects without requeue (the broker dead-letters it where the queue has a
+//! dead-letter exchange) a request delivered more than `ServerConfig::max_deliveries` times,
+//! counted from `x-delivery-count` (quorum queues) and from the deliveries the server saw die
+//! under a running handler: a poison message must not circle forever.
 //!
 //! A **reply** is published to the default exchange with routing key = the request's `reply_to`
 //! and the request's `correlation_id`. A successful reply carries the result in its body and no
 //! `x-rpc-error` header. An **error reply** carries:
 //! - header `x-rpc-error` (long string): a machine-readable code, e.g. `invalid_request`,
-//!   `handler_failed`;
+//!   `handler_failed`, or one the server itself sends: `handler_panicked` (the handler
+//!   panicked), `deadline_exceeded` (the handler was still running at the caller's deadline and
+//!   was abandoned), `reply_too_large` (the handler's reply exceeds the broker's
+//!   `max_message_size` or its header the negotiated frame_max, so it could not be published),
+//!   `request_too_large` (the request body exceeds the server's limit; sent rejected);
 //! - header `x-rpc-rejected` (boolean): `true` when the server refused the request before
 //!   running it (invalid input), so retrying the same request is pointless;
 //! - body: a human-readable UTF-8 message.
 //!
 //! The server publishes the reply and then acknowledges the request. A server that dies between
 //! the two gets its request redelivered to another server, which replies again: clients drop
-//! replies whose correlation id they no longer wait for.
+//! replies whose correlation id they no longer wait for. Likewise, when the server's channel or
+//! connection was replaced while a handler ran, its reply is still published (on the current
+//! channel) and only the ack is void: the broker redelivers the request, and the caller drops
+//! the second reply.
 
 mod client;
 mod correlation;
@@ -43,9 +61,10 @@ pub use client::{
     CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
 };
 pub use correlation::CorrelationKey;
-pub use decide::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+pub use decide::DropReason;
 pub use server::{
-    HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent, ServerStats,
+    HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,
+    ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, REPLY_TOO_LARGE,
 };
 
 /// Milliseconds since the Unix epoch, as read from the driver's wall clock. The core never reads

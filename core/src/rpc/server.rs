@@ -1,9 +1,9 @@
 //! The RPC server machine: consumes a request queue with a prefetch window, hands requests out
 //! one at a time, replies and acknowledges.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
@@ -38,6 +38,20 @@ pub struct ServerConfig {
     /// What to declare when the queue does not exist. An existing queue is served as it is,
     /// whatever its type.
     pub declare_as: QueueKind,
+    /// How far the caller's clock may be from ours. The absolute deadline a request carries
+    /// (`x-rpc-deadline`, the caller's wall clock) is trusted only this much: a request is
+    /// dropped as expired when that deadline is more than this far behind our wall clock, or
+    /// when its relative budget (`expiration`, counted from when the request reached us, which
+    /// no clock skew affects) has run out. 2 s by default.
+    pub clock_skew_tolerance: Duration,
+    /// How many times a request may be delivered before it is taken for a poison message (one
+    /// that kills the server, or the channel, each time it runs) and rejected without requeue,
+    /// so that the broker dead-letters it where the queue has a dead-letter exchange instead of
+    /// circling it forever. Deliveries are counted from the broker's `x-delivery-count` header
+    /// (quorum queues) and, for any queue, from the deliveries this server saw end without an
+    /// answer (its channel died, or the handler dropped the reply handle). 5 by default;
+    /// 0 counts as 1.
+    pub max_deliveries: u32,
 }
 
 impl ServerConfig {
@@ -47,6 +61,8 @@ impl ServerConfig {
             queue: queue.into(),
             prefetch: 1,
             declare_as: QueueKind::Classic,
+            clock_skew_tolerance: Duration::from_secs(2),
+            max_deliveries: 5,
         }
     }
 }
@@ -77,6 +93,11 @@ pub struct Request {
     pub body: Bytes,
     /// Request properties.
     pub properties: BasicProperties,
+    /// When the caller gives up, on our clock: the earlier of its relative budget
+    /// (`expiration`, counted from when the request reached us) and its absolute deadline
+    /// (`x-rpc-deadline` plus [`ServerConfig::clock_skew_tolerance`]). `None` when the request
+    /// carries neither. A driver abandons a handler still running at this instant.
+    pub deadline: Option<Instant>,
     /// The reply handle. Dropping it unanswered is reported ([`ServerEvent::Abandoned`]) and the
     /// request is given back to the broker.
     pub token: ReplyToken,
@@ -99,7 +120,10 @@ struct TokenFacts {
     epoch: u64,
     channel: ChannelId,
     delivery_tag: DeliveryTag,
-    redelivered: bool,
+    /// Which delivery of the request this is (see [`ServerConfig::max_deliveries`]).
+    deliveries: u32,
+    /// When the caller gives up, on our clock.
+    deadline: Option<Instant>,
     reply_to: ShortString,
     correlation_id: Option<ShortString>,
 }
@@ -120,10 +144,28 @@ pub enum ServerEvent {
     /// Consuming the request queue (again, after a reconnect or a cancel).
     Ready,
     /// A reply handle was dropped unanswered; the request went back to the broker
-    /// (requeued once, then dropped, so that a request that kills its handler cannot loop).
+    /// (requeued until [`ServerConfig::max_deliveries`], then rejected for good, so that a
+    /// request that kills its handler cannot loop).
     Abandoned {
         /// Whether it was requeued.
         requeued: bool,
+    },
+    /// A request was settled without being run (see [`DropReason`]); it is counted in
+    /// [`ServerStats`]. The caller of an expired one has given up already.
+    Dropped {
+        /// Why.
+        reason: DropReason,
+        /// The request's correlation id, for the logs.
+        correlation_id: Option<String>,
+    },
+    /// A reply could not be published as it was (its body exceeds the broker's
+    /// `max_message_size`, or its header the negotiated frame_max); the caller got an error
+    /// reply with code [`REPLY_TOO_LARGE`] instead.
+    ReplyTooLarge {
+        /// The request's correlation id, for the logs.
+        correlation_id: Option<String>,
+        /// Why the reply could not be published.
+        error: UsageError,
     },
     /// The connection closed. Requests in flight cannot be acked any more; the broker
     /// redelivers them. [`RpcServer::reconnect`] starts over.
@@ -144,12 +186,63 @@ pub struct ServerStats {
     pub replied_error: u64,
     /// Requests acked and dropped because they had no `reply_to`.
     pub dropped_no_reply_to: u64,
-    /// Requests acked and dropped because their deadline passed in the prefetch buffer.
+    /// Requests acked and dropped because their caller's budget ran out in the prefetch buffer.
     pub dropped_expired: u64,
+    /// Requests rejected without requeue because they were delivered more often than
+    /// [`ServerConfig::max_deliveries`].
+    pub dropped_too_many_deliveries: u64,
+    /// Replies too large to publish, replaced by a [`REPLY_TOO_LARGE`] error reply (counted in
+    /// `replied_error` too).
+    pub replies_too_large: u64,
     /// Reply handles dropped unanswered.
     pub abandoned: u64,
-    /// Replies for requests from a channel that is gone (the broker redelivers those).
+    /// Replies for requests from a channel that is gone: their ack is void (the broker has
+    /// requeued the request already), but the reply itself is still published on the current
+    /// channel, so that the caller hears at once (counted in `replied_ok`/`replied_error`).
     pub stale_replies: u64,
+    /// Stale replies that could not be published because no channel was usable (the caller
+    /// then hears from the redelivered copy, or times out).
+    pub stale_replies_lost: u64,
+}
+
+/// Error code of the error reply that replaces a reply too large to publish.
+pub const REPLY_TOO_LARGE: &str = "reply_too_large";
+/// Error code of the error reply sent for a request whose handler was still running at the
+/// caller's deadline (sent by the driver; see [`Request::deadline`]).
+pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+/// Error code of the error reply sent when the handler panicked.
+pub const HANDLER_PANICKED: &str = "handler_panicked";
+
+/// Most requests remembered as "delivered to us and ended without an answer", to count their
+/// deliveries on queues that have no `x-delivery-count` (classic queues); the oldest entry is
+/// forgotten first. Entries are removed when the request is settled, so only requests whose
+/// redelivery went to another server linger.
+const MAX_REMEMBERED_DELIVERIES: usize = 4096;
+
+/// Header RabbitMQ sets on deliveries from quorum queues: how many times the message was
+/// delivered before and not acked (RabbitMQ "Quorum Queues", "Poison Message Handling").
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// A delivery waiting in the prefetch buffer.
+#[derive(Debug)]
+struct Buffered {
+    delivery: Delivery,
+    /// When it reached us: its `expiration` counts from here.
+    received: Instant,
+}
+
+/// Identifies a request across its redeliveries: its reply address and correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestKey {
+    reply_to: ShortString,
+    correlation_id: ShortString,
+}
+
+/// A request remembered in [`RpcServer::unsettled`].
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    deliveries: u32,
+    seq: u64,
 }
 
 /// Where the server is.
@@ -185,8 +278,14 @@ pub struct RpcServer {
     config: ServerConfig,
     phase: Phase,
     epoch: u64,
-    buffer: VecDeque<Delivery>,
+    buffer: VecDeque<Buffered>,
     in_flight: usize,
+    /// Requests handed to a handler and not settled yet, with their delivery count: when the
+    /// channel dies under them, their redelivery counts one more (see
+    /// [`ServerConfig::max_deliveries`]).
+    unsettled: HashMap<RequestKey, Remembered>,
+    /// Stamps [`Remembered::seq`], to forget the oldest entry first.
+    unsettled_seq: u64,
     abandoned_tx: mpsc::Sender<TokenFacts>,
     abandoned_rx: mpsc::Receiver<TokenFacts>,
     events: VecDeque<ServerEvent>,
@@ -206,6 +305,8 @@ impl RpcServer {
             epoch: 0,
             buffer: VecDeque::new(),
             in_flight: 0,
+            unsettled: HashMap::new(),
+            unsettled_seq: 0,
             abandoned_tx,
             abandoned_rx,
             events: VecDeque::new(),
@@ -254,46 +355,87 @@ impl RpcServer {
 
     /// Takes the next request to run off the prefetch buffer. Call it after every input, as
     /// long as workers are free (deliveries raise no event of their own). Requests without
-    /// `reply_to`, or whose deadline (`wall` is the wall clock now) has passed, are acked and
-    /// dropped on the way, never returned.
+    /// `reply_to`, whose caller has given up (`wall` is the wall clock now; see
+    /// [`ServerConfig::clock_skew_tolerance`]), or delivered too often
+    /// ([`ServerConfig::max_deliveries`]) are settled on the way, never returned; each raises
+    /// [`ServerEvent::Dropped`].
     pub fn poll_request(&mut self, now: Instant, wall: UnixMillis) -> Option<Request> {
         self.collect_abandoned(now);
-        while let Some(delivery) = self.buffer.pop_front() {
-            let reply_to = delivery.properties.reply_to().clone();
+        while let Some(Buffered { delivery, received }) = self.buffer.pop_front() {
+            let reply_to = delivery
+                .properties
+                .reply_to()
+                .clone()
+                .filter(|r| !r.as_str().is_empty());
+            let key = reply_to
+                .clone()
+                .zip(delivery.properties.correlation_id().clone())
+                .map(|(reply_to, correlation_id)| RequestKey {
+                    reply_to,
+                    correlation_id,
+                });
+            let deliveries = self.deliveries(&delivery, key.as_ref());
+            let deadline = self.deadline(&delivery.properties, received, now, Some(wall));
             let facts = RequestFacts {
-                has_reply_to: reply_to.as_ref().is_some_and(|r| !r.as_str().is_empty()),
-                deadline_passed: deadline(&delivery.properties).is_some_and(|d| d <= wall),
-                redelivered: delivery.redelivered,
+                has_reply_to: reply_to.is_some(),
+                expired: deadline.is_some_and(|d| d <= now),
+                deliveries,
+                max_deliveries: self.config.max_deliveries.max(1),
             };
             match decide(facts, HandlerOutcome::NotRun) {
                 Decision::Run => {
                     self.in_flight += 1;
+                    if let Some(key) = key {
+                        self.remember(key, deliveries);
+                    }
                     let facts = TokenFacts {
                         epoch: self.epoch,
                         channel: delivery.channel,
                         delivery_tag: delivery.delivery_tag,
-                        redelivered: delivery.redelivered,
+                        deliveries,
+                        deadline,
                         reply_to: reply_to.unwrap_or_default(),
                         correlation_id: delivery.properties.correlation_id().clone(),
                     };
                     return Some(Request {
                         body: delivery.body,
                         properties: delivery.properties,
+                        deadline,
                         token: ReplyToken {
                             facts,
                             on_drop: Some(self.abandoned_tx.clone()),
                         },
                     });
                 }
-                Decision::AckAndDrop(reason) => {
+                Decision::Drop(reason) => {
+                    // Each fails only when the channel is gone; then the broker requeues it.
                     match reason {
-                        DropReason::NoReplyTo => self.stats.dropped_no_reply_to += 1,
-                        DropReason::Expired => self.stats.dropped_expired += 1,
+                        DropReason::NoReplyTo => {
+                            self.stats.dropped_no_reply_to += 1;
+                            let _ = self
+                                .conn
+                                .ack(delivery.channel, delivery.delivery_tag, false);
+                        }
+                        DropReason::Expired => {
+                            self.stats.dropped_expired += 1;
+                            let _ = self
+                                .conn
+                                .ack(delivery.channel, delivery.delivery_tag, false);
+                        }
+                        DropReason::TooManyDeliveries { .. } => {
+                            self.stats.dropped_too_many_deliveries += 1;
+                            let _ =
+                                self.conn
+                                    .reject(delivery.channel, delivery.delivery_tag, false);
+                        }
                     }
-                    // Fails only when the channel is gone; then the broker requeues it anyway.
-                    let _ = self
-                        .conn
-                        .ack(delivery.channel, delivery.delivery_tag, false);
+                    if let Some(key) = &key {
+                        self.unsettled.remove(key);
+                    }
+                    self.events.push_back(ServerEvent::Dropped {
+                        reason,
+                        correlation_id: correlation_id(&delivery.properties),
+                    });
                 }
                 Decision::ReplyThenAck | Decision::Reject { .. } => {}
             }
@@ -340,8 +482,12 @@ impl RpcServer {
     // -----------------------------------------------------------------------------------------
 
     /// Answers a request: publishes the reply (or error reply) to its `reply_to` with its
-    /// correlation id, then acks it. A token from a channel that has since closed is counted
-    /// and ignored: the broker has already requeued that request.
+    /// correlation id, then acks it. A reply that cannot be published as it is (body above
+    /// the broker's `max_message_size`, header above frame_max) is replaced by an error reply
+    /// [`REPLY_TOO_LARGE`]. A token from a channel that has since closed is counted stale: its
+    /// ack is void (the broker has requeued that request), but the reply is still published
+    /// on the current channel when one is usable, since it goes to `reply_to` through the
+    /// default exchange and does not depend on the delivery's channel.
     pub fn reply(
         &mut self,
         now: Instant,
@@ -352,32 +498,24 @@ impl RpcServer {
         let facts = token.facts.clone();
         drop(token);
         self.in_flight = self.in_flight.saturating_sub(1);
-        if facts.epoch != self.epoch || !self.conn.is_channel_usable(facts.channel) {
-            self.stats.stale_replies += 1;
-        } else {
-            let request_facts = RequestFacts {
-                has_reply_to: true,
-                deadline_passed: false,
-                redelivered: facts.redelivered,
+        let request_facts = self.token_request_facts(&facts, now);
+        if decide(request_facts, HandlerOutcome::Answered) == Decision::ReplyThenAck {
+            let current = facts.epoch == self.epoch && self.conn.is_channel_usable(facts.channel);
+            let channel = if current {
+                Some(facts.channel)
+            } else {
+                self.stats.stale_replies += 1;
+                self.reply_channel()
             };
-            if decide(request_facts, HandlerOutcome::Answered) == Decision::ReplyThenAck {
-                let (properties, body) = reply_message(&facts, result);
-                if properties.headers().is_some() {
-                    self.stats.replied_error += 1;
-                } else {
-                    self.stats.replied_ok += 1;
-                }
-                // Either fails only when the channel or connection is going away; the broker
-                // then requeues the request and another server answers it.
-                let _ = self.conn.publish(
-                    facts.channel,
-                    "",
-                    facts.reply_to.as_str(),
-                    false,
-                    &properties,
-                    &body,
-                );
+            match channel {
+                Some(channel) => self.publish_reply(channel, &facts, result),
+                None => self.stats.stale_replies_lost += 1,
+            }
+            if current {
+                // Fails only when the channel is going away; the broker then requeues the
+                // request and another server answers it.
                 let _ = self.conn.ack(facts.channel, facts.delivery_tag, false);
+                self.forget(&facts);
             }
         }
         self.maybe_finish_shutdown(now);
@@ -407,7 +545,7 @@ impl RpcServer {
             }
             Phase::Connecting | Phase::Disconnected | Phase::Draining { .. } => {}
         }
-        self.give_back_buffer();
+        self.give_back_buffer(now);
         self.maybe_finish_shutdown(now);
     }
 
@@ -469,7 +607,10 @@ impl RpcServer {
                         .conn
                         .reject(delivery.channel, delivery.delivery_tag, true);
                 } else {
-                    self.buffer.push_back(delivery);
+                    self.buffer.push_back(Buffered {
+                        delivery,
+                        received: now,
+                    });
                 }
             }
             Event::ContentTooLarge {
@@ -487,11 +628,14 @@ impl RpcServer {
                     .filter(|r| !r.as_str().is_empty())
                 {
                     Some(reply_to) => {
+                        // The event carries no redelivered flag; the broker's count is all we
+                        // have. No wall clock here: only the relative budget is known.
                         let facts = TokenFacts {
                             epoch: self.epoch,
                             channel,
                             delivery_tag,
-                            redelivered: false,
+                            deliveries: broker_deliveries(&properties).unwrap_or(1),
+                            deadline: self.deadline(&properties, now, now, None),
                             reply_to,
                             correlation_id: properties.correlation_id().clone(),
                         };
@@ -656,17 +800,17 @@ impl RpcServer {
             any = true;
             self.in_flight = self.in_flight.saturating_sub(1);
             self.stats.abandoned += 1;
-            let request_facts = RequestFacts {
-                has_reply_to: true,
-                deadline_passed: false,
-                redelivered: facts.redelivered,
-            };
+            let request_facts = self.token_request_facts(&facts, now);
             let Decision::Reject { requeue } = decide(request_facts, HandlerOutcome::Abandoned)
             else {
                 continue;
             };
             let requeued = if facts.epoch == self.epoch {
                 let _ = self.conn.reject(facts.channel, facts.delivery_tag, requeue);
+                if !requeue {
+                    self.forget(&facts);
+                }
+                // Requeued: still remembered, so that its next delivery counts one more.
                 requeue
             } else {
                 // Its channel is gone, and the broker requeued everything unacked on it.
@@ -679,19 +823,175 @@ impl RpcServer {
         }
     }
 
-    fn give_back_buffer(&mut self) {
-        let facts = RequestFacts {
-            has_reply_to: true,
-            deadline_passed: false,
-            redelivered: false,
-        };
-        let Decision::Reject { requeue } = decide(facts, HandlerOutcome::ShuttingDown) else {
-            return;
-        };
-        for delivery in std::mem::take(&mut self.buffer) {
-            let _ = self
-                .conn
-                .reject(delivery.channel, delivery.delivery_tag, requeue);
+    fn give_back_buffer(&mut self, now: Instant) {
+        for Buffered { delivery, received } in std::mem::take(&mut self.buffer) {
+            // No wall clock on this path: the relative budget alone tells whether it expired.
+            let facts = RequestFacts {
+                has_reply_to: delivery
+                    .properties
+                    .reply_to()
+                    .as_ref()
+                    .is_some_and(|r| !r.as_str().is_empty()),
+                expired: self
+                    .deadline(&delivery.properties, received, now, None)
+                    .is_some_and(|d| d <= now),
+                deliveries: self.deliveries(&delivery, None),
+                max_deliveries: self.config.max_deliveries.max(1),
+            };
+            if let Decision::Reject { requeue } = decide(facts, HandlerOutcome::ShuttingDown) {
+                let _ = self
+                    .conn
+                    .reject(delivery.channel, delivery.delivery_tag, requeue);
+            }
+        }
+    }
+
+    /// The facts a reply token carries, as of `now`.
+    fn token_request_facts(&self, facts: &TokenFacts, now: Instant) -> RequestFacts {
+        RequestFacts {
+            has_reply_to: !facts.reply_to.as_str().is_empty(),
+            expired: facts.deadline.is_some_and(|d| d <= now),
+            deliveries: facts.deliveries,
+            max_deliveries: self.config.max_deliveries.max(1),
+        }
+    }
+
+    /// Which delivery of its request `delivery` is: the broker's count where it keeps one
+    /// (quorum queues), at least 2 when it says it delivered it before, and our own count when
+    /// we saw earlier deliveries of it end without an answer.
+    fn deliveries(&self, delivery: &Delivery, key: Option<&RequestKey>) -> u32 {
+        let flag = if delivery.redelivered { 2 } else { 1 };
+        let ours = key
+            .filter(|_| delivery.redelivered)
+            .and_then(|k| self.unsettled.get(k))
+            .map_or(0, |r| r.deliveries.saturating_add(1));
+        broker_deliveries(&delivery.properties)
+            .unwrap_or(0)
+            .max(flag)
+            .max(ours)
+    }
+
+    /// Remembers a request handed to a handler, until it is settled.
+    fn remember(&mut self, key: RequestKey, deliveries: u32) {
+        self.unsettled_seq += 1;
+        let seq = self.unsettled_seq;
+        self.unsettled.insert(key, Remembered { deliveries, seq });
+        if self.unsettled.len() > MAX_REMEMBERED_DELIVERIES {
+            // Rare (only requests whose redelivery went elsewhere linger), so a scan is fine.
+            let oldest = self
+                .unsettled
+                .iter()
+                .min_by_key(|(_, r)| r.seq)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.unsettled.remove(&oldest);
+            }
+        }
+    }
+
+    /// Forgets a request once it is settled for good.
+    fn forget(&mut self, facts: &TokenFacts) {
+        if let Some(correlation_id) = &facts.correlation_id {
+            self.unsettled.remove(&RequestKey {
+                reply_to: facts.reply_to.clone(),
+                correlation_id: correlation_id.clone(),
+            });
+        }
+    }
+
+    /// When the caller of a request received at `received` gives up, on our clock: the
+    /// earlier of its relative budget (`expiration` from `received`; no clock skew affects it,
+    /// but it does not count the time the request waited in the queue) and its absolute
+    /// deadline (`x-rpc-deadline` against `wall`, our wall clock at `now`, trusted up to
+    /// [`ServerConfig::clock_skew_tolerance`]). Without `wall`, the relative budget alone.
+    fn deadline(
+        &self,
+        properties: &BasicProperties,
+        received: Instant,
+        now: Instant,
+        wall: Option<UnixMillis>,
+    ) -> Option<Instant> {
+        let relative = expiration(properties).and_then(|ms| received.checked_add(ms));
+        let tolerance = self.config.clock_skew_tolerance;
+        let absolute = wall.zip(deadline_header(properties)).and_then(|(wall, d)| {
+            if d >= wall {
+                now.checked_add(Duration::from_millis(d.0 - wall.0))?
+                    .checked_add(tolerance)
+            } else {
+                let behind = Duration::from_millis(wall.0 - d.0);
+                match tolerance.checked_sub(behind) {
+                    Some(left) => now.checked_add(left),
+                    // Passed already; when exactly does not matter.
+                    None => Some(now),
+                }
+            }
+        });
+        match (relative, absolute) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The channel a reply for a request of an older channel goes out on, if one is usable.
+    fn reply_channel(&self) -> Option<ChannelId> {
+        match &self.phase {
+            Phase::Serving { channel, .. }
+            | Phase::Draining {
+                channel: Some(channel),
+            } => Some(*channel).filter(|c| self.conn.is_channel_usable(*c)),
+            _ => None,
+        }
+    }
+
+    /// Publishes the reply on `channel`; one too large to publish becomes a
+    /// [`REPLY_TOO_LARGE`] error reply. [`Connection::publish`] checks both limits before it
+    /// sends anything: publishing the oversized reply anyway would make the broker close the
+    /// channel (406), which voids every delivery tag on it and requeues the request, to fail
+    /// the same way again.
+    fn publish_reply(
+        &mut self,
+        channel: ChannelId,
+        facts: &TokenFacts,
+        result: Result<Bytes, HandlerError>,
+    ) {
+        let (properties, body) = reply_message(facts, result);
+        let is_error = properties.headers().is_some();
+        let reply_to = facts.reply_to.as_str();
+        match self
+            .conn
+            .publish(channel, "", reply_to, false, &properties, &body)
+        {
+            Ok(_) if is_error => self.stats.replied_error += 1,
+            Ok(_) => self.stats.replied_ok += 1,
+            Err(error @ (UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. })) => {
+                self.stats.replies_too_large += 1;
+                let message = match &error {
+                    UsageError::MessageTooLarge { size, limit } => format!(
+                        "the reply of {size} bytes exceeds the broker's max_message_size of {limit}"
+                    ),
+                    _ => "the reply's headers exceed the negotiated frame_max".to_owned(),
+                };
+                let fallback = Err(HandlerError::Failed {
+                    code: REPLY_TOO_LARGE.into(),
+                    message,
+                });
+                let (properties, body) = reply_message(facts, fallback);
+                // A short error reply fits any frame_max >= 4096; should the broker's limit
+                // be smaller still, the caller times out as it would have anyway.
+                if self
+                    .conn
+                    .publish(channel, "", reply_to, false, &properties, &body)
+                    .is_ok()
+                {
+                    self.stats.replied_error += 1;
+                }
+                self.events.push_back(ServerEvent::ReplyTooLarge {
+                    correlation_id: facts.correlation_id.as_ref().map(|c| c.as_str().to_owned()),
+                    error,
+                });
+            }
+            // The channel or connection is going away; the broker requeues the request.
+            Err(_) => {}
         }
     }
 
@@ -709,21 +1009,51 @@ impl RpcServer {
     }
 }
 
-/// The caller's deadline from the request's header, if it has one.
-fn deadline(properties: &BasicProperties) -> Option<UnixMillis> {
-    let value = properties
-        .headers()
+/// The caller's absolute deadline from the request's `x-rpc-deadline` header, if it has one.
+fn deadline_header(properties: &BasicProperties) -> Option<UnixMillis> {
+    int_header(properties, DEADLINE_HEADER).map(UnixMillis)
+}
+
+/// The request's relative budget: its `expiration` (milliseconds as a decimal string,
+/// RabbitMQ "Time-To-Live and Expiration").
+fn expiration(properties: &BasicProperties) -> Option<Duration> {
+    let ms = properties
+        .expiration()
         .as_ref()?
-        .inner()
-        .get(DEADLINE_HEADER)?;
-    let ms = match value {
-        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok()?,
-        AMQPValue::Timestamp(v) => *v,
-        AMQPValue::LongInt(v) => u64::try_from(*v).ok()?,
-        AMQPValue::LongUInt(v) => u64::from(*v),
-        _ => return None,
-    };
-    Some(UnixMillis(ms))
+        .as_str()
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+/// Which delivery this is by the broker's count (`x-delivery-count` + 1), where it keeps one.
+fn broker_deliveries(properties: &BasicProperties) -> Option<u32> {
+    let count = int_header(properties, DELIVERY_COUNT_HEADER)?;
+    Some(u32::try_from(count).unwrap_or(u32::MAX).saturating_add(1))
+}
+
+/// A non-negative integer header, whatever integer type the sender chose.
+fn int_header(properties: &BasicProperties, name: &str) -> Option<u64> {
+    let value = properties.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        _ => None,
+    }
+}
+
+/// A request's correlation id, for events and logs.
+fn correlation_id(properties: &BasicProperties) -> Option<String> {
+    properties
+        .correlation_id()
+        .as_ref()
+        .map(|c| c.as_str().to_owned())
 }
 
 /// The reply's properties and body: the result, or an error reply in the documented format.

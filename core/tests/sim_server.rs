@@ -1,0 +1,511 @@
+//! Simulation of the RPC server's rules against the in-memory broker, in virtual time: what
+//! happens to a reply that cannot be published, to a request that keeps killing its server, to
+//! requests under clock skew, and to replies that finish after the server's channel was re-armed.
+
+// In a test an unwrap is an assertion.
+#![allow(clippy::unwrap_used)]
+
+mod support {
+    pub mod broker;
+    pub mod rpc;
+}
+
+use std::time::{Duration, Instant};
+
+use amqp_rpc_core::rpc::{
+    CallId, CallRequest, ClientEvent, DropReason, HandlerError, ReplyMode, Request, RpcClient,
+    RpcReply, RpcServer, ServerConfig, ServerEvent, UnixMillis, REPLY_TOO_LARGE,
+};
+use amqp_rpc_core::types::{AMQPValue, FieldTable, ShortString};
+use amqp_rpc_core::{BasicProperties, ConnectionConfig, RpcError};
+use bytes::Bytes;
+
+use support::broker::Broker;
+use support::rpc::*;
+
+const Q: &str = "rpc";
+
+/// One client, one server, one broker, one virtual clock; the server's wall clock may be skewed
+/// from the client's.
+struct Sim {
+    base: Instant,
+    now: Instant,
+    broker: Broker,
+    client: Wire<RpcClient>,
+    server: Wire<RpcServer>,
+    /// Added to the client's wall clock to give the server's (negative: the server is behind).
+    skew_ms: i64,
+    ended: Vec<(CallId, Result<RpcReply, RpcError>)>,
+    server_events: Vec<ServerEvent>,
+}
+
+impl Sim {
+    fn new(config: ServerConfig, conn: ConnectionConfig) -> Self {
+        let base = base_instant();
+        let mut broker = Broker::new();
+        broker.declare(Q);
+        let client = Wire::new(
+            RpcClient::new(
+                client_config(ReplyMode::DirectReplyTo),
+                conn_config(),
+                "5e1f",
+                base,
+            ),
+            &mut broker,
+        );
+        let server = Wire::new(RpcServer::new(config, conn, base), &mut broker);
+        let mut sim = Self {
+            base,
+            now: base,
+            broker,
+            client,
+            server,
+            skew_ms: 0,
+            ended: Vec::new(),
+            server_events: Vec::new(),
+        };
+        sim.settle();
+        assert!(sim.server.m.is_serving());
+        sim
+    }
+
+    fn default() -> Self {
+        Self::new(ServerConfig::new(Q), conn_config())
+    }
+
+    fn collect(&mut self) {
+        for event in client_events(&mut self.client.m) {
+            if let ClientEvent::CallEnded { call, result } = event {
+                assert!(
+                    self.ended.iter().all(|(c, _)| *c != call),
+                    "{call:?} ended twice"
+                );
+                self.ended.push((call, result));
+            }
+        }
+        self.server_events.extend(server_events(&mut self.server.m));
+        assert!(
+            self.broker.violations.is_empty(),
+            "protocol violations: {:?}",
+            self.broker.violations
+        );
+    }
+
+    fn settle(&mut self) {
+        let now = self.now;
+        let mut broker = std::mem::take(&mut self.broker);
+        settle(&mut broker, now, &mut [&mut self.client, &mut self.server]);
+        self.broker = broker;
+        self.collect();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let to = self.now + d;
+        let mut now = self.now;
+        let mut broker = std::mem::take(&mut self.broker);
+        advance(
+            &mut broker,
+            &mut now,
+            to,
+            &mut [&mut self.client, &mut self.server],
+            |_, _| {},
+        );
+        self.broker = broker;
+        self.now = now;
+        self.collect();
+    }
+
+    fn call(&mut self, body: &str, timeout_ms: u64) -> CallId {
+        let request = CallRequest::new(Q, body.to_owned(), Duration::from_millis(timeout_ms));
+        let wall = wall(self.base, self.now);
+        let id = self.client.m.call(self.now, wall, request).unwrap();
+        self.settle();
+        id
+    }
+
+    fn server_wall(&self) -> UnixMillis {
+        let client = wall(self.base, self.now).0;
+        UnixMillis(client.checked_add_signed(self.skew_ms).unwrap())
+    }
+
+    fn take(&mut self) -> Option<Request> {
+        let (now, wall) = (self.now, self.server_wall());
+        let r = self.server.m.poll_request(now, wall);
+        self.settle();
+        r
+    }
+
+    fn reply(&mut self, req: Request, result: Result<Bytes, HandlerError>) {
+        let now = self.now;
+        self.server.m.reply(now, req.token, result);
+        self.settle();
+    }
+
+    fn result(&self, id: CallId) -> Option<&Result<RpcReply, RpcError>> {
+        self.ended.iter().find(|(c, _)| *c == id).map(|(_, r)| r)
+    }
+
+    fn ok(&self, id: CallId) -> &[u8] {
+        match self.result(id) {
+            Some(Ok(reply)) => &reply.body,
+            other => panic!("{id:?}: expected a reply, got {other:?}"),
+        }
+    }
+
+    fn remote_code(&self, id: CallId) -> &str {
+        match self.result(id) {
+            Some(Err(RpcError::Remote { code, .. })) => code,
+            other => panic!("{id:?}: expected a remote error, got {other:?}"),
+        }
+    }
+
+    fn server_channel(&self) -> u16 {
+        let chans = self.broker.consumer_channels(self.server.conn);
+        assert_eq!(chans.len(), 1, "one consumer channel: {chans:?}");
+        chans[0]
+    }
+
+    fn dropped(&self) -> Vec<(DropReason, Option<String>)> {
+        self.server_events
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::Dropped {
+                    reason,
+                    correlation_id,
+                } => Some((*reason, correlation_id.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 3: replies that cannot be published, and poison messages
+// ---------------------------------------------------------------------------------------------
+
+/// A reply body above the broker's `max_message_size` is never published as it is (the broker
+/// would close the channel and requeue the request, forever): the caller gets a
+/// `reply_too_large` error reply at once, the request is acked once, the channel stays up and
+/// another request in flight is answered normally.
+#[test]
+fn oversized_reply_body_becomes_reply_too_large() {
+    let conn = ConnectionConfig {
+        max_message_size: 1000,
+        ..conn_config()
+    };
+    let mut sim = Sim::new(
+        ServerConfig {
+            prefetch: 2,
+            ..ServerConfig::new(Q)
+        },
+        conn,
+    );
+    let channel = sim.server_channel();
+    let big = sim.call("big", 5000);
+    let small = sim.call("small", 5000);
+    let big_req = sim.take().unwrap();
+    let small_req = sim.take().unwrap();
+    sim.reply(big_req, Ok(Bytes::from(vec![b'x'; 2000])));
+    assert_eq!(sim.remote_code(big), REPLY_TOO_LARGE, "told at once");
+    sim.reply(small_req, Ok(Bytes::from("fine")));
+    assert_eq!(sim.ok(small), b"fine");
+    assert_eq!(sim.server_channel(), channel, "the channel never closed");
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0, "both acked");
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.replies_too_large, 1);
+    assert_eq!(stats.replied_error, 1);
+    assert_eq!(stats.replied_ok, 1);
+    assert!(sim
+        .server_events
+        .iter()
+        .any(|e| matches!(e, ServerEvent::ReplyTooLarge { .. })));
+}
+
+/// An error reply whose header does not fit in frame_max (a handler's huge error code) is
+/// replaced by a `reply_too_large` error reply instead of being acked without a reply.
+#[test]
+fn oversized_reply_header_becomes_reply_too_large() {
+    let mut sim = Sim::default();
+    let id = sim.call("x", 5000);
+    let req = sim.take().unwrap();
+    let code = "c".repeat(200_000);
+    sim.reply(
+        req,
+        Err(HandlerError::Failed {
+            code,
+            message: "m".into(),
+        }),
+    );
+    assert_eq!(sim.remote_code(id), REPLY_TOO_LARGE);
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert_eq!(sim.server.m.stats().replies_too_large, 1);
+}
+
+fn with_delivery_count(count: i64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-delivery-count"),
+        AMQPValue::LongLongInt(count),
+    );
+    BasicProperties::default()
+        .with_reply_to(ShortString::from("replies"))
+        .with_correlation_id(ShortString::from(format!("poison-{count}")))
+        .with_headers(headers)
+}
+
+/// On a quorum queue the broker counts deliveries (`x-delivery-count`): a request delivered
+/// more than `max_deliveries` times is rejected without requeue (dead-lettered where the queue
+/// has a DLX), never run; one under the limit runs.
+#[test]
+fn request_over_the_broker_delivery_count_is_rejected() {
+    let mut sim = Sim::default();
+    // The 6th delivery (5 before it) of a request, with max_deliveries 5.
+    assert!(sim.broker.publish(Q, with_delivery_count(5), b"poison"));
+    sim.settle();
+    assert!(sim.take().is_none(), "not run");
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0, "settled");
+    assert_eq!(sim.broker.queue_len(Q), 0, "not requeued");
+    assert_eq!(sim.server.m.stats().dropped_too_many_deliveries, 1);
+    assert_eq!(
+        sim.dropped(),
+        vec![(
+            DropReason::TooManyDeliveries { deliveries: 6 },
+            Some("poison-5".to_owned())
+        )]
+    );
+    // The 5th delivery still runs.
+    assert!(sim.broker.publish(Q, with_delivery_count(4), b"ok"));
+    sim.settle();
+    let req = sim.take().expect("runs");
+    sim.reply(req, Ok(Bytes::from("done")));
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+}
+
+/// On a classic queue the broker only says "redelivered": the server counts itself the
+/// deliveries whose channel died while a handler had them, so a request that kills the channel
+/// each time (say, with a reply the broker refuses) runs `max_deliveries` times and is then
+/// rejected without requeue, instead of circling forever.
+#[test]
+fn request_whose_channel_keeps_dying_is_rejected_after_max_deliveries() {
+    let mut sim = Sim::new(
+        ServerConfig {
+            max_deliveries: 3,
+            ..ServerConfig::new(Q)
+        },
+        conn_config(),
+    );
+    let id = sim.call("poison", 60_000);
+    for run in 1..=3 {
+        let req = sim.take().unwrap_or_else(|| panic!("run {run}"));
+        let channel = sim.server_channel();
+        sim.broker
+            .close_channel(sim.server.conn, channel, 406, "PRECONDITION_FAILED");
+        sim.settle();
+        assert!(sim.server.m.is_serving(), "re-armed after run {run}");
+        // The handler ends after its channel died: the token is stale.
+        drop(req);
+        sim.settle();
+    }
+    assert!(sim.take().is_none(), "the 4th delivery is not run");
+    assert_eq!(sim.broker.queue_len(Q), 0, "rejected without requeue");
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.server.m.stats().dropped_too_many_deliveries, 1);
+    assert!(matches!(
+        sim.dropped()[..],
+        [(DropReason::TooManyDeliveries { deliveries: 4 }, _)]
+    ));
+    assert!(sim.result(id).is_none(), "its caller times out");
+}
+
+/// A reply handle dropped unanswered gives the request back until `max_deliveries`, then it is
+/// rejected for good.
+#[test]
+fn abandoned_request_is_requeued_until_max_deliveries() {
+    let mut sim = Sim::new(
+        ServerConfig {
+            max_deliveries: 3,
+            ..ServerConfig::new(Q)
+        },
+        conn_config(),
+    );
+    sim.call("x", 60_000);
+    for _ in 0..3 {
+        let req = sim.take().expect("delivered");
+        drop(req);
+        sim.settle();
+    }
+    assert!(sim.take().is_none());
+    let abandoned: Vec<_> = sim
+        .server_events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Abandoned { requeued } => Some(*requeued),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(abandoned, vec![true, true, false]);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 10: clock skew
+// ---------------------------------------------------------------------------------------------
+
+/// The server's clock runs 1.5 s ahead of the caller's, within the tolerance: by the caller's
+/// absolute deadline the 1 s call has expired on arrival, but its relative budget
+/// (`expiration`) has not, so it runs and is answered.
+#[test]
+fn server_clock_ahead_within_tolerance_still_runs_requests() {
+    let mut sim = Sim::default();
+    sim.skew_ms = 1500;
+    let id = sim.call("x", 1000);
+    sim.advance(Duration::from_millis(100));
+    let req = sim.take().expect("run, not dropped as expired");
+    assert!(req.deadline.is_some_and(|d| d > sim.now));
+    sim.reply(req, Ok(Bytes::from("y")));
+    assert_eq!(sim.ok(id), b"y");
+    assert_eq!(sim.server.m.stats().dropped_expired, 0);
+}
+
+/// The tolerance is the server's to set: with 20 s, a server 10 s ahead still runs requests.
+#[test]
+fn clock_skew_tolerance_is_configurable() {
+    let mut sim = Sim::new(
+        ServerConfig {
+            clock_skew_tolerance: Duration::from_secs(20),
+            ..ServerConfig::new(Q)
+        },
+        conn_config(),
+    );
+    sim.skew_ms = 10_000;
+    let id = sim.call("x", 1000);
+    let req = sim.take().expect("run");
+    sim.reply(req, Ok(Bytes::from("y")));
+    assert_eq!(sim.ok(id), b"y");
+}
+
+/// The server's clock runs 10 s behind the caller's: by the absolute deadline a request that
+/// waited 2 s in the prefetch buffer still has 9 s, but its relative budget of 1 s ran out, so
+/// it is dropped, counted and reported with its correlation id, never run.
+#[test]
+fn server_clock_behind_drops_requests_by_their_relative_budget() {
+    let mut sim = Sim::new(
+        ServerConfig {
+            prefetch: 2,
+            ..ServerConfig::new(Q)
+        },
+        conn_config(),
+    );
+    sim.skew_ms = -10_000;
+    let slow = sim.call("slow", 5000);
+    let quick = sim.call("quick", 1000);
+    let first = sim.take().unwrap();
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.result(quick), Some(&Err(RpcError::TimedOut)));
+    sim.reply(first, Ok(Bytes::from("s")));
+    assert_eq!(sim.ok(slow), b"s");
+    assert!(sim.take().is_none(), "the expired request is not run");
+    assert_eq!(sim.server.m.stats().dropped_expired, 1);
+    let dropped = sim.dropped();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].0, DropReason::Expired);
+    assert!(dropped[0].1.is_some(), "reported with its correlation id");
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+}
+
+/// The handler's deadline is the request's: the earlier of the relative budget and the
+/// absolute deadline plus the tolerance.
+#[test]
+fn request_deadline_combines_both_budgets() {
+    let mut sim = Sim::default();
+    let id = sim.call("x", 10_000);
+    let req = sim.take().unwrap();
+    // No skew: the relative budget (10 s from arrival) is the earlier.
+    assert_eq!(req.deadline, Some(sim.now + Duration::from_secs(10)));
+    sim.reply(req, Ok(Bytes::new()));
+    assert!(sim.result(id).is_some());
+    // Server 5 s ahead (beyond the 2 s tolerance): the absolute deadline is the earlier.
+    sim.skew_ms = 5000;
+    sim.call("y", 10_000);
+    let req = sim.take().unwrap();
+    assert_eq!(req.deadline, Some(sim.now + Duration::from_secs(7)));
+    sim.reply(req, Ok(Bytes::new()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 11: replies after a re-arm
+// ---------------------------------------------------------------------------------------------
+
+/// The server's channel closes while a handler runs; the server re-arms on a new channel and
+/// the broker requeues the request. When the handler finishes, its reply still goes out (on
+/// the new channel: a reply does not depend on the delivery's channel) and its caller hears at
+/// once; only the ack is void. The redelivered copy runs again and its reply is a duplicate the
+/// client drops.
+#[test]
+fn reply_after_channel_rearm_reaches_the_caller_at_once() {
+    let mut sim = Sim::default();
+    let id = sim.call("x", 60_000);
+    let old = sim.take().unwrap();
+    let channel = sim.server_channel();
+    sim.broker
+        .close_channel(sim.server.conn, channel, 406, "PRECONDITION_FAILED");
+    sim.settle();
+    assert!(sim.server.m.is_serving());
+    sim.reply(old, Ok(Bytes::from("first")));
+    assert_eq!(sim.ok(id), b"first", "told at once, not at its timeout");
+    assert_eq!(sim.server.m.stats().stale_replies, 1);
+    let again = sim.take().expect("the broker redelivered it");
+    sim.reply(again, Ok(Bytes::from("second")));
+    assert_eq!(sim.ok(id), b"first", "ended once");
+    assert_eq!(sim.client.m.stats().calls_answered, 1);
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// The same after a reconnect of the server's connection.
+#[test]
+fn reply_after_reconnect_reaches_the_caller_at_once() {
+    let mut sim = Sim::default();
+    let id = sim.call("x", 60_000);
+    let old = sim.take().unwrap();
+    sim.broker
+        .close_connection(sim.server.conn, 320, "CONNECTION_FORCED");
+    sim.settle();
+    // Disconnected: no channel is usable yet.
+    let now = sim.now;
+    sim.server.m.reconnect(now).unwrap();
+    sim.server.redial(&mut sim.broker);
+    sim.settle();
+    assert!(sim.server.m.is_serving());
+    sim.reply(old, Ok(Bytes::from("first")));
+    assert_eq!(sim.ok(id), b"first");
+    let again = sim.take().expect("redelivered");
+    sim.reply(again, Ok(Bytes::from("second")));
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// A handler that finishes while the server has no connection at all: the reply cannot go
+/// out; it is counted, and the redelivered copy answers the caller after the reconnect.
+#[test]
+fn reply_without_any_usable_channel_is_counted_lost() {
+    let mut sim = Sim::default();
+    let id = sim.call("x", 60_000);
+    let old = sim.take().unwrap();
+    sim.broker.drop_connection(sim.server.conn);
+    sim.settle();
+    sim.reply(old, Ok(Bytes::from("lost")));
+    let stats = sim.server.m.stats();
+    assert_eq!((stats.stale_replies, stats.stale_replies_lost), (1, 1));
+    assert!(sim.result(id).is_none());
+    let now = sim.now;
+    sim.server.m.reconnect(now).unwrap();
+    sim.server.redial(&mut sim.broker);
+    sim.settle();
+    let again = sim.take().expect("redelivered");
+    sim.reply(again, Ok(Bytes::from("again")));
+    assert_eq!(sim.ok(id), b"again");
+}
