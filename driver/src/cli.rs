@@ -511,6 +511,7 @@ mod tests {
         let request = Request {
             body: Bytes::copy_from_slice(body),
             properties: Default::default(),
+            deadline: None,
         };
         futures_util::FutureExt::now_or_never(fib_handler(request))
             .expect("fib_handler never waits")

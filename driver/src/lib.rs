@@ -45,4 +45,7 @@ pub trait Runtime: Send + Sync + 'static {
     fn reset(sleep: Pin<&mut Self::Sleep>, deadline: Instant);
     /// Runs a task in the background.
     fn spawn<F: Future<Output = ()> + Send + 'static>(future: F);
+    /// Runs blocking code on the runtime's pool of blocking threads, never on a thread that
+    /// runs tasks (for [`Server::serve_blocking`]).
+    fn spawn_blocking<F: FnOnce() + Send + 'static>(f: F);
 }

@@ -1,18 +1,24 @@
 //! The async RPC server: one driver task owns the connection; each request runs in a task of
-//! its own, at most `workers` at once.
+//! its own (or on the blocking pool, with [`Server::serve_blocking`]), at most `workers` at
+//! once. No handler ever runs on the driver task: one that blocks would stop the heartbeats
+//! and every other request.
 
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
-    HandlerError, ReplyToken, RpcServer, ServerConfig, ServerEvent, ServerStats,
+    HandlerError, ReplyToken, RpcServer, ServerConfig, ServerEvent, ServerStats, DEADLINE_EXCEEDED,
+    HANDLER_PANICKED,
 };
 use amqp_rpc_core::ConnectionError;
 use bytes::Bytes;
-use futures_channel::mpsc;
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::{select, Either};
 use futures_util::{FutureExt, SinkExt};
 
 use crate::client::wall_now;
@@ -54,7 +60,15 @@ pub struct Request {
     pub body: Bytes,
     /// Request properties (headers, content type...).
     pub properties: BasicProperties,
+    /// When the caller gives up (see [`amqp_rpc_core::rpc::Request::deadline`]). A handler
+    /// still running then is abandoned: its caller gets the error reply `deadline_exceeded`.
+    pub deadline: Option<Instant>,
 }
+
+/// A handler's answer, boxed so that async and blocking handlers share one worker path.
+type Answer = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+/// A handler as the workers run it.
+type Run = Arc<dyn Fn(Request) -> Answer + Send + Sync>;
 
 /// What [`Server::serve`] returns once shut down.
 #[derive(Debug, Clone, Copy)]
@@ -131,11 +145,49 @@ impl<R: Runtime> Server<R> {
 
     /// Connects and serves requests with `handler` until shut down. Fails at once when the first
     /// connect fails; later connection losses are retried with the backoff.
+    ///
+    /// Each request runs in a task of its own, never on the task that owns the connection. A
+    /// handler that panics (in its future, or in the call that makes it) answers
+    /// `handler_panicked`; one still running at the request's deadline is dropped and answers
+    /// `deadline_exceeded`. A handler that blocks its thread still holds up the runtime's
+    /// worker it runs on: use [`Server::serve_blocking`] for blocking code.
     pub async fn serve<H, F>(self, handler: H) -> Result<ServerReport, ConnectError>
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
     {
+        let run: Run = Arc::new(move |request| -> Answer { Box::pin(handler(request)) });
+        self.run(run).await
+    }
+
+    /// Like [`Server::serve`], for a blocking handler: each request runs on the runtime's pool
+    /// of blocking threads ([`Runtime::spawn_blocking`]), so that a handler that computes or
+    /// sleeps for a long time delays neither heartbeats nor other requests. A handler still
+    /// running at the request's deadline cannot be stopped: its caller gets
+    /// `deadline_exceeded` and its worker slot is freed at once, and its result is discarded
+    /// when it ends.
+    pub async fn serve_blocking<H>(self, handler: H) -> Result<ServerReport, ConnectError>
+    where
+        H: Fn(Request) -> Result<Bytes, HandlerError> + Send + Sync + 'static,
+    {
+        let handler = Arc::new(handler);
+        let run: Run = Arc::new(move |request| -> Answer {
+            let handler = Arc::clone(&handler);
+            let (tx, rx) = oneshot::channel();
+            R::spawn_blocking(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler(request)))
+                    .unwrap_or_else(|_| Err(panicked()));
+                // The receiver is gone when the request was abandoned at its deadline.
+                let _ = tx.send(result);
+            });
+            // A pool that drops the closure without running it (shutting down) loses the
+            // sender: answer as a failure rather than hang.
+            Box::pin(rx.map(|r| r.unwrap_or_else(|_| Err(panicked()))))
+        });
+        self.run(run).await
+    }
+
+    async fn run(self, run: Run) -> Result<ServerReport, ConnectError> {
         let Server {
             options,
             commands,
@@ -148,8 +200,8 @@ impl<R: Runtime> Server<R> {
             options.connect.connection.clone(),
             Instant::now(),
         );
-        let mut workers = Workers::<R, H> {
-            handler,
+        let mut workers = Workers::<R> {
+            run,
             done: commands,
             limit: options.workers.max(1),
             on_ready,
@@ -173,9 +225,43 @@ impl<R: Runtime> Server<R> {
     }
 }
 
+/// The error a panicking handler answers with.
+fn panicked() -> HandlerError {
+    HandlerError::Failed {
+        code: HANDLER_PANICKED.into(),
+        message: "the handler panicked".into(),
+    }
+}
+
+/// Runs one request to its answer: the handler, caught if it panics, bounded by the request's
+/// deadline.
+async fn answer<R: Runtime>(run: Run, request: Request) -> Result<Bytes, HandlerError> {
+    let deadline = request.deadline;
+    // The call that makes the future may panic too, before any future exists.
+    let work = match std::panic::catch_unwind(AssertUnwindSafe(|| run(request))) {
+        Ok(future) => AssertUnwindSafe(future)
+            .catch_unwind()
+            .map(|r| r.unwrap_or_else(|_| Err(panicked())))
+            .left_future(),
+        Err(_) => futures_util::future::ready(Err(panicked())).right_future(),
+    };
+    let Some(deadline) = deadline else {
+        return work.await;
+    };
+    match select(work, Box::pin(R::sleep_until(deadline))).await {
+        Either::Left((result, _)) => result,
+        // Dropping the handler's future cancels it; its caller has given up by now, and the
+        // worker slot is needed more than the answer.
+        Either::Right(_) => Err(HandlerError::Failed {
+            code: DEADLINE_EXCEEDED.into(),
+            message: "the handler was still running at the caller's deadline".into(),
+        }),
+    }
+}
+
 /// The driver task's side: spawning handlers and collecting their results.
-struct Workers<R: Runtime, H> {
-    handler: H,
+struct Workers<R: Runtime> {
+    run: Run,
     done: mpsc::Sender<Command>,
     limit: usize,
     on_ready: Option<Box<dyn FnMut() + Send>>,
@@ -186,12 +272,7 @@ struct Workers<R: Runtime, H> {
     _runtime: PhantomData<fn() -> R>,
 }
 
-impl<R, H, F> Handler<RpcServer> for Workers<R, H>
-where
-    R: Runtime,
-    H: Fn(Request) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
-{
+impl<R: Runtime> Handler<RpcServer> for Workers<R> {
     type Command = Command;
 
     fn on_wake(&mut self, machine: &mut RpcServer, now: Instant) {
@@ -241,32 +322,15 @@ where
             let view = Request {
                 body: request.body,
                 properties: request.properties,
+                deadline: request.deadline,
             };
-            // A panicking handler still answers: the caller learns the request failed instead of
-            // waiting for its timeout.
-            let mut run = Box::pin(AssertUnwindSafe((self.handler)(view)).catch_unwind().map(
-                |r| {
-                    r.unwrap_or_else(|_| {
-                        Err(HandlerError::Failed {
-                            code: "handler_panicked".into(),
-                            message: "the handler panicked".into(),
-                        })
-                    })
-                },
-            ));
-            // A handler that finishes without waiting (like fib) is answered right here, so its
-            // reply leaves in this loop turn's write; only one that waits gets a task of its own.
-            match (&mut run).now_or_never() {
-                Some(result) => machine.reply(now, token, result),
-                None => {
-                    let mut done = self.done.clone();
-                    R::spawn(async move {
-                        let result = run.await;
-                        // If the server is gone, the token drops here and the request goes back.
-                        let _ = done.send(Command::Done { token, result }).await;
-                    });
-                }
-            }
+            let run = Arc::clone(&self.run);
+            let mut done = self.done.clone();
+            R::spawn(async move {
+                let result = answer::<R>(run, view).await;
+                // If the server is gone, the token drops here and the request goes back.
+                let _ = done.send(Command::Done { token, result }).await;
+            });
         }
     }
 
@@ -290,12 +354,7 @@ where
     }
 }
 
-impl<R, H, F> Session<RpcServer> for Workers<R, H>
-where
-    R: Runtime,
-    H: Fn(Request) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
-{
+impl<R: Runtime> Session<RpcServer> for Workers<R> {
     fn take_was_ready(&mut self) -> bool {
         std::mem::take(&mut self.was_ready)
     }

@@ -72,6 +72,10 @@ impl amqp_rpc_driver::Runtime for Smol {
     fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
         smol::spawn(future).detach();
     }
+
+    fn spawn_blocking<F: FnOnce() + Send + 'static>(f: F) {
+        smol::unblock(f).detach();
+    }
 }
 
 /// An RPC client on smol.

@@ -59,6 +59,10 @@ impl amqp_rpc_driver::Runtime for Tokio {
     fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
         tokio::spawn(future);
     }
+
+    fn spawn_blocking<F: FnOnce() + Send + 'static>(f: F) {
+        tokio::task::spawn_blocking(f);
+    }
 }
 
 /// An RPC client on tokio.
