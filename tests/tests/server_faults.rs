@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{
-    fib_handler, CallError, CallRequest, HandlerError, Request, RpcError, Server, ServerHandle,
-    ServerReport,
+    fib_handler, Backoff, CallError, CallRequest, HandlerError, QueueKind, Request, RpcError,
+    Server, ServerHandle, ServerReport,
 };
 use bytes::Bytes;
-use e2e_tests::broker::{close_connection_named, connection_pids, queue_status, QueueGuard};
+use e2e_tests::broker::{
+    close_connection_named, connection_pids, declare_queue, queue_status, rabbitmqctl, QueueGuard,
+};
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::e2e_tests;
 use e2e_tests::rt::{sleep, spawn, within, TestRuntime};
@@ -26,6 +28,7 @@ e2e_tests! {
     handler_past_its_deadline_is_abandoned,
     panic_in_the_handler_call_becomes_an_error_reply,
     reply_after_reconnect_reaches_the_caller,
+    quorum_request_delivered_too_often_is_rejected,
 }
 
 /// "Promptly": well within this.
@@ -328,4 +331,109 @@ async fn reply_after_reconnect_reaches_the_caller<R: TestRuntime>() {
     // The server stops once the redelivered copy has answered (a late duplicate).
     let report = server.stop::<R>().await;
     assert!(report.stats.stale_replies >= 1, "{:?}", report.stats);
+}
+
+/// Case 3: a request that keeps killing the servers that take it. On a quorum queue the broker
+/// counts its deliveries (`x-delivery-count`): two servers in turn lose their connection while
+/// running it (fresh processes, so only the broker's count can tell), and the third server, with
+/// `max_deliveries` 2, rejects the third delivery without requeue instead of running it again.
+async fn quorum_request_delivered_too_often_is_rejected<R: TestRuntime>() {
+    let queue = QueueGuard::new("poison-quorum");
+    declare_queue(queue.name(), QueueKind::Quorum).expect("declare the quorum queue");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let start = |attempt: usize| {
+        let name = format!("{}-server-{attempt}", queue.name());
+        let mut options = fault_server_options(&e2e_tests::broker::uri(), queue.name(), &name, 1);
+        options.rpc.max_deliveries = 2;
+        options.backoff = Backoff::never();
+        let seen = Arc::clone(&runs);
+        let server = TestServer::start::<R, _, _>(options, move |request: Request| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                sleep::<R>(Duration::from_secs(60)).await;
+                fib_handler(request).await
+            }
+        });
+        (name, server)
+    };
+    // The first server is up before the call: the client fails fast without one.
+    let (name, first) = start(1);
+    let mut server = Some((name, first.await));
+    let client = connect::<R>(Default::default()).await;
+    let pending = {
+        let (client, queue) = (client.clone(), queue.name().to_owned());
+        spawn::<R, _>(async move {
+            let request = CallRequest::new(queue, "5", Duration::from_secs(60));
+            client.call_with(request).await.map(|r| r.body)
+        })
+    };
+    for attempt in 1..=2 {
+        let (name, running) = match server.take() {
+            Some(s) => s,
+            None => {
+                let (name, s) = start(attempt);
+                (name, s.await)
+            }
+        };
+        within::<R, _>(READY_LIMIT, "the handler starts", async {
+            while runs.load(Ordering::SeqCst) < attempt {
+                sleep::<R>(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        e2e_tests::rt::blocking(move || close_connection_named(&name))
+            .await
+            .expect("rabbitmqctl close_connection");
+        // No reconnect: the server is gone, and the broker requeues the request.
+        let _ = running.wait_stopped::<R>(STOP_LIMIT).await;
+    }
+    let (_, third) = start(3);
+    let third = third.await;
+    // Ready and unacknowledged messages both count: 0 once the third server settled it.
+    let name = queue.name().to_owned();
+    within::<R, _>(
+        Duration::from_secs(30),
+        "the third server settles it",
+        async {
+            loop {
+                let name = name.clone();
+                let left = e2e_tests::rt::blocking(move || {
+                    let listing = rabbitmqctl(&[
+                        "-q",
+                        "list_queues",
+                        "--no-table-headers",
+                        "name",
+                        "messages",
+                    ])
+                    .ok()?;
+                    listing
+                        .lines()
+                        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })
+                .await;
+                if left == Some(0) {
+                    break;
+                }
+                sleep::<R>(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    let report = third.stop::<R>().await;
+    assert_eq!(
+        report.stats.dropped_too_many_deliveries, 1,
+        "{:?}",
+        report.stats
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "never run a third time");
+    assert_eq!(
+        queue_status(queue.name())
+            .expect("rabbitmqctl")
+            .map(|s| s.messages),
+        Some(0)
+    );
+    client.close().await;
+    let ended = within::<R, _>(PROMPT, "the call ends at close", pending.join()).await;
+    assert!(ended.is_err(), "{ended:?}");
 }
