@@ -48,7 +48,7 @@ impl Sim {
             RpcClient::new(
                 client_config(ReplyMode::DirectReplyTo),
                 conn_config(),
-                "5e1f",
+                sim_key(),
                 base,
             ),
             &mut broker,

@@ -46,6 +46,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// Runs a task in the background.
     fn spawn<F: Future<Output = ()> + Send + 'static>(future: F);
     /// Runs blocking code on the runtime's pool of blocking threads, never on a thread that
-    /// runs tasks (for [`Server::serve_blocking`]).
-    fn spawn_blocking<F: FnOnce() + Send + 'static>(f: F);
+    /// runs tasks (for [`Server::serve_blocking`]). By default, on a thread of its own; the
+    /// transports use their runtime's pool, which reuses threads.
+    fn spawn_blocking<F: FnOnce() + Send + 'static>(f: F) {
+        std::thread::spawn(f);
+    }
 }
