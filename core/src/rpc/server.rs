@@ -1085,3 +1085,58 @@ fn reply_message(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn properties(expiration: Option<&str>, deadline: Option<AMQPValue>) -> BasicProperties {
+        let mut p = BasicProperties::default();
+        if let Some(e) = expiration {
+            p = p.with_expiration(ShortString::from(e));
+        }
+        if let Some(d) = deadline {
+            let mut headers = FieldTable::default();
+            headers.insert(ShortString::from(DEADLINE_HEADER), d);
+            p = p.with_headers(headers);
+        }
+        p
+    }
+
+    /// Budgets from the network never panic, whatever their size or sign, and a malformed one
+    /// counts as absent.
+    #[test]
+    fn deadline_from_hostile_values() {
+        #[allow(clippy::disallowed_methods)] // a real instant to add durations to
+        let now = Instant::now();
+        let server = RpcServer::new(ServerConfig::new("q"), ConnectionConfig::default(), now);
+        let wall = UnixMillis(1_704_067_200_000);
+        let cases = [
+            (
+                Some("18446744073709551615"),
+                Some(AMQPValue::LongLongInt(i64::MAX)),
+            ),
+            (Some("-1"), Some(AMQPValue::LongLongInt(i64::MIN))),
+            (Some("abc"), Some(AMQPValue::Timestamp(u64::MAX))),
+            (Some(""), Some(AMQPValue::LongString("soon".into()))),
+            (None, Some(AMQPValue::LongLongInt(0))),
+            (Some("0"), None),
+        ];
+        for (expiration, header) in cases {
+            let p = properties(expiration, header.clone());
+            for wall in [wall, UnixMillis(0), UnixMillis(u64::MAX)] {
+                let _ = server.deadline(&p, now, now, Some(wall));
+            }
+        }
+        // A deadline in 1970: passed. An expiration of 0: passed at once.
+        let old = properties(None, Some(AMQPValue::LongLongInt(0)));
+        assert!(server
+            .deadline(&old, now, now, Some(wall))
+            .is_some_and(|d| d <= now));
+        let zero = properties(Some("0"), None);
+        assert_eq!(server.deadline(&zero, now, now, Some(wall)), Some(now));
+        // Malformed values count as absent.
+        let junk = properties(Some("abc"), Some(AMQPValue::LongString("soon".into())));
+        assert_eq!(server.deadline(&junk, now, now, Some(wall)), None);
+    }
+}
