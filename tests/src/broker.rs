@@ -162,6 +162,79 @@ impl Node {
         Ok(())
     }
 
+    /// The exclusive queues owned by the connection named `connection` (its reply queue in
+    /// [`amqp_rpc_driver::ReplyMode::ExclusiveQueue`]), and the queues its channels consume:
+    /// what the broker says about a client's reply path. Asks `rabbitmqctl` (list_connections,
+    /// list_queues, list_channels, list_consumers). A direct reply-to consumer appears in none
+    /// of these listings on RabbitMQ 3.10: it is a channel-level pseudo-consumer, not a queue
+    /// consumer (<https://www.rabbitmq.com/direct-reply-to.html>).
+    pub fn reply_path_of(&self, connection: &str) -> Result<ReplyPath, String> {
+        let pids = self.connection_pids(connection)?;
+        let [pid] = pids.as_slice() else {
+            return Err(format!(
+                "expected one connection named {connection}, found {}",
+                pids.len()
+            ));
+        };
+        // `owner_pid` of an exclusive queue is its owning connection's pid.
+        let queues = self.rabbitmqctl(&[
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "exclusive",
+            "owner_pid",
+        ])?;
+        let exclusive_queues = queues
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+                match fields.as_slice() {
+                    [name, "true", owner] if owner == pid => Some((*name).to_owned()),
+                    _ => None,
+                }
+            })
+            .collect();
+        let channels = self.rabbitmqctl(&[
+            "-q",
+            "list_channels",
+            "--no-table-headers",
+            "pid",
+            "connection",
+        ])?;
+        let ours: Vec<&str> = channels
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+                match fields.as_slice() {
+                    [channel, conn] if conn == pid => Some(*channel),
+                    _ => None,
+                }
+            })
+            .collect();
+        let consumers = self.rabbitmqctl(&[
+            "-q",
+            "list_consumers",
+            "--no-table-headers",
+            "queue_name",
+            "channel_pid",
+        ])?;
+        let consumed_queues = consumers
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+                match fields.as_slice() {
+                    [queue, channel] if ours.contains(channel) => Some((*queue).to_owned()),
+                    _ => None,
+                }
+            })
+            .collect();
+        Ok(ReplyPath {
+            exclusive_queues,
+            consumed_queues,
+        })
+    }
+
     /// The prefetch count of each consumer of `queue` (`rabbitmqctl list_consumers`).
     pub fn consumer_prefetch(&self, queue: &str) -> Result<Vec<u32>, String> {
         let listing = self.rabbitmqctl(&[
@@ -181,6 +254,15 @@ impl Node {
             })
             .collect())
     }
+}
+
+/// What the broker lists for one connection's reply path (see [`Node::reply_path_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyPath {
+    /// The exclusive queues the connection owns.
+    pub exclusive_queues: Vec<String>,
+    /// The queues the connection's channels consume (one entry per consumer).
+    pub consumed_queues: Vec<String>,
 }
 
 /// A name no other test uses, e.g. `e2e-round_trip-tokio-1f0c…`.

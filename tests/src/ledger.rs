@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use amqp_rpc_driver::{fib, CallError, CallRequest, Client, RpcError, Runtime};
+use amqp_rpc_driver::{fib, CallError, CallRequest, Client, RpcError, RpcReply, Runtime};
 
 use crate::broker::Node;
 use crate::rt::{blocking, sleep, spawn, timeout, Task};
@@ -48,6 +48,8 @@ pub enum Class {
     TooManyCalls,
     /// The client was closed.
     Closed,
+    /// The caller dropped the call's future before it ended (see [`Ledger::abandon`]).
+    Dropped,
     /// Anything else (a malformed request, a new error variant).
     Other,
 }
@@ -86,6 +88,11 @@ impl Class {
         Class::NotRouted,
     ];
 }
+
+/// A call's place in a [`Ledger`], from [`Ledger::start`] to [`Ledger::end`] or
+/// [`Ledger::abandon`]. `Copy`, so that a second end of one call can be recorded (and caught).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(u64);
 
 /// A call that has not ended.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +175,8 @@ struct State {
     recent_oks: std::collections::VecDeque<u32>,
     started: u64,
     ended: u64,
+    /// Ends of calls that had already ended (or were never started).
+    ended_twice: u64,
     classes: BTreeMap<Class, u64>,
     max_latency: Duration,
     ok_latency: Histogram,
@@ -197,8 +206,10 @@ pub struct Ledger {
 pub struct Summary {
     /// Calls started.
     pub started: u64,
-    /// Calls ended.
+    /// Calls ended (each counted once).
     pub ended: u64,
+    /// Second (or later) ends of a call, and ends of calls never started: each a violation.
+    pub ended_twice: u64,
     /// Calls per end class.
     pub classes: BTreeMap<Class, u64>,
     /// The longest a call took.
@@ -219,6 +230,9 @@ impl fmt::Display for Summary {
         write!(f, "started {}, ended {}", self.started, self.ended)?;
         for (class, count) in &self.classes {
             write!(f, ", {class:?} {count}")?;
+        }
+        if self.ended_twice > 0 {
+            write!(f, ", ended twice {}", self.ended_twice)?;
         }
         write!(f, "; max latency {:.0?}", self.max_latency)?;
         if !self.violations.is_empty() {
@@ -251,6 +265,7 @@ impl Ledger {
             recent_oks: Default::default(),
             started: 0,
             ended: 0,
+            ended_twice: 0,
             classes: BTreeMap::new(),
             max_latency: Duration::ZERO,
             ok_latency: Histogram::new(),
@@ -275,32 +290,68 @@ impl Ledger {
         request: CallRequest,
         n: u32,
     ) -> Class {
-        let pending = Pending {
-            n,
-            timeout: request.timeout,
-            started: Instant::now(),
-        };
-        let id = {
-            let mut state = self.lock();
-            state.next += 1;
-            state.started += 1;
-            let id = state.next;
-            state.pending.insert(id, pending);
-            id
-        };
+        let ticket = self.start(n, request.timeout);
         let result = client.call_with(request).await;
-        let latency = pending.started.elapsed();
-        let class = Class::of(&result);
+        self.end(ticket, &result)
+    }
+
+    /// Records the start of a call that asks for fib(`n`) with `timeout`. Every ticket must
+    /// come back once: through [`Ledger::end`] with the call's result, or [`Ledger::abandon`]
+    /// when its caller dropped the call.
+    pub fn start(&self, n: u32, timeout: Duration) -> Ticket {
         let mut state = self.lock();
-        if state.pending.remove(&id).is_none() {
-            state.violation(format!("call #{id} (fib({n})) ended twice"));
+        state.next += 1;
+        state.started += 1;
+        let id = state.next;
+        state.pending.insert(
+            id,
+            Pending {
+                n,
+                timeout,
+                started: Instant::now(),
+            },
+        );
+        Ticket(id)
+    }
+
+    /// Records how the call of `ticket` ended: its class, whether the value is right, whether
+    /// it ended in time. A ticket that already ended (or was never started here) is a
+    /// violation: "ended twice". Returns the class.
+    pub fn end(&self, ticket: Ticket, result: &Result<RpcReply, CallError>) -> Class {
+        self.finish(ticket, Class::of(result), Some(result))
+    }
+
+    /// Records that the caller of `ticket` dropped the call's future before it ended (a
+    /// cancellation, class [`Class::Dropped`]): not an outcome, but the call is accounted for.
+    pub fn abandon(&self, ticket: Ticket) {
+        self.finish(ticket, Class::Dropped, None);
+    }
+
+    fn finish(
+        &self,
+        ticket: Ticket,
+        class: Class,
+        result: Option<&Result<RpcReply, CallError>>,
+    ) -> Class {
+        let id = ticket.0;
+        let mut state = self.lock();
+        let Some(pending) = state.pending.remove(&id) else {
+            state.ended_twice += 1;
+            let line = if id == 0 || id > state.next {
+                format!("call #{id} ended ({class:?}) but was never started")
+            } else {
+                format!("call #{id} ended twice (again with {class:?})")
+            };
+            state.violation(line);
             return class;
-        }
+        };
+        let latency = pending.started.elapsed();
+        let n = pending.n;
         state.ended += 1;
         *state.classes.entry(class).or_default() += 1;
         state.max_latency = state.max_latency.max(latency);
-        match &result {
-            Ok(reply) => {
+        match result {
+            Some(Ok(reply)) => {
                 let expected = fib(n).map(|v| v.to_string()).unwrap_or_default();
                 if reply.body != expected.as_bytes() {
                     state.violation(format!(
@@ -320,12 +371,13 @@ impl Ledger {
                     state.recent_oks.pop_front();
                 }
             }
-            Err(e) if class == Class::Other => {
+            Some(Err(e)) if class == Class::Other => {
                 state.violation(format!("call #{id} (fib({n})) ended with {e:?}"));
             }
-            Err(_) => {}
+            _ => {}
         }
-        if latency > pending.timeout + self.budget {
+        // A dropped call ends when its caller drops it, not by its deadline.
+        if class != Class::Dropped && latency > pending.timeout + self.budget {
             state.violation(format!(
                 "call #{id} (fib({n})) ended with {class:?} after {latency:.2?}: later than its \
                  timeout {:?} plus the recovery budget {:?}",
@@ -356,6 +408,7 @@ impl Ledger {
         Summary {
             started: state.started,
             ended: state.ended,
+            ended_twice: state.ended_twice,
             classes: state.classes.clone(),
             max_latency: state.max_latency,
             violations,
@@ -613,4 +666,97 @@ fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rt::{Smol, TestRuntime};
+    use amqp_rpc_core::BasicProperties;
+
+    fn reply(body: &str) -> Result<RpcReply, CallError> {
+        Ok(RpcReply {
+            body: body.to_owned().into(),
+            properties: BasicProperties::default(),
+        })
+    }
+
+    /// Runs [`Ledger::check`] and returns its panic message, if it panicked.
+    fn check_fails(ledger: &Ledger, allowed: &[Class]) -> Option<String> {
+        let ledger = ledger.clone();
+        let allowed = allowed.to_vec();
+        let outcome = std::panic::catch_unwind(move || {
+            Smol::block_on(ledger.check::<Smol>(&allowed, Duration::from_millis(100)))
+        });
+        match outcome {
+            Ok(_) => None,
+            Err(panic) => Some(
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "a panic without a message".to_owned()),
+            ),
+        }
+    }
+
+    #[test]
+    fn one_end_per_call_passes() {
+        let ledger = Ledger::new(Duration::from_secs(1));
+        let ticket = ledger.start(10, Duration::from_secs(5));
+        assert_eq!(ledger.end(ticket, &reply("55")), Class::Ok);
+        let dropped = ledger.start(11, Duration::from_secs(5));
+        ledger.abandon(dropped);
+        assert_eq!(check_fails(&ledger, &[Class::Dropped]), None);
+        let summary = ledger.summary();
+        assert_eq!((summary.started, summary.ended), (2, 2));
+        assert_eq!(summary.ended_twice, 0);
+    }
+
+    #[test]
+    fn a_call_ended_twice_fails_the_check() {
+        let ledger = Ledger::new(Duration::from_secs(1));
+        let ticket = ledger.start(10, Duration::from_secs(5));
+        ledger.end(ticket, &reply("55"));
+        ledger.end(ticket, &Err(CallError::Rpc(RpcError::TimedOut)));
+        let message = check_fails(&ledger, &[Class::TimedOut]).expect("the check fails");
+        assert!(message.contains("ended twice"), "{message}");
+        assert_eq!(ledger.summary().ended_twice, 1);
+        // Counted once: the second end changes no count.
+        assert_eq!(ledger.summary().count(Class::TimedOut), 0);
+    }
+
+    #[test]
+    fn an_abandoned_call_that_also_ends_fails_the_check() {
+        let ledger = Ledger::new(Duration::from_secs(1));
+        let ticket = ledger.start(10, Duration::from_secs(5));
+        ledger.abandon(ticket);
+        ledger.end(ticket, &reply("55"));
+        let message = check_fails(&ledger, &[Class::Dropped]).expect("the check fails");
+        assert!(message.contains("ended twice"), "{message}");
+    }
+
+    #[test]
+    fn a_ticket_of_another_ledger_fails_the_check() {
+        let other = Ledger::new(Duration::from_secs(1));
+        other.start(1, Duration::from_secs(5));
+        let stranger = other.start(2, Duration::from_secs(5));
+        let ledger = Ledger::new(Duration::from_secs(1));
+        ledger.end(stranger, &reply("1"));
+        let message = check_fails(&ledger, &[]).expect("the check fails");
+        assert!(message.contains("never started"), "{message}");
+    }
+
+    #[test]
+    fn a_wrong_value_or_a_lost_call_fails_the_check() {
+        let ledger = Ledger::new(Duration::from_secs(1));
+        let wrong = ledger.start(10, Duration::from_secs(5));
+        ledger.end(wrong, &reply("89"));
+        let message = check_fails(&ledger, &[]).expect("the check fails");
+        assert!(message.contains("another call"), "{message}");
+
+        let ledger = Ledger::new(Duration::from_secs(1));
+        let _lost = ledger.start(10, Duration::from_secs(5));
+        let message = check_fails(&ledger, &[]).expect("the check fails");
+        assert!(message.contains("never ended"), "{message}");
+    }
 }

@@ -11,6 +11,7 @@
 //!   killed when their guard drops;
 //! - [`proxy`]: a fault-injecting TCP proxy, and [`faults`] to run it beside any runtime;
 //! - [`ledger`]: the fault suite's "nothing lost" checker and the load that feeds it;
+//! - [`memory`]: RSS sampled over time, and growth checks that can fail;
 //! - [`node`]: the second RabbitMQ node for faults that would disturb other tests (stopping
 //!   the broker, memory alarms);
 //! - [`states`]: recording a client's connection state changes;
@@ -20,6 +21,7 @@ pub mod broker;
 pub mod calls;
 pub mod faults;
 pub mod ledger;
+pub mod memory;
 pub mod node;
 pub mod process;
 pub mod proxy;

@@ -5,15 +5,18 @@
 //! Each case uses queues of its own (unique names, deleted at the end) so that cases run in
 //! parallel, and bounds every wait.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{
     fib_handler, Backoff, CallError, CallRequest, Client, ConnectError, ConnectionError, QueueKind,
-    ReplyMode, RpcError,
+    ReplyMode, Request, RpcError,
 };
 use bytes::Bytes;
 use e2e_tests::broker::{
-    close_connection_named, declare_queue, queue_status, unique_name, uri_with_password, QueueGuard,
+    close_connection_named, declare_queue, queue_status, unique_name, uri_with_password, Node,
+    QueueGuard, ReplyPath,
 };
 use e2e_tests::calls::{
     call, concurrent_calls, connect, connect_with, expect_fib, CALL_TIMEOUT, CONNECT_LIMIT,
@@ -83,15 +86,78 @@ async fn thousand_concurrent_calls<R: TestRuntime>() {
     assert_eq!(report.stats.replied_error, 0);
 }
 
+/// 200 calls in `mode`, then what the server and the broker saw of the reply path: the
+/// `reply_to` of every request, and the queues the client's connection owns and consumes.
 async fn reply_mode_case<R: TestRuntime>(mode: ReplyMode) {
     let queue = QueueGuard::new("reply-mode");
     let mut options = server_options(queue.name());
     options.rpc.prefetch = 20;
     options.workers = 20;
-    let server = TestServer::start::<R, _, _>(options, fib_handler).await;
-    let client = connect::<R>(mode).await;
+    let reply_tos = Arc::new(Mutex::new(BTreeSet::new()));
+    let handler = {
+        let reply_tos = Arc::clone(&reply_tos);
+        move |request: Request| {
+            let reply_to = request
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|r| r.to_string());
+            reply_tos
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(reply_to);
+            fib_handler(request)
+        }
+    };
+    let server = TestServer::start::<R, _, _>(options, handler).await;
+    let name = unique_name("reply-mode-client");
+    let mut options = client_options(mode);
+    options.connect.connection.connection_name = Some(name.clone());
+    let client = connect_with::<R>(options).await;
     expect_fib(call(&client, queue.name(), "30", CALL_TIMEOUT).await, 30);
     concurrent_calls(&client, queue.name(), 200).await;
+
+    // One reply address for all calls.
+    let reply_tos: Vec<_> =
+        std::mem::take(&mut *reply_tos.lock().unwrap_or_else(PoisonError::into_inner))
+            .into_iter()
+            .collect();
+    let [Some(reply_to)] = reply_tos.as_slice() else {
+        panic!("{mode:?}: expected one reply_to for every request, saw {reply_tos:?}");
+    };
+    let path = blocking(move || Node::main().reply_path_of(&name))
+        .await
+        .expect("list the client's queues and consumers");
+    match mode {
+        ReplyMode::DirectReplyTo => {
+            // RabbitMQ names the pseudo-queue per channel: amq.rabbitmq.reply-to.<encoded>.
+            assert!(
+                reply_to.starts_with("amq.rabbitmq.reply-to."),
+                "direct reply-to requests carry reply_to {reply_to}"
+            );
+            assert_eq!(
+                path,
+                ReplyPath {
+                    exclusive_queues: vec![],
+                    consumed_queues: vec![]
+                },
+                "direct reply-to owns and consumes no queue"
+            );
+        }
+        ReplyMode::ExclusiveQueue => {
+            // A server-named queue (amq.gen-…), exclusive to the client's connection, which
+            // consumes it once; the requests name it.
+            assert!(reply_to.starts_with("amq.gen-"), "reply_to {reply_to}");
+            assert_eq!(
+                path,
+                ReplyPath {
+                    exclusive_queues: vec![reply_to.clone()],
+                    consumed_queues: vec![reply_to.clone()]
+                },
+                "exclusive mode: one exclusive queue, consumed by the client"
+            );
+        }
+    }
     client.close().await;
     server.stop::<R>().await;
 }
@@ -429,8 +495,25 @@ async fn graceful_shutdown_finishes_requests_in_flight<R: TestRuntime>() {
     };
     started.wait_for::<R>(1, Duration::from_secs(10)).await;
     let stopping = spawn::<R, _>(server.stop::<R>());
-    // Give the shutdown time to cancel the consumer; the request is still held.
-    sleep::<R>(Duration::from_millis(300)).await;
+    // The shutdown cancels the consumer first (the broker lists no consumer of the queue)
+    // while the request is still held; only then may the handler finish.
+    let name = queue.name().to_owned();
+    within::<R, _>(
+        Duration::from_secs(10),
+        "the shutdown cancelling the consumer",
+        async {
+            loop {
+                let name = name.clone();
+                let status = blocking(move || queue_status(&name)).await.expect("status");
+                if status.map(|s| s.consumers) == Some(0) {
+                    break;
+                }
+                sleep::<R>(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(started.get(), 1, "the request is still held");
     hold.release();
     let reply = within::<R, _>(
         Duration::from_secs(10),
