@@ -48,6 +48,14 @@ pub enum Class {
     TooManyCalls,
     /// The client was closed.
     Closed,
+    /// `Refused`: the broker refused the publish (e.g. 404, no such exchange); never ran.
+    Refused,
+    /// `ReplyPathLost`: the reply consumer was cancelled after the request was sent; may have
+    /// run.
+    ReplyPathLost,
+    /// `CallError::Invalid`: refused by the client before sending (a body above
+    /// `max_message_size`, a name too long, a foreign `user_id`).
+    Invalid,
     /// The caller dropped the call's future before it ended (see [`Ledger::abandon`]).
     Dropped,
     /// Anything else (a malformed request, a new error variant).
@@ -68,10 +76,13 @@ impl Class {
                 RpcError::NotRouted => Class::NotRouted,
                 RpcError::Remote { .. } => Class::Remote,
                 RpcError::Rejected { .. } => Class::Rejected,
+                RpcError::Refused { .. } => Class::Refused,
+                RpcError::ReplyPathLost => Class::ReplyPathLost,
                 _ => Class::Other,
             },
             Err(CallError::TooManyCalls { .. }) => Class::TooManyCalls,
             Err(CallError::Closed) => Class::Closed,
+            Err(CallError::Invalid(_)) => Class::Invalid,
             Err(_) => Class::Other,
         }
     }

@@ -1,7 +1,9 @@
-//! The soak: load with a fault every so often, for a bounded time, then a report.
+//! The soak: load mixed with careless calls, a fault every so often, for a bounded time, then a
+//! report.
 //!
 //! ```text
-//! cargo run --release -p e2e-tests --bin soak -- [--minutes 5] [--fault-every 30]
+//! cargo run --release -p e2e-tests --bin soak -- [--minutes 10] [--fault-every 30]
+//!     [--reply-cancel-every 30] [--bad-per-mille 10] [--drop-per-mille 10]
 //!     [--transport tokio|smol] [--node second|main] [--callers 8] [--timeout-ms 5000]
 //! ```
 //!
@@ -9,8 +11,18 @@
 //! needed and stopped at the end if it started it), because one of its faults restarts the
 //! node; `--node main` uses the main broker and skips that fault. A server runs in a process
 //! of its own (this binary again, with `--serve`), so it can be killed; the client runs here,
-//! through a fault-injecting proxy, with `--callers` callers calling in a loop. Every
-//! `--fault-every` seconds it makes the next fault of the rotation:
+//! through a fault-injecting proxy, with `--callers` callers calling in a loop.
+//!
+//! Each call is one of these kinds ([`Kind`]), drawn at random per call:
+//! - `--bad-per-mille` (1 %) bad calls, half of them published to an exchange that does not
+//!   exist, half with a body above the client's `max_message_size` ([`MAX_MESSAGE_SIZE`]);
+//! - `--drop-per-mille` (1 %) calls whose future the caller drops after a random delay of up to
+//!   [`MAX_DROP_DELAY`] (a `select` with a timer);
+//! - the rest ordinary calls, fib(n) for varying n.
+//!
+//! Every `--reply-cancel-every` seconds the broker cancels the client's reply consumer
+//! (`rabbitmqctl delete_queue` of its exclusive reply queue), and every `--fault-every`
+//! seconds, offset by half a period, it makes the next fault of the rotation:
 //!
 //! 1. `rabbitmqctl close_connection` on the client;
 //! 2. the same on the server;
@@ -19,36 +31,133 @@
 //! 5. a network black hole for 5 s (proxy, both directions);
 //! 6. `rabbitmqctl stop_app`, 3 s, `start_app` (second node only).
 //!
-//! The report: calls started, answered, each error class, latency (p50, p99, max), the time
-//! each fault took to recover from, RSS of the client process and of the server process at
-//! start and at end, and the "nothing lost" check (every call ended once, in time, with the
-//! right value or an allowed error). Exits 1 when that check fails or the service did not
-//! recover from a fault.
+//! A live line every [`LIVE_EVERY`]: calls per second, errors by kind and class, RSS. At the
+//! end, the report and its verdict. Every call must be accounted for:
+//! - each kind's calls end once each (0 lost, 0 ended twice), with the right value or an error
+//!   of the class its kind expects ([`expected`]: the one place that says so);
+//! - an error of a fault's class ([`Class::RECOVERY`], or `ReplyPathLost`) only while a fault
+//!   and its recovery last: such an error anywhere else ("stray") means a call was harmed by
+//!   another's fault, e.g. a bad call that took the shared channel down;
+//! - the service recovers from each fault within [`RECOVERY_LIMIT`];
+//! - no dropped call keeps its slot: with the link stalled, [`DROP_BATCH`] calls are dropped,
+//!   then the client still takes its full `max_in_flight` ([`MAX_IN_FLIGHT`]) of new calls
+//!   without a single `TooManyCalls`, and once the link is back a fresh call succeeds at once;
+//! - the request queue ends empty;
+//! - the RSS of this process is flat after warm-up ([`memory::check_flat`], within
+//!   [`RSS_MARGIN_KIB`]).
+//!
+//! Exits 0 when all of that holds, 1 otherwise, 2 on bad arguments, 3 when the hard time cap
+//! ([`MAX_MINUTES`] plus [`OVERRUN`]) is hit.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use amqp_rpc_driver::{fib_handler, ReplyMode, Server};
+use amqp_rpc_driver::{fib_handler, CallRequest, Client, ReplyMode, Server};
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::faults::Proxy;
-use e2e_tests::ledger::{assert_queue_drained, rss_kib, Class, Ledger, Load, LoadSpec};
+use e2e_tests::ledger::{assert_queue_drained, rss_kib, Class, Ledger, Summary};
+use e2e_tests::memory::{self, RssSampler};
 use e2e_tests::node::{second_node, AppStopped};
 use e2e_tests::process::ChildProcess;
 use e2e_tests::proxy::FaultMode;
-use e2e_tests::rt::{blocking, sleep, timeout, Smol, TestRuntime, Tokio};
+use e2e_tests::rt::{blocking, sleep, spawn, timeout, Smol, Task, TestRuntime, Tokio};
 use e2e_tests::servers::{fault_client_options, fault_server_options};
 use e2e_tests::states::StateLog;
+use futures_util::future::{select, Either};
 
 /// How late after its deadline a call may end.
 const BUDGET: Duration = Duration::from_secs(2);
 /// How long the service may take to answer again after a fault.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
+/// Longest run `--minutes` accepts.
+const MAX_MINUTES: f64 = 60.0;
+/// Time for set-up, the final checks and the report, beyond `--minutes`; past it the
+/// watchdog ends the process (exit 3).
+const OVERRUN: Duration = Duration::from_secs(5 * 60);
+/// The client's `max_message_size`: bad calls of [`Kind::TooLarge`] send one byte more.
+const MAX_MESSAGE_SIZE: u64 = 64 * 1024;
+/// The client's in-flight limit: small, so that leaked slots would show as `TooManyCalls`.
+const MAX_IN_FLIGHT: usize = 256;
+/// The longest a [`Kind::Dropped`] call runs before its caller drops it.
+const MAX_DROP_DELAY: Duration = Duration::from_millis(3);
+/// Calls dropped at once, with the link stalled, by the final slot check.
+const DROP_BATCH: usize = 64;
+/// How often the live line is printed (and the RSS sampled, every second).
+const LIVE_EVERY: Duration = Duration::from_secs(5);
+/// How much the RSS of this process may grow from the first quarter of the run (after
+/// warm-up) to the last: allocator noise and the bounded structures of the soak itself. A leak
+/// of 150 bytes per call shows within a minute at ~1,000 calls/s.
+const RSS_MARGIN_KIB: u64 = 8 * 1024;
+/// "At once", for the fresh call after the run.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// What a call is, and so how it may end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    /// fib(n): the right value.
+    Normal,
+    /// Published to an exchange that does not exist.
+    UnknownExchange,
+    /// A body above the client's `max_message_size`.
+    TooLarge,
+    /// Its future dropped by the caller after up to [`MAX_DROP_DELAY`].
+    Dropped,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::Normal,
+        Kind::UnknownExchange,
+        Kind::TooLarge,
+        Kind::Dropped,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Normal => "normal",
+            Kind::UnknownExchange => "unknown exchange",
+            Kind::TooLarge => "body too large",
+            Kind::Dropped => "dropped future",
+        }
+    }
+}
+
+/// How a call of `kind` may end, whenever it ends: the one place that says so. (Besides these,
+/// any call may end with an error of a fault's class while a fault lasts: [`FAULT_CLASSES`].)
+fn expected(kind: Kind) -> &'static [Class] {
+    match kind {
+        Kind::Normal => &[Class::Ok],
+        // 404 NOT_FOUND from the broker, for this call alone; never ran.
+        Kind::UnknownExchange => &[Class::Refused],
+        // `CallError::Invalid(UsageError::MessageTooLarge)`, before sending.
+        Kind::TooLarge => &[Class::Invalid],
+        // Dropped (a cancellation, not an outcome), or answered before the caller dropped it.
+        Kind::Dropped => &[Class::Dropped, Class::Ok],
+    }
+}
+
+/// What a fault may end a call with, while it and its recovery last.
+const FAULT_CLASSES: &[Class] = &[
+    Class::ConnectionLost,
+    Class::ConnectionLostUnsent,
+    Class::TimedOut,
+    Class::Expired,
+    Class::NoServers,
+    Class::NotRouted,
+    Class::ReplyPathLost,
+];
 
 #[derive(Debug, Clone)]
 struct Args {
     minutes: f64,
     fault_every: u64,
+    reply_cancel_every: u64,
+    bad_per_mille: u32,
+    drop_per_mille: u32,
     transport: String,
     node: String,
     callers: usize,
@@ -61,6 +170,9 @@ fn parse() -> Result<Args, String> {
     let mut args = Args {
         minutes: 5.0,
         fault_every: 30,
+        reply_cancel_every: 30,
+        bad_per_mille: 10,
+        drop_per_mille: 10,
         transport: "tokio".into(),
         node: "second".into(),
         callers: 8,
@@ -76,27 +188,60 @@ fn parse() -> Result<Args, String> {
                 args.minutes = v
                     .parse()
                     .ok()
-                    .filter(|m: &f64| *m > 0.0 && m.is_finite())
-                    .ok_or(format!("--minutes {v}"))?;
+                    .filter(|m: &f64| *m > 0.0 && *m <= MAX_MINUTES)
+                    .ok_or(format!(
+                        "--minutes {v} (more than 0, at most {MAX_MINUTES})"
+                    ))?;
             }
             "--fault-every" => {
                 let v = value()?;
                 args.fault_every = v
                     .parse()
                     .ok()
-                    .filter(|s| *s >= 5)
-                    .ok_or(format!("--fault-every {v} (at least 5 seconds)"))?;
+                    .filter(|s| *s == 0 || *s >= 5)
+                    .ok_or(format!("--fault-every {v} (0 for none, else at least 5 s)"))?;
+            }
+            "--reply-cancel-every" => {
+                let v = value()?;
+                args.reply_cancel_every =
+                    v.parse()
+                        .ok()
+                        .filter(|s| *s == 0 || *s >= 5)
+                        .ok_or(format!(
+                            "--reply-cancel-every {v} (0 for none, else at least 5 s)"
+                        ))?;
+            }
+            "--bad-per-mille" | "--drop-per-mille" => {
+                let v = value()?;
+                let per_mille = v
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 500)
+                    .ok_or(format!("{flag} {v} (0 to 500)"))?;
+                if flag == "--bad-per-mille" {
+                    args.bad_per_mille = per_mille;
+                } else {
+                    args.drop_per_mille = per_mille;
+                }
             }
             "--transport" => args.transport = value()?,
             "--node" => args.node = value()?,
             "--callers" => {
                 let v = value()?;
-                args.callers = v.parse().map_err(|_| format!("--callers {v}"))?;
+                args.callers = v
+                    .parse()
+                    .ok()
+                    .filter(|c| (1..=128).contains(c))
+                    .ok_or(format!("--callers {v} (1 to 128)"))?;
             }
             "--timeout-ms" => {
                 let v = value()?;
-                args.timeout =
-                    Duration::from_millis(v.parse().map_err(|_| format!("--timeout-ms {v}"))?);
+                let ms = v
+                    .parse()
+                    .ok()
+                    .filter(|ms| (100..=60_000).contains(ms))
+                    .ok_or(format!("--timeout-ms {v} (100 to 60000)"))?;
+                args.timeout = Duration::from_millis(ms);
             }
             "--serve" => args.serve = Some((value()?, value()?, value()?)),
             other => return Err(format!("unknown argument {other}")),
@@ -130,7 +275,7 @@ async fn serve<R: TestRuntime>(queue: String, name: String, uri: String) -> Exit
     }
 }
 
-/// The faults of the rotation, in order.
+/// The faults of the rotation, in order, and the reply consumer's cancel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     CloseClient,
@@ -139,10 +284,11 @@ enum Fault {
     Reset,
     BlackHole,
     RestartNode,
+    CancelReplyConsumer,
 }
 
 impl Fault {
-    const ALL: [Fault; 6] = [
+    const ROTATION: [Fault; 6] = [
         Fault::CloseClient,
         Fault::CloseServer,
         Fault::KillServer,
@@ -159,6 +305,229 @@ impl Fault {
             Fault::Reset => "TCP reset (client)",
             Fault::BlackHole => "black hole 5 s (client)",
             Fault::RestartNode => "stop_app, 3 s, start_app",
+            Fault::CancelReplyConsumer => "delete_queue the reply queue",
+        }
+    }
+}
+
+/// The errors of fault classes, by when they happened, to tell those a fault explains from
+/// stray ones. Bounded: at most [`Strays::CAP`] are kept (the rest only counted).
+#[derive(Debug, Default)]
+struct Strays {
+    /// (ms since the start, kind, class) of each error of a fault class.
+    errors: Vec<(u32, Kind, Class)>,
+    not_kept: u64,
+    /// Fault windows: from the fault's start to the end of its recovery, ms since the start.
+    windows: Vec<(u32, u32)>,
+}
+
+impl Strays {
+    const CAP: usize = 200_000;
+
+    /// The errors outside every window, by kind and class, and a few of them word for word.
+    fn outside(&self) -> (BTreeMap<(Kind, Class), u64>, Vec<String>) {
+        let mut counts = BTreeMap::new();
+        let mut lines = Vec::new();
+        for (at, kind, class) in &self.errors {
+            if !self.windows.iter().any(|(from, to)| at >= from && at <= to) {
+                *counts.entry((*kind, *class)).or_default() += 1;
+                if lines.len() < 10 {
+                    lines.push(format!(
+                        "{} call ended {class:?} at {:.1}s, outside every fault",
+                        kind.describe(),
+                        f64::from(*at) / 1000.0
+                    ));
+                }
+            }
+        }
+        (counts, lines)
+    }
+}
+
+/// The calls of a soak: a ledger per kind, and the errors of fault classes by time.
+#[derive(Debug, Clone)]
+struct Books {
+    started: Instant,
+    ledgers: Arc<BTreeMap<Kind, Ledger>>,
+    strays: Arc<Mutex<Strays>>,
+}
+
+impl Books {
+    fn new() -> Self {
+        let ledgers = Kind::ALL
+            .into_iter()
+            .map(|kind| (kind, Ledger::counting(BUDGET)))
+            .collect();
+        Self {
+            started: Instant::now(),
+            ledgers: Arc::new(ledgers),
+            strays: Arc::default(),
+        }
+    }
+
+    fn ledger(&self, kind: Kind) -> &Ledger {
+        // Every kind has its ledger from `new`.
+        &self.ledgers[&kind]
+    }
+
+    fn ms(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u32::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Strays> {
+        self.strays.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes how a call of `kind` ended, if with an error of a fault class.
+    fn note(&self, kind: Kind, class: Class) {
+        if FAULT_CLASSES.contains(&class) && !expected(kind).contains(&class) {
+            let at = self.ms(Instant::now());
+            let mut strays = self.lock();
+            if strays.errors.len() < Strays::CAP {
+                strays.errors.push((at, kind, class));
+            } else {
+                strays.not_kept += 1;
+            }
+        }
+    }
+
+    /// A fault that started at `from` and whose effects ended by `to`.
+    fn window(&self, from: Instant, to: Instant) {
+        let window = (self.ms(from), self.ms(to));
+        self.lock().windows.push(window);
+    }
+
+    fn summaries(&self) -> BTreeMap<Kind, Summary> {
+        self.ledgers
+            .iter()
+            .map(|(kind, ledger)| (*kind, ledger.summary()))
+            .collect()
+    }
+}
+
+/// A small xorshift generator: which kind each call is, how long before a drop.
+#[derive(Debug)]
+struct Dice(u64);
+
+impl Dice {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Callers calling in a loop, each call of a kind drawn at random, until stopped.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<Task<()>>,
+}
+
+impl Callers {
+    fn start<R: TestRuntime>(client: &Client<R>, queue: &str, books: &Books, args: &Args) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seed = u64::from(std::process::id()) << 32 ^ books.started.elapsed().as_nanos() as u64;
+        let tasks = (0..args.callers)
+            .map(|caller| {
+                let (client, queue, books) = (client.clone(), queue.to_owned(), books.clone());
+                let (stop, args) = (Arc::clone(&stop), args.clone());
+                let mut dice = Dice::new(seed ^ (caller as u64 + 1).wrapping_mul(0x9E37_79B9));
+                spawn::<R, _>(async move {
+                    let mut made = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let roll = dice.below(1000) as u32;
+                        let kind = if roll < args.bad_per_mille / 2 {
+                            Kind::UnknownExchange
+                        } else if roll < args.bad_per_mille {
+                            Kind::TooLarge
+                        } else if roll < args.bad_per_mille + args.drop_per_mille {
+                            Kind::Dropped
+                        } else {
+                            Kind::Normal
+                        };
+                        // From 2, where fib is strictly increasing: a reply that reached the
+                        // wrong caller shows as a wrong value.
+                        let n = 2 + ((caller as u64 * 23 + made) % 185) as u32;
+                        let drop_after = Duration::from_micros(
+                            dice.below(MAX_DROP_DELAY.as_micros() as u64 + 1),
+                        );
+                        let class =
+                            one_call(&client, &queue, &books, &args, kind, n, drop_after).await;
+                        books.note(kind, class);
+                        made += 1;
+                        let pause = if class == Class::Ok || class == Class::Dropped {
+                            Duration::from_millis(1)
+                        } else {
+                            Duration::from_millis(20)
+                        };
+                        sleep::<R>(pause).await;
+                    }
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the callers and waits for them (each finishes its call: at most its timeout plus
+    /// the budget, all together).
+    async fn stop<R: TestRuntime>(self, timeout_each: Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout_each + BUDGET + Duration::from_secs(1);
+        for task in self.tasks {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if timeout::<R, _>(left, task.join()).await.is_none() {
+                eprintln!("soak: a caller is still in a call when the load stops");
+            }
+        }
+    }
+}
+
+/// One call of `kind`, through its ledger; returns its class.
+async fn one_call<R: TestRuntime>(
+    client: &Client<R>,
+    queue: &str,
+    books: &Books,
+    args: &Args,
+    kind: Kind,
+    n: u32,
+    drop_after: Duration,
+) -> Class {
+    let ledger = books.ledger(kind);
+    let mut request = CallRequest::new(queue, n.to_string(), args.timeout);
+    match kind {
+        Kind::Normal => ledger.call(client, request, n).await,
+        Kind::UnknownExchange => {
+            request.exchange = unique_name("no-such-exchange");
+            ledger.call(client, request, n).await
+        }
+        Kind::TooLarge => {
+            // The server would answer fib of the leading number, were it sent.
+            let mut body = n.to_string().into_bytes();
+            body.resize(MAX_MESSAGE_SIZE as usize + 1, b' ');
+            request.body = body.into();
+            ledger.call(client, request, n).await
+        }
+        Kind::Dropped => {
+            let ticket = ledger.start(n, request.timeout);
+            let call = Box::pin(client.call_with(request));
+            let timer = Box::pin(sleep::<R>(drop_after));
+            match select(call, timer).await {
+                Either::Left((result, _)) => ledger.end(ticket, &result),
+                Either::Right((_, call)) => {
+                    drop(call);
+                    ledger.abandon(ticket);
+                    Class::Dropped
+                }
+            }
         }
     }
 }
@@ -169,13 +538,6 @@ struct Soak {
     queue: String,
     server_name: String,
     server: ChildProcess,
-    server_rss_start: Option<u64>,
-}
-
-impl Soak {
-    fn start_server(&self) -> ChildProcess {
-        start_server(&self.args, &self.queue, &self.server_name, self.node.uri())
-    }
 }
 
 fn start_server(args: &Args, queue: &str, name: &str, uri: &str) -> ChildProcess {
@@ -183,6 +545,39 @@ fn start_server(args: &Args, queue: &str, name: &str, uri: &str) -> ChildProcess
     let mut command = Command::new(exe);
     command.args(["--transport", &args.transport, "--serve", queue, name, uri]);
     ChildProcess::spawn("soak server", command)
+}
+
+/// Prints a live line every [`LIVE_EVERY`] until `stop`.
+fn live<R: TestRuntime>(books: Books, stop: Arc<AtomicBool>) -> Task<()> {
+    spawn::<R, _>(async move {
+        let mut last = (Instant::now(), 0u64);
+        while !stop.load(Ordering::SeqCst) {
+            sleep::<R>(LIVE_EVERY).await;
+            let summaries = books.summaries();
+            let ended: u64 = summaries.values().map(|s| s.ended).sum();
+            let now = Instant::now();
+            let rate = (ended - last.1) as f64 / (now - last.0).as_secs_f64();
+            last = (now, ended);
+            let mut errors = Vec::new();
+            for (kind, summary) in &summaries {
+                for (class, count) in &summary.classes {
+                    if *class != Class::Ok {
+                        errors.push(format!("{} {class:?} {count}", kind.describe()));
+                    }
+                }
+            }
+            say(&format!(
+                "[{:>6.1}s] {rate:>6.0} calls/s, {ended} ended; {}; RSS {:.1} MiB",
+                books.started.elapsed().as_secs_f64(),
+                if errors.is_empty() {
+                    "no error".to_owned()
+                } else {
+                    errors.join(", ")
+                },
+                rss_kib(None).unwrap_or(0) as f64 / 1024.0
+            ));
+        }
+    })
 }
 
 async fn run<R: TestRuntime>(args: Args) -> ExitCode {
@@ -197,8 +592,8 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     server
         .wait_line::<R>("ready", Duration::from_secs(30))
         .await;
+    let server_rss_start = rss_kib(Some(server.id()));
     let mut soak = Soak {
-        server_rss_start: None,
         args: args.clone(),
         node: node.clone(),
         queue: queue.name().to_owned(),
@@ -208,12 +603,14 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
 
     let proxy = Proxy::start_to(node.uri());
     let client_name = unique_name("soak-client");
-    let options = proxy.redirect(fault_client_options(
+    let mut options = proxy.redirect(fault_client_options(
         node.uri(),
-        ReplyMode::default(),
+        ReplyMode::ExclusiveQueue,
         &client_name,
     ));
-    let client = match amqp_rpc_driver::Client::<R>::connect_with(options).await {
+    options.connect.connection.max_message_size = MAX_MESSAGE_SIZE;
+    options.rpc.max_in_flight = MAX_IN_FLIGHT;
+    let client = match Client::<R>::connect_with(options).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("soak: cannot connect: {e}");
@@ -221,120 +618,136 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         }
     };
     let states = StateLog::watch(&client);
-    // Counts only: its memory must not grow with the calls, or the RSS figures would say
-    // nothing about the client.
-    let ledger = Ledger::counting(BUDGET);
+    let books = Books::new();
     let total = Duration::from_secs_f64(args.minutes * 60.0);
-    let spec = LoadSpec {
-        callers: args.callers,
-        timeout: args.timeout,
-        pause: Duration::from_millis(1),
-        max_calls: u64::MAX,
-        max_time: total + Duration::from_secs(60),
-        ..LoadSpec::default()
-    };
-    let started = Instant::now();
-    let load = Load::start(&client, queue.name(), &ledger, spec);
+    let callers = Callers::start(&client, queue.name(), &books, &args);
+    let started = books.started;
+    let normal = books.ledger(Kind::Normal).clone();
     // Settle: the first calls pay for connection warm-up.
-    ledger
+    normal
         .wait_recovered::<R>(started, 100, RECOVERY_LIMIT)
         .await;
-    let client_rss_start = rss_kib(None);
-    soak.server_rss_start = rss_kib(Some(soak.server.id()));
+    let warm = Instant::now();
+    let sampler = RssSampler::start(None, Duration::from_secs(1)).expect("RSS of this process");
+    let live_stop = Arc::new(AtomicBool::new(false));
+    let live_task = live::<R>(books.clone(), Arc::clone(&live_stop));
     say(&format!(
-        "soak: {:.1} min on {} against {} ({}), {} callers, timeout {:?}, a fault every {} s",
+        "soak: {:.1} min on {} against {} ({}), {} callers, timeout {:?}, a fault every {} s, \
+         the reply consumer cancelled every {} s, {}‰ bad calls, {}‰ dropped futures",
         args.minutes,
         R::NAME,
         node.uri(),
         node.name().unwrap_or("main node"),
         args.callers,
         args.timeout,
-        args.fault_every
+        args.fault_every,
+        args.reply_cancel_every,
+        args.bad_per_mille,
+        args.drop_per_mille,
     ));
 
-    let faults: Vec<Fault> = Fault::ALL
+    let rotation: Vec<Fault> = Fault::ROTATION
         .into_iter()
         .filter(|f| *f != Fault::RestartNode || node.name().is_some())
         .collect();
+    let never = started + total + Duration::from_secs(1);
+    let every = |secs: u64, offset: u64| {
+        if secs == 0 {
+            never
+        } else {
+            started + Duration::from_secs(secs + offset)
+        }
+    };
+    let mut next_fault_at = every(args.fault_every, args.fault_every / 2);
+    let mut next_cancel_at = every(args.reply_cancel_every, 0);
     let mut recoveries: Vec<(Fault, Duration)> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut next = 0usize;
-    let mut next_fault_at = started + Duration::from_secs(args.fault_every);
     loop {
         let now = Instant::now();
+        let due = next_fault_at.min(next_cancel_at);
         if now >= started + total {
             break;
         }
-        if now < next_fault_at {
-            sleep::<R>(next_fault_at.min(started + total) - now).await;
+        if now < due {
+            sleep::<R>(due.min(started + total) - now).await;
             continue;
         }
-        let fault = faults[next % faults.len()];
-        next += 1;
-        next_fault_at += Duration::from_secs(args.fault_every);
-        let at = started.elapsed();
+        let fault = if next_cancel_at <= next_fault_at {
+            next_cancel_at += Duration::from_secs(args.reply_cancel_every);
+            Fault::CancelReplyConsumer
+        } else {
+            next_fault_at += Duration::from_secs(args.fault_every);
+            next += 1;
+            rotation[(next - 1) % rotation.len()]
+        };
+        let at = Instant::now();
         let result = make_fault::<R>(&mut soak, fault, &client_name, &proxy).await;
         let ended = Instant::now();
-        match result {
-            Err(e) => {
-                failures.push(format!("fault {} failed: {e}", fault.describe()));
+        let outcome = match result {
+            Err(e) => Err(format!("fault {} failed: {e}", fault.describe())),
+            Ok(()) => timeout::<R, _>(
+                RECOVERY_LIMIT,
+                normal.wait_recovered::<R>(ended, 20, RECOVERY_LIMIT),
+            )
+            .await
+            .ok_or(format!(
+                "no recovery from {} within {RECOVERY_LIMIT:?}",
+                fault.describe()
+            )),
+        };
+        // Calls sent before the fault may end by their deadline after it.
+        let window_end = Instant::now().max(at + args.timeout) + BUDGET;
+        books.window(at, window_end);
+        let offset = at.saturating_duration_since(started).as_secs_f64();
+        match outcome {
+            Ok(took) => {
+                recoveries.push((fault, took));
                 say(&format!(
-                    "[{:>5.1}s] {}: FAILED: {e}",
-                    at.as_secs_f64(),
-                    fault.describe()
+                    "[{offset:>6.1}s] {}: service back {took:.2?} after the fault ended",
+                    fault.describe(),
                 ));
             }
-            Ok(()) => {
-                let recovered = timeout::<R, _>(
-                    RECOVERY_LIMIT,
-                    ledger.wait_recovered::<R>(ended, 20, RECOVERY_LIMIT),
-                )
-                .await;
-                match recovered {
-                    Some(took) => {
-                        recoveries.push((fault, took));
-                        say(&format!(
-                            "[{:>5.1}s] {}: service back {:.2?} after the fault ended; client \
-                             RSS {:.1} MiB; so far: {}",
-                            at.as_secs_f64(),
-                            fault.describe(),
-                            took,
-                            rss_kib(None).unwrap_or(0) as f64 / 1024.0,
-                            ledger.summary()
-                        ));
-                    }
-                    None => {
-                        failures.push(format!("no recovery from {}", fault.describe()));
-                        say(&format!(
-                            "[{:>5.1}s] {}: NO RECOVERY within {RECOVERY_LIMIT:?}",
-                            at.as_secs_f64(),
-                            fault.describe()
-                        ));
-                    }
-                }
+            Err(e) => {
+                say(&format!("[{offset:>6.1}s] FAILED: {e}"));
+                failures.push(e);
             }
         }
     }
 
-    load.stop::<R>(BUDGET).await;
-    let client_rss_end = rss_kib(None);
+    callers.stop::<R>(args.timeout).await;
+    sampler.sample_now();
+    let rss = sampler.samples(warm, Instant::now());
+    let rss_flat = memory::check_flat(&rss, RSS_MARGIN_KIB);
     let server_rss_end = rss_kib(Some(soak.server.id()));
     let elapsed = started.elapsed();
-    // The check panics with the details when something was lost: report that as a failure.
-    let check = {
-        let ledger = ledger.clone();
-        let allowed = Class::RECOVERY;
-        std::panic::AssertUnwindSafe(async move {
-            ledger.check::<R>(allowed, Duration::from_secs(30)).await
-        })
-    };
-    let checked = futures_util::FutureExt::catch_unwind(check).await;
+    live_stop.store(true, Ordering::SeqCst);
+
+    // Every call of every kind ended once, as its kind allows (fault classes are checked
+    // against the fault windows below). The check panics with the details: a failure.
+    let mut checked = BTreeMap::new();
+    for kind in Kind::ALL {
+        let ledger = books.ledger(kind).clone();
+        let allowed: Vec<Class> = expected(kind)
+            .iter()
+            .chain(FAULT_CLASSES)
+            .copied()
+            .collect();
+        let check = std::panic::AssertUnwindSafe(async move {
+            ledger.check::<R>(&allowed, Duration::from_secs(30)).await
+        });
+        let ok = futures_util::FutureExt::catch_unwind(check).await.is_ok();
+        checked.insert(kind, ok);
+    }
+    let (strays, stray_lines) = books.lock().outside();
+    let slots = slot_check::<R>(&client, queue.name(), &proxy).await;
     let drained = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
         assert_queue_drained::<R>(&node, queue.name(), Duration::from_secs(30)),
     ))
     .await
     .is_ok();
     client.close().await;
+    let _ = timeout::<R, _>(LIVE_EVERY * 2, live_task.join()).await;
     let reconnects = states
         .states()
         .iter()
@@ -346,8 +759,8 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         })
         .count();
 
-    let summary = ledger.summary();
-    let percentile = |p: f64| ledger.ok_latency_quantile(p);
+    // The report.
+    let summaries = books.summaries();
     let kib =
         |v: Option<u64>| v.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     say("");
@@ -358,29 +771,56 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         R::NAME,
         node.name().unwrap_or("the main node")
     ));
-    say(&format!("calls started       {}", summary.started));
-    say(&format!("calls ok            {}", summary.count(Class::Ok)));
-    for (class, count) in &summary.classes {
-        if *class != Class::Ok {
-            say(&format!("  {:<18}{count}", format!("{class:?}")));
-        }
+    say(&format!(
+        "{:<18}{:>9}{:>9}{:>6}{:>7}  {:<28}{}",
+        "kind", "started", "ended", "lost", "twice", "outcomes", "expected"
+    ));
+    for (kind, summary) in &summaries {
+        let outcomes: Vec<String> = summary
+            .classes
+            .iter()
+            .map(|(class, count)| format!("{class:?} {count}"))
+            .collect();
+        say(&format!(
+            "{:<18}{:>9}{:>9}{:>6}{:>7}  {:<28}{:?}{}",
+            kind.describe(),
+            summary.started,
+            summary.ended,
+            summary.started - summary.ended,
+            summary.ended_twice,
+            outcomes.join(", "),
+            expected(*kind),
+            if checked[kind] { "" } else { "  CHECK FAILED" }
+        ));
     }
+    let started_all: u64 = summaries.values().map(|s| s.started).sum();
     say(&format!(
         "calls per second    {:.0}",
-        summary.started as f64 / elapsed.as_secs_f64()
+        started_all as f64 / elapsed.as_secs_f64()
     ));
+    let normal_ledger = books.ledger(Kind::Normal);
     say(&format!(
-        "latency (ok)        p50 ≤ {:.1?}, p99 ≤ {:.1?}; max of all calls {:.2?}",
-        percentile(0.5),
-        percentile(0.99),
-        summary.max_latency
+        "latency (normal ok) p50 ≤ {:.1?}, p99 ≤ {:.1?}; max of all normal calls {:.2?}",
+        normal_ledger.ok_latency_quantile(0.5),
+        normal_ledger.ok_latency_quantile(0.99),
+        summaries[&Kind::Normal].max_latency
     ));
+    let stray_total: u64 = strays.values().sum();
+    say(&format!(
+        "stray errors        {stray_total} (errors of a fault class outside every fault window)"
+    ));
+    for ((kind, class), count) in &strays {
+        say(&format!("  {:<18}{class:?} {count}", kind.describe()));
+    }
+    for line in &stray_lines {
+        say(&format!("  e.g. {line}"));
+    }
     say(&format!(
         "faults              {} ({} reconnects of the client)",
         recoveries.len() + failures.len(),
         reconnects
     ));
-    for fault in &faults {
+    for fault in rotation.iter().chain([&Fault::CancelReplyConsumer]) {
         let took: Vec<_> = recoveries
             .iter()
             .filter(|(f, _)| f == fault)
@@ -394,21 +834,32 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
             ));
         }
     }
-    say(&format!(
-        "client RSS          {} at start, {} at end",
-        kib(client_rss_start),
-        kib(client_rss_end)
-    ));
+    match memory::RssWindow::of(&rss) {
+        Some(w) => say(&format!(
+            "client RSS          after warm-up: first {}, last {}, max {} ({} samples); {}",
+            kib(Some(w.first)),
+            kib(Some(w.last)),
+            kib(Some(w.max)),
+            w.samples,
+            match &rss_flat {
+                Ok(growth) => format!("flat (last quarter {growth} KiB above the first)"),
+                Err(e) => format!("NOT FLAT: {e}"),
+            }
+        )),
+        None => say("client RSS          NO SAMPLES"),
+    }
     say(&format!(
         "server RSS          {} at start (first process), {} at end (current process)",
-        kib(soak.server_rss_start),
+        kib(server_rss_start),
         kib(server_rss_end)
     ));
-    let lost = match &checked {
-        Ok(s) => format!("none lost ({} violations)", s.violations.len()),
-        Err(_) => "CALLS LOST OR MIXED UP (see above)".to_owned(),
-    };
-    say(&format!("nothing lost        {lost}"));
+    say(&format!(
+        "slots after drops   {}",
+        match &slots {
+            Ok(line) => line.clone(),
+            Err(e) => format!("FAILED: {e}"),
+        }
+    ));
     say(&format!(
         "queue drained       {}",
         if drained { "yes" } else { "NO" }
@@ -416,12 +867,83 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     for failure in &failures {
         say(&format!("failure             {failure}"));
     }
+    let all_checked = checked.values().all(|ok| *ok);
+    let pass = all_checked
+        && stray_total == 0
+        && slots.is_ok()
+        && drained
+        && rss_flat.is_ok()
+        && failures.is_empty();
+    say(&format!(
+        "verdict             {}",
+        if pass {
+            "PASS: every call accounted for"
+        } else {
+            "FAIL"
+        }
+    ));
     drop(soak);
-    if checked.is_ok() && drained && failures.is_empty() {
+    if pass {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// No dropped call keeps its slot: with the link stalled (so no call can end by a reply),
+/// [`DROP_BATCH`] calls are started and dropped, then [`MAX_IN_FLIGHT`] new calls must all be
+/// taken (none `TooManyCalls`); once the link is back, a fresh call succeeds at once.
+async fn slot_check<R: TestRuntime>(
+    client: &Client<R>,
+    queue: &str,
+    proxy: &Proxy,
+) -> Result<String, String> {
+    // A healthy start: the client answers.
+    let request = CallRequest::new(queue, "10", Duration::from_secs(10));
+    client
+        .call_with(request)
+        .await
+        .map_err(|e| format!("the call before the slot check failed: {e}"))?;
+    proxy.set_mode(FaultMode::StallBoth);
+    for _ in 0..DROP_BATCH {
+        let call = client.call_with(CallRequest::new(queue, "10", Duration::from_secs(5)));
+        // Long enough for the call to reach the client's task, far shorter than its deadline.
+        if let Some(result) = timeout::<R, _>(Duration::from_millis(20), call).await {
+            return Err(format!("a call ended on a stalled link: {result:?}"));
+        }
+    }
+    let burst: Vec<_> = (0..MAX_IN_FLIGHT)
+        .map(|_| {
+            let (client, queue) = (client.clone(), queue.to_owned());
+            spawn::<R, _>(async move {
+                let request = CallRequest::new(queue, "10", Duration::from_secs(1));
+                Class::of(&client.call_with(request).await)
+            })
+        })
+        .collect();
+    // Back before the 1 s heartbeat gives up on the stalled connection.
+    sleep::<R>(Duration::from_millis(300)).await;
+    proxy.set_mode(FaultMode::Pass);
+    let mut classes: BTreeMap<Class, u64> = BTreeMap::new();
+    for task in burst {
+        *classes.entry(task.join().await).or_default() += 1;
+    }
+    let started = Instant::now();
+    let request = CallRequest::new(queue, "10", PROMPT);
+    let fresh = client.call_with(request).await;
+    let took = started.elapsed();
+    let line = format!(
+        "{DROP_BATCH} dropped while stalled, then {MAX_IN_FLIGHT} calls: {classes:?}; a fresh \
+         call after: {:?} in {took:.0?}",
+        Class::of(&fresh)
+    );
+    if classes.contains_key(&Class::TooManyCalls) {
+        return Err(format!("dropped calls kept their slots: {line}"));
+    }
+    if fresh.is_err() {
+        return Err(format!("the fresh call failed: {line}"));
+    }
+    Ok(line)
 }
 
 async fn make_fault<R: TestRuntime>(
@@ -443,7 +965,7 @@ async fn make_fault<R: TestRuntime>(
         }
         Fault::KillServer => {
             soak.server.kill();
-            soak.server = soak.start_server();
+            soak.server = start_server(&soak.args, &soak.queue, &soak.server_name, soak.node.uri());
             soak.server.wait_line::<R>("ready", RECOVERY_LIMIT).await;
             Ok(())
         }
@@ -465,6 +987,29 @@ async fn make_fault<R: TestRuntime>(
             soak.server.wait_line::<R>("ready", RECOVERY_LIMIT).await;
             Ok(())
         }
+        Fault::CancelReplyConsumer => {
+            let (node, name) = (soak.node.clone(), client_name.to_owned());
+            blocking(move || delete_reply_queue(&node, &name)).await
+        }
+    }
+}
+
+/// Deletes the exclusive reply queue of the connection named `client` (the broker then cancels
+/// the client's consumer with `basic.cancel`); waits up to 10 s for the client to have one
+/// (it may be reconnecting from the previous fault).
+fn delete_reply_queue(node: &Node, client: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let path = node.reply_path_of(client);
+        if let Ok(path) = &path {
+            if let [queue] = path.exclusive_queues.as_slice() {
+                return node.rabbitmqctl(&["delete_queue", queue]).map(|_| ());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no single reply queue to delete: {path:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -489,6 +1034,13 @@ fn main() -> ExitCode {
             _ => Tokio::block_on(serve::<Tokio>(queue, name, uri)),
         };
     }
+    // The hard cap: whatever hangs, the soak ends (its server child with it, through stdin).
+    let cap = Duration::from_secs_f64(args.minutes * 60.0) + OVERRUN;
+    std::thread::spawn(move || {
+        std::thread::sleep(cap);
+        eprintln!("soak: still running after {cap:?}: giving up");
+        std::process::exit(3);
+    });
     match args.transport.as_str() {
         "smol" => Smol::block_on(run::<Smol>(args)),
         _ => Tokio::block_on(run::<Tokio>(args)),
