@@ -1,30 +1,51 @@
-//! Memory checks that can fail: a process's resident set size sampled over time by a thread of
-//! its own, and checks of its growth against a bound the caller derives from its workload.
+//! Memory checks that can fail: a figure (a process's resident set size, or the bytes this
+//! process's heap holds) sampled over time by a thread of its own, and checks of its growth
+//! against a bound the caller derives from its workload.
 //!
-//! Two RSS readings taken at two chosen moments say little: the allocator keeps freed memory,
-//! other work in the process comes and goes, and a missing `/proc` reads as zero. So an
-//! [`RssSampler`] samples every `every` from its start, a window's figure is its *highest*
-//! sample (a burst between two readings is not missed), and a window without a sample, or a
-//! process whose RSS cannot be read, fails the check instead of passing it.
+//! Two RSS readings taken at two chosen moments say little: the allocator keeps freed memory
+//! (so growth can hide in what an earlier test freed), other work in the process comes and
+//! goes, and a missing `/proc` reads as zero. So a [`Sampler`] samples every `every` from its
+//! start, a window's figure is its *highest* sample (a burst between two readings is not
+//! missed), and a window without a sample, or a figure that cannot be read, fails the check
+//! instead of passing it. Where the allocator's retention would hide growth, sample the live
+//! heap instead: [`Heap`] is a global allocator that counts it ([`Sampler::heap`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use cap::Cap;
+
 use crate::ledger::rss_kib;
+
+/// The system allocator, counting the bytes it holds: declare it as the binary's
+/// `#[global_allocator]` (`static HEAP: Heap = memory::heap();`) to sample the live heap.
+pub type Heap = Cap<std::alloc::System>;
+
+/// A [`Heap`] without a limit.
+pub const fn heap() -> Heap {
+    Cap::new(std::alloc::System, usize::MAX)
+}
 
 /// Samples kept before the oldest are thinned out (every other one dropped): a bound on the
 /// sampler's own memory, whatever the run's length.
 const MAX_SAMPLES: usize = 4096;
 
-/// RSS samples of one process, taken by a background thread until dropped.
-#[derive(Debug)]
-pub struct RssSampler {
+/// Samples of a figure in KiB (RSS, live heap), taken by a background thread until dropped.
+pub struct Sampler {
     samples: Arc<Mutex<Vec<(Instant, u64)>>>,
-    pid: Option<u32>,
+    read: Arc<dyn Fn() -> Option<u64> + Send + Sync>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("samples", &self.lock().len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The RSS figures of a stretch of time, in KiB.
@@ -52,20 +73,38 @@ impl RssWindow {
     }
 }
 
-impl RssSampler {
-    /// Starts sampling process `pid` (this one for `None`) every `every`. Fails when its RSS
+impl Sampler {
+    /// Samples the RSS of process `pid` (this one for `None`) every `every`. Fails when it
     /// cannot be read (no `/proc`): a memory check without figures must not pass.
-    pub fn start(pid: Option<u32>, every: Duration) -> Result<Self, String> {
-        let first = rss_kib(pid).ok_or_else(|| format!("cannot read the RSS of {pid:?}"))?;
+    pub fn rss(pid: Option<u32>, every: Duration) -> Result<Self, String> {
+        Self::start(move || rss_kib(pid), every)
+            .ok_or_else(|| format!("cannot read the RSS of {pid:?}"))
+    }
+
+    /// Samples the bytes `heap` (this binary's global allocator) holds every `every`.
+    pub fn heap(heap: &'static Heap, every: Duration) -> Self {
+        // The figure of a counting allocator is always there.
+        Self::start(move || Some((heap.allocated() / 1024) as u64), every)
+            .unwrap_or_else(|| unreachable!("a heap figure is always read"))
+    }
+
+    /// Samples what `read` says (KiB) every `every`; `None` when it says nothing at first.
+    pub fn start(
+        read: impl Fn() -> Option<u64> + Send + Sync + 'static,
+        every: Duration,
+    ) -> Option<Self> {
+        let read: Arc<dyn Fn() -> Option<u64> + Send + Sync> = Arc::new(read);
+        let first = read()?;
         let samples = Arc::new(Mutex::new(vec![(Instant::now(), first)]));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (samples, stop) = (Arc::clone(&samples), Arc::clone(&stop));
+            let (samples, stop, read) =
+                (Arc::clone(&samples), Arc::clone(&stop), Arc::clone(&read));
             std::thread::spawn(move || {
                 let mut every = every;
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(every);
-                    let Some(kib) = rss_kib(pid) else { break };
+                    let Some(kib) = read() else { break };
                     let mut samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
                     samples.push((Instant::now(), kib));
                     if samples.len() >= MAX_SAMPLES {
@@ -81,9 +120,9 @@ impl RssSampler {
                 }
             })
         };
-        Ok(Self {
+        Some(Self {
             samples,
-            pid,
+            read,
             stop,
             thread: Some(thread),
         })
@@ -91,7 +130,7 @@ impl RssSampler {
 
     /// Takes a sample now (so that a window ending now has its last figure).
     pub fn sample_now(&self) {
-        if let Some(kib) = rss_kib(self.pid) {
+        if let Some(kib) = (self.read)() {
             self.lock().push((Instant::now(), kib));
         }
     }
@@ -115,7 +154,7 @@ impl RssSampler {
     }
 }
 
-impl Drop for RssSampler {
+impl Drop for Sampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
@@ -137,7 +176,7 @@ pub fn check_growth(
     let growth = later.max.saturating_sub(baseline.max);
     if growth > allowed_kib {
         return Err(format!(
-            "RSS grew by {growth} KiB (from a peak of {} KiB to {} KiB), more than the {allowed_kib} \
+            "grew by {growth} KiB (from a peak of {} KiB to {} KiB), more than the {allowed_kib} \
              KiB the workload explains",
             baseline.max, later.max
         ));
@@ -167,6 +206,9 @@ pub fn check_flat(samples: &[u64], allowed_kib: u64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[global_allocator]
+    static HEAP: Heap = heap();
 
     #[test]
     fn growth_within_the_bound_passes_and_beyond_it_fails() {
@@ -200,13 +242,34 @@ mod tests {
         assert_eq!(check_flat(&noise, 8 * 1024), Ok(0));
     }
 
-    /// The sampler on this very process: memory allocated, touched and freed again before the
-    /// check passes; 64 MiB still held (a deliberate leak) fails a 32 MiB bound.
+    /// The RSS sampler on this very process: memory allocated, touched and freed again before
+    /// the check passes; 64 MiB still held (a deliberate leak) fails a 32 MiB bound.
     #[test]
-    fn the_sampler_sees_a_real_leak() {
+    fn the_rss_sampler_sees_a_real_leak() {
+        let sampler = Sampler::rss(None, Duration::from_millis(5)).expect("RSS readable");
+        leak_or_not(&sampler, true);
+    }
+
+    /// The same through the heap counter, with memory never touched: the heap counts it, the
+    /// RSS does not (so this test cannot leave memory the allocator keeps to the other).
+    #[test]
+    fn the_heap_sampler_sees_a_real_leak() {
+        leak_or_not(&Sampler::heap(&HEAP, Duration::from_millis(5)), false);
+    }
+
+    /// One leak test at a time: each would see the other's leak.
+    static ALONE: Mutex<()> = Mutex::new(());
+
+    fn leak_or_not(sampler: &Sampler, touch: bool) {
         const MIB: usize = 1024 * 1024;
-        let sampler = RssSampler::start(None, Duration::from_millis(5)).expect("RSS readable");
-        let touched = |mib: usize| std::hint::black_box(vec![1u8; mib * MIB]);
+        let _alone = ALONE.lock().unwrap_or_else(PoisonError::into_inner);
+        let touched = |mib: usize| {
+            std::hint::black_box(if touch {
+                vec![1u8; mib * MIB]
+            } else {
+                Vec::with_capacity(mib * MIB)
+            })
+        };
         // Baseline: bursts of 16 MiB that are freed.
         let start = Instant::now();
         for _ in 0..5 {

@@ -43,8 +43,8 @@
 //!   then the client still takes its full `max_in_flight` ([`MAX_IN_FLIGHT`]) of new calls
 //!   without a single `TooManyCalls`, and once the link is back a fresh call succeeds at once;
 //! - the request queue ends empty;
-//! - the RSS of this process is flat after warm-up ([`memory::check_flat`], within
-//!   [`RSS_MARGIN_KIB`]).
+//! - the RSS of this process, and the bytes its heap holds, are flat after warm-up
+//!   ([`memory::check_flat`], within [`RSS_MARGIN_KIB`] and [`HEAP_MARGIN_KIB`]).
 //!
 //! Exits 0 when all of that holds, 1 otherwise, 2 on bad arguments, 3 when the hard time cap
 //! ([`MAX_MINUTES`] plus [`OVERRUN`]) is hit.
@@ -60,7 +60,7 @@ use amqp_rpc_driver::{fib_handler, CallRequest, Client, ReplyMode, Server};
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::faults::Proxy;
 use e2e_tests::ledger::{assert_queue_drained, rss_kib, Class, Ledger, Summary};
-use e2e_tests::memory::{self, RssSampler};
+use e2e_tests::memory::{self, Heap, Sampler};
 use e2e_tests::node::{second_node, AppStopped};
 use e2e_tests::process::ChildProcess;
 use e2e_tests::proxy::FaultMode;
@@ -92,6 +92,12 @@ const LIVE_EVERY: Duration = Duration::from_secs(5);
 /// warm-up) to the last: allocator noise and the bounded structures of the soak itself. A leak
 /// of 150 bytes per call shows within a minute at ~1,000 calls/s.
 const RSS_MARGIN_KIB: u64 = 8 * 1024;
+/// The same for the bytes this process's heap holds (exact, unlike the RSS): the soak's own
+/// bounded records and the client's buffers at their high-water marks.
+const HEAP_MARGIN_KIB: u64 = 4 * 1024;
+/// Counts the bytes the heap holds (see [`HEAP_MARGIN_KIB`]).
+#[global_allocator]
+static HEAP: Heap = memory::heap();
 /// "At once", for the fresh call after the run.
 const PROMPT: Duration = Duration::from_secs(2);
 
@@ -628,7 +634,8 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         .wait_recovered::<R>(started, 100, RECOVERY_LIMIT)
         .await;
     let warm = Instant::now();
-    let sampler = RssSampler::start(None, Duration::from_secs(1)).expect("RSS of this process");
+    let sampler = Sampler::rss(None, Duration::from_secs(1)).expect("the RSS of this process");
+    let heap = Sampler::heap(&HEAP, Duration::from_secs(1));
     let live_stop = Arc::new(AtomicBool::new(false));
     let live_task = live::<R>(books.clone(), Arc::clone(&live_stop));
     say(&format!(
@@ -717,8 +724,11 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
 
     callers.stop::<R>(args.timeout).await;
     sampler.sample_now();
+    heap.sample_now();
     let rss = sampler.samples(warm, Instant::now());
     let rss_flat = memory::check_flat(&rss, RSS_MARGIN_KIB);
+    let heap_samples = heap.samples(warm, Instant::now());
+    let heap_flat = memory::check_flat(&heap_samples, HEAP_MARGIN_KIB);
     let server_rss_end = rss_kib(Some(soak.server.id()));
     let elapsed = started.elapsed();
     live_stop.store(true, Ordering::SeqCst);
@@ -848,6 +858,20 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         )),
         None => say("client RSS          NO SAMPLES"),
     }
+    match memory::RssWindow::of(&heap_samples) {
+        Some(w) => say(&format!(
+            "client heap         after warm-up: first {}, last {}, max {} ({} samples); {}",
+            kib(Some(w.first)),
+            kib(Some(w.last)),
+            kib(Some(w.max)),
+            w.samples,
+            match &heap_flat {
+                Ok(growth) => format!("flat (last quarter {growth} KiB above the first)"),
+                Err(e) => format!("NOT FLAT: {e}"),
+            }
+        )),
+        None => say("client heap         NO SAMPLES"),
+    }
     say(&format!(
         "server RSS          {} at start (first process), {} at end (current process)",
         kib(server_rss_start),
@@ -873,6 +897,7 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         && slots.is_ok()
         && drained
         && rss_flat.is_ok()
+        && heap_flat.is_ok()
         && failures.is_empty();
     say(&format!(
         "verdict             {}",
