@@ -1071,3 +1071,42 @@ fn main() -> ExitCode {
         _ => Tokio::block_on(run::<Tokio>(args)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_outside_every_fault_window_are_strays() {
+        let strays = Strays {
+            errors: vec![
+                (1_000, Kind::Normal, Class::ConnectionLost),
+                (5_000, Kind::Normal, Class::TimedOut),
+                (5_500, Kind::Dropped, Class::ReplyPathLost),
+                (9_000, Kind::UnknownExchange, Class::ConnectionLost),
+            ],
+            not_kept: 0,
+            windows: vec![(4_000, 6_000)],
+        };
+        let (counts, lines) = strays.outside();
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![
+                ((Kind::Normal, Class::ConnectionLost), 1),
+                ((Kind::UnknownExchange, Class::ConnectionLost), 1),
+            ]
+        );
+        assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn only_errors_of_a_fault_class_a_kind_does_not_expect_are_noted() {
+        let books = Books::new();
+        books.note(Kind::Normal, Class::Ok);
+        books.note(Kind::UnknownExchange, Class::Refused);
+        books.note(Kind::Dropped, Class::Dropped);
+        books.note(Kind::Normal, Class::TimedOut);
+        let noted: Vec<_> = books.lock().errors.iter().map(|e| (e.1, e.2)).collect();
+        assert_eq!(noted, vec![(Kind::Normal, Class::TimedOut)]);
+    }
+}
