@@ -10,6 +10,11 @@ use std::fmt;
 
 use crate::ids::{ChannelId, ReplyCode};
 
+/// The deepest nesting of field tables and arrays the codec accepts
+/// ([`FrameError::TableTooDeep`] beyond). RabbitMQ itself never sends more than a handful of
+/// levels (server properties hold a `capabilities` table inside the top one).
+pub const MAX_TABLE_DEPTH: usize = 64;
+
 /// Bytes from the peer that are not valid AMQP 0-9-1. Each maps to the reply code RabbitMQ
 /// uses when it closes a connection for the same fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +40,7 @@ pub enum FrameError {
         /// What failed to parse.
         what: &'static str,
     },
-    /// Field tables nested deeper than [`crate::codec::MAX_TABLE_DEPTH`].
+    /// Field tables nested deeper than [`MAX_TABLE_DEPTH`].
     TableTooDeep,
     /// A frame the protocol does not allow here (content without a method, a method in the
     /// middle of content, a body longer than announced...).
@@ -90,7 +95,7 @@ impl fmt::Display for FrameError {
             FrameError::TableTooDeep => write!(
                 f,
                 "field tables nested deeper than {} levels",
-                crate::codec::MAX_TABLE_DEPTH
+                MAX_TABLE_DEPTH
             ),
             FrameError::Unexpected { what } => write!(f, "unexpected frame: {what}"),
             FrameError::ProtocolVersionRejected {

@@ -3,19 +3,22 @@
 
 use std::time::Instant;
 
-use crate::rpc::{RpcClient, RpcServer};
-use crate::Connection;
+use crate::connection::{Connection, Event};
+use crate::rpc::{ClientEvent, RpcClient, RpcServer, ServerEvent};
 
 /// A sans-IO machine: bytes and time in, bytes and timer deadlines out.
 ///
 /// Drive it like this (the crate docs show a whole loop):
-/// 1. after any input or command, drain its events;
+/// 1. after any input or command, drain its events ([`Machine::poll_event`]);
 /// 2. when the driver's write buffer is empty, refill it with [`Machine::poll_transmit`] — this
 ///    is the backpressure: bytes the socket has not taken stay in the machine, where callers
 ///    can see them;
 /// 3. re-arm the timer from [`Machine::poll_timeout`] last, and call
 ///    [`Machine::handle_timeout`] when it fires.
 pub trait Machine {
+    /// What the machine reports to its driver.
+    type Event;
+
     /// Bytes read from the socket.
     fn handle_input(&mut self, now: Instant, bytes: &[u8]);
     /// The socket reached EOF or failed.
@@ -26,13 +29,17 @@ pub trait Machine {
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize;
     /// When to call [`Machine::handle_timeout`] next.
     fn poll_timeout(&self) -> Option<Instant>;
+    /// The next event, if any. Drain them after every input, timeout and command.
+    fn poll_event(&mut self) -> Option<Self::Event>;
     /// Whether the connection is closed: once the write buffer is flushed, drop the socket.
     fn is_closed(&self) -> bool;
 }
 
 macro_rules! impl_machine {
-    ($ty:ty, $conn:ident => $closed:expr) => {
+    ($ty:ty, $event:ty, $conn:ident => $closed:expr) => {
         impl Machine for $ty {
+            type Event = $event;
+
             fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
                 <$ty>::handle_input(self, now, bytes)
             }
@@ -48,6 +55,9 @@ macro_rules! impl_machine {
             fn poll_timeout(&self) -> Option<Instant> {
                 <$ty>::poll_timeout(self)
             }
+            fn poll_event(&mut self) -> Option<$event> {
+                <$ty>::poll_event(self)
+            }
             fn is_closed(&self) -> bool {
                 let $conn = self;
                 $closed
@@ -56,6 +66,6 @@ macro_rules! impl_machine {
     };
 }
 
-impl_machine!(Connection, c => c.is_closed());
-impl_machine!(RpcClient, c => c.connection().is_closed());
-impl_machine!(RpcServer, s => s.connection().is_closed());
+impl_machine!(Connection, Event, c => c.is_closed());
+impl_machine!(RpcClient, ClientEvent, c => c.connection().is_closed());
+impl_machine!(RpcServer, ServerEvent, s => s.connection().is_closed());

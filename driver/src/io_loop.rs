@@ -334,6 +334,10 @@ mod tests {
     }
 
     impl Machine for Timed {
+        type Event = ();
+        fn poll_event(&mut self) -> Option<()> {
+            None
+        }
         fn handle_input(&mut self, _now: Instant, bytes: &[u8]) {
             self.bytes_in += bytes.len();
         }

@@ -7,9 +7,7 @@
 //! it. The walk reads exactly what the parser would read, in the same order, so the parser never
 //! reaches a depth the walk did not check.
 
-/// The deepest nesting of field tables and arrays we accept. RabbitMQ itself never sends more
-/// than a handful of levels (server properties hold a `capabilities` table inside the top one).
-pub const MAX_TABLE_DEPTH: usize = 64;
+pub use crate::error::MAX_TABLE_DEPTH;
 
 /// Outcome of a walk over a payload that is too deep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

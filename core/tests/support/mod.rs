@@ -24,23 +24,14 @@ pub fn t0() -> Instant {
     Instant::now()
 }
 
-/// A machine the simulation can drive: the driving contract plus its events.
-pub trait SimClient: Machine {
-    /// What `poll_event` yields.
-    type Event: Debug;
-    /// The next event.
-    fn poll_event(&mut self) -> Option<Self::Event>;
+/// A machine the simulation can drive: the driving contract (events included), and which
+/// event is the last one.
+pub trait SimClient: Machine<Event: Debug> {
     /// Whether `event` must be the last one (the connection closed).
     fn is_final(event: &Self::Event) -> bool;
 }
 
 impl SimClient for Connection {
-    type Event = Event;
-
-    fn poll_event(&mut self) -> Option<Event> {
-        Connection::poll_event(self)
-    }
-
     fn is_final(event: &Event) -> bool {
         matches!(event, Event::Closed(_))
     }
