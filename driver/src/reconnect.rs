@@ -337,4 +337,102 @@ mod tests {
             );
         }
     }
+
+    /// Issue 10 case 6: every address a name resolves to is tried in turn, and the first that
+    /// accepts wins; with none, the last error is reported.
+    #[test]
+    fn tries_every_resolved_address_in_turn() {
+        let refused: SocketAddr = "[::1]:1".parse().expect("address");
+        let good: SocketAddr = "127.0.0.1:2".parse().expect("address");
+        let unreachable: SocketAddr = "127.0.0.1:3".parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let run = |addresses: &[SocketAddr]| {
+            TRIED.with(|t| t.lock().map(|mut t| t.clear()).ok());
+            futures_util::FutureExt::now_or_never(connect_any::<Fake>(addresses, deadline))
+                .expect("the fake runtime never waits")
+        };
+        let tcp = run(&[refused, unreachable, good]).expect("the third address accepts");
+        assert_eq!(tcp.0, good);
+        assert_eq!(tried(), vec![refused, unreachable, good]);
+        let error = run(&[refused, unreachable]).expect_err("nothing accepts");
+        assert_eq!(error.kind(), std::io::ErrorKind::HostUnreachable);
+        assert!(run(&[]).is_err());
+    }
+
+    thread_local! {
+        static TRIED: std::sync::Mutex<Vec<SocketAddr>> = const { std::sync::Mutex::new(Vec::new()) };
+    }
+
+    fn tried() -> Vec<SocketAddr> {
+        TRIED.with(|t| t.lock().map(|t| t.clone()).unwrap_or_default())
+    }
+
+    /// A runtime whose connects finish at once: port 1 is refused, port 3 unreachable, any
+    /// other accepts. Its timers never fire.
+    struct Fake;
+
+    #[derive(Debug)]
+    struct FakeTcp(SocketAddr);
+
+    impl futures_io::AsyncRead for FakeTcp {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(0))
+        }
+    }
+
+    impl futures_io::AsyncWrite for FakeTcp {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+    impl Runtime for Fake {
+        type Tcp = FakeTcp;
+        type Stream = Stream<FakeTcp>;
+        type Sleep = std::future::Pending<()>;
+
+        fn resolve(_: &str, _: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+
+        fn connect(address: SocketAddr) -> BoxFuture<std::io::Result<FakeTcp>> {
+            TRIED.with(|t| t.lock().map(|mut t| t.push(address)).ok());
+            let result = match address.port() {
+                1 => Err(std::io::ErrorKind::ConnectionRefused.into()),
+                3 => Err(std::io::ErrorKind::HostUnreachable.into()),
+                _ => Ok(FakeTcp(address)),
+            };
+            Box::pin(std::future::ready(result))
+        }
+
+        fn sleep_until(_: Instant) -> Self::Sleep {
+            std::future::pending()
+        }
+
+        fn reset(_: std::pin::Pin<&mut Self::Sleep>, _: Instant) {}
+
+        fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(_: F) {}
+    }
 }
