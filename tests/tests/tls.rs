@@ -287,7 +287,8 @@ async fn verify_none_connects_and_warns<R: TestRuntime>() {
 }
 
 /// Issue 10 case 6: an IPv6 literal in brackets, over plain AMQP and over TLS (verified
-/// against the certificate's IP SAN ::1).
+/// against the certificate's IP SAN ::1), really goes to ::1: the broker sees the connection
+/// come from ::1 (amq-protocol's parser turned `[::1]` into `localhost`, which is 127.0.0.1).
 async fn ipv6_literals_connect<R: TestRuntime>() {
     let queue = QueueGuard::on(&node(), "ipv6");
     let server =
@@ -296,8 +297,27 @@ async fn ipv6_literals_connect<R: TestRuntime>() {
         "amqp://guest:guest@[::1]:5674/%2f".to_owned(),
         tls_uri("guest:guest@", "[::1]:5671", ""),
     ] {
-        let client = connect_with::<R>(client_options_at(&uri, ReplyMode::DirectReplyTo)).await;
+        let name = unique_name("ipv6");
+        let mut options = client_options_at(&uri, ReplyMode::DirectReplyTo);
+        options.connect.connection.connection_name = Some(name.clone());
+        let client = connect_with::<R>(options).await;
         expect_fib(call(&client, queue.name(), "20", CALL_TIMEOUT).await, 20);
+        let listing = blocking(|| {
+            node().rabbitmqctl(&[
+                "-q",
+                "list_connections",
+                "--no-table-headers",
+                "peer_host",
+                "client_properties",
+            ])
+        })
+        .await
+        .expect("list_connections");
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&name))
+            .unwrap_or_else(|| panic!("no connection named {name} in {listing}"));
+        assert!(line.starts_with("::1"), "{uri}: {line}");
         client.close().await;
     }
     server.stop::<R>().await;
