@@ -73,8 +73,20 @@ make_ca() {
         2>/dev/null
 }
 
+# openssl makes the certificates; a fresh Debian machine may lack it.
+need_openssl() {
+    command -v openssl >/dev/null 2>&1 && return 0
+    log "installing openssl"
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+    else
+        sudo apt-get update -qq && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+    fi
+}
+
 make_certs() {
     [ -f "$CERTS/done" ] && return 0
+    need_openssl
     log "making certificates in $CERTS"
     rm -rf "$CERTS"
     mkdir -p "$CERTS"

@@ -61,6 +61,7 @@ tls_tests! {
     plain_amqp_to_the_tls_port_is_a_clear_error,
     tls_to_the_plain_port_is_a_clear_error,
     verify_none_connects_and_warns,
+    tls_to_a_silent_port_times_out,
     ipv6_literals_connect,
     recovery_over_tls,
 }
@@ -284,6 +285,40 @@ async fn verify_none_connects_and_warns<R: TestRuntime>() {
     );
     client.close().await;
     server.stop::<R>().await;
+}
+
+/// A port that accepts and never answers (the kernel completes the TCP handshake for a
+/// listener nobody accepts on): the TLS handshake must not hang past `connection_timeout`.
+async fn tls_to_a_silent_port_times_out<R: TestRuntime>() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let uri = tls_uri(
+        "guest:guest@",
+        &format!("127.0.0.1:{port}"),
+        "&connection_timeout=1000",
+    );
+    let mut options = ClientOptions::from_uri(&uri).expect("the URI parses");
+    options.retry_first_connect = false;
+    let started = Instant::now();
+    let result = within::<R, _>(
+        Duration::from_secs(5),
+        "a connect to a silent port",
+        Client::<R>::connect_with(options),
+    )
+    .await;
+    match result {
+        Err(ConnectError::TimedOut { after, .. }) => {
+            assert_eq!(after, Duration::from_millis(1000));
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("connected to a silent port"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
 }
 
 /// Issue 10 case 6: an IPv6 literal in brackets, over plain AMQP and over TLS (verified
