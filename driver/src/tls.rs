@@ -125,6 +125,10 @@ pub enum TlsError {
         /// The TLS alert the server sent.
         alert: String,
     },
+    /// We sent a client certificate and the server hung up right after the handshake, before
+    /// sending a byte: it refused the certificate, but its TLS 1.3 alert was lost to the TCP
+    /// reset that our first bytes, arriving at its closed socket, provoked.
+    ClosedAfterClientCertificate,
     /// The server did not answer in TLS: a plain AMQP port?
     NotTls,
     /// The server speaks TLS on this port and we did not: use `amqps://`.
@@ -166,6 +170,10 @@ impl fmt::Display for TlsError {
             TlsError::ClientCertificateRefused { alert } => {
                 write!(f, "the server refused our client certificate ({alert})")
             }
+            TlsError::ClosedAfterClientCertificate => f.write_str(
+                "the server closed the connection right after the TLS handshake: it most likely \
+                 refused our client certificate (expired, unknown CA?)",
+            ),
             TlsError::NotTls => f.write_str(
                 "the server does not speak TLS on this port (a plain AMQP port? use amqp://)",
             ),
@@ -241,6 +249,8 @@ pub struct Stream<T> {
     failure: Option<TlsError>,
     /// The name verified, for messages.
     expected: String,
+    /// Whether we offered a client certificate in the handshake.
+    sent_certificate: bool,
 }
 
 enum Inner<T> {
@@ -266,6 +276,7 @@ impl<T> Stream<T> {
             read_any: false,
             failure: None,
             expected: String::new(),
+            sent_certificate: false,
         }
     }
 
@@ -311,9 +322,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<T> {
                 }
                 Poll::Ready(Ok(n))
             }
+            (Inner::Tls(_), Poll::Ready(Ok(n))) => {
+                this.read_any |= n > 0;
+                Poll::Ready(Ok(n))
+            }
             (Inner::Tls(_), Poll::Ready(Err(e))) => {
                 if this.failure.is_none() {
-                    this.failure = TlsError::from_io(&e, &this.expected);
+                    this.failure = TlsError::from_io(&e, &this.expected).or_else(|| {
+                        let hung_up = matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+                        );
+                        (hung_up && this.sent_certificate && !this.read_any)
+                            .then_some(TlsError::ClosedAfterClientCertificate)
+                    });
                 }
                 Poll::Ready(Err(e))
             }
@@ -389,6 +411,7 @@ impl Connector {
                 read_any: false,
                 failure: None,
                 expected: self.expected.clone(),
+                sent_certificate: self.config.client_auth_cert_resolver.has_certs(),
             }),
             Err(e) => Err(TlsError::from_io(&e, &self.expected).unwrap_or_else(|| {
                 // The server hung up in the middle: what a plain AMQP port does after it

@@ -211,7 +211,10 @@ async fn hostname_mismatch_is_refused<R: TestRuntime>() {
     }
 }
 
-/// An expired client certificate: the broker refuses it, and we say so.
+/// An expired client certificate: the broker refuses it, and we say so. With TLS 1.3 the
+/// broker's verdict comes after our handshake ends, as an alert and a close; when our first
+/// bytes reach its closed socket first, the TCP reset swallows the alert, and all we can say
+/// is that it hung up on our certificate.
 async fn expired_client_certificate_is_refused<R: TestRuntime>() {
     let uri = tls_uri(
         "guest:guest@",
@@ -223,7 +226,7 @@ async fn expired_client_certificate_is_refused<R: TestRuntime>() {
         matches!(
             error,
             ConnectError::Tls {
-                error: TlsError::ClientCertificateExpired,
+                error: TlsError::ClientCertificateExpired | TlsError::ClosedAfterClientCertificate,
                 ..
             }
         ),
