@@ -280,6 +280,25 @@ impl<T> Stream<T> {
         }
     }
 
+    /// Keeps the first TLS failure: a TLS error (an alert), or a hang-up right after a
+    /// handshake in which we offered a certificate, seen on a read or on a write.
+    fn note_failure(&mut self, e: &io::Error) {
+        if self.failure.is_some() || matches!(self.inner, Inner::Plain(_)) {
+            return;
+        }
+        self.failure = TlsError::from_io(e, &self.expected).or_else(|| {
+            let hung_up = matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+            (hung_up && self.sent_certificate && !self.read_any)
+                .then_some(TlsError::ClosedAfterClientCertificate)
+        });
+    }
+
     /// The TLS failure that ended this stream, if one did (an alert after the handshake, as a
     /// TLS 1.3 server sends when it refuses our certificate; or TLS bytes on a plain stream).
     pub fn take_failure(&mut self) -> Option<TlsError> {
@@ -327,16 +346,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<T> {
                 Poll::Ready(Ok(n))
             }
             (Inner::Tls(_), Poll::Ready(Err(e))) => {
-                if this.failure.is_none() {
-                    this.failure = TlsError::from_io(&e, &this.expected).or_else(|| {
-                        let hung_up = matches!(
-                            e.kind(),
-                            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
-                        );
-                        (hung_up && this.sent_certificate && !this.read_any)
-                            .then_some(TlsError::ClosedAfterClientCertificate)
-                    });
-                }
+                this.note_failure(&e);
                 Poll::Ready(Err(e))
             }
             (_, result) => result,
@@ -350,10 +360,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let result = match &mut this.inner {
             Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        };
+        if let Poll::Ready(Err(e)) = &result {
+            this.note_failure(e);
         }
+        result
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

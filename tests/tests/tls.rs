@@ -9,29 +9,32 @@
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{
-    fib_handler, CallRequest, Client, ClientOptions, ConnectError, ConnectionError, ReplyMode,
-    TlsError,
+    fib_handler, CallError, CallRequest, Client, ClientOptions, ConnectError, ConnectionError,
+    ReplyMode, RpcError, TlsError,
 };
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::calls::{call, concurrent_calls, connect_with, expect_fib, CALL_TIMEOUT};
-use e2e_tests::rt::{blocking, spawn, within, TestRuntime};
+use e2e_tests::node::AppStopped;
+use e2e_tests::rt::{blocking, sleep, spawn, within, TestRuntime};
 use e2e_tests::servers::{
-    client_options_at, fault_client_options, fib_held, server_options_at, Counter, Hold, TestServer,
+    client_options_at, fault_client_options, fault_server_options, fib_held, server_options_at,
+    Counter, Hold, TestServer,
 };
 
 /// One `#[test]` per transport per case, like [`e2e_tests!`](e2e_tests::e2e_tests), after
-/// [`setup`]: the node is up and the log capture installed before any case's runtime starts.
+/// [`share_node`]: the node is up and the log capture installed before any case's runtime
+/// starts, and a case that restarts the node runs alone.
 macro_rules! tls_tests {
     ($($case:ident),* $(,)?) => {
         $(
             mod $case {
                 #[test]
                 fn tokio() {
-                    super::setup();
+                    let _node = super::share_node(stringify!($case));
                     e2e_tests::rt::run::<e2e_tests::rt::Tokio, _>(
                         stringify!($case),
                         super::$case::<e2e_tests::rt::Tokio>,
@@ -40,7 +43,7 @@ macro_rules! tls_tests {
 
                 #[test]
                 fn smol() {
-                    super::setup();
+                    let _node = super::share_node(stringify!($case));
                     e2e_tests::rt::run::<e2e_tests::rt::Smol, _>(
                         stringify!($case),
                         super::$case::<e2e_tests::rt::Smol>,
@@ -64,6 +67,7 @@ tls_tests! {
     tls_to_a_silent_port_times_out,
     ipv6_literals_connect,
     recovery_over_tls,
+    broker_restart_over_tls,
 }
 
 /// The node's Erlang name.
@@ -400,6 +404,71 @@ async fn recovery_over_tls<R: TestRuntime>() {
     server.stop::<R>().await;
 }
 
+/// Recovery over TLS across a broker restart (`stop_app`/`start_app`): calls made while the
+/// node is down wait, the client and the server reconnect with a new TLS handshake (the server
+/// declares its queue again), and each call is answered, or, when the client was back before
+/// the server had declared its queue again, ends `NotRouted` (never ran); then calls succeed.
+async fn broker_restart_over_tls<R: TestRuntime>() {
+    const CALLS: u32 = 8;
+    let queue = QueueGuard::on(&node(), "tls-restart");
+    let uri = tls_uri("guest:guest@", "localhost:5671", "");
+    let mut server = TestServer::start::<R, _, _>(
+        fault_server_options(&uri, queue.name(), &unique_name("tls-server"), 8),
+        fib_handler,
+    )
+    .await;
+    let client = connect_with::<R>(fault_client_options(
+        &uri,
+        ReplyMode::DirectReplyTo,
+        &unique_name("tls-client"),
+    ))
+    .await;
+    expect_fib(call(&client, queue.name(), "10", CALL_TIMEOUT).await, 10);
+
+    let stopped = blocking(|| AppStopped::stop(&node()))
+        .await
+        .expect("stop_app");
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.name().to_owned());
+            let n = 30 + i;
+            spawn::<R, _>(async move {
+                let mut request = CallRequest::new(queue, n.to_string(), Duration::from_secs(40));
+                request.idempotent = true;
+                (n, client.call_with(request).await.map(|r| r.body))
+            })
+        })
+        .collect();
+    blocking(move || stopped.start()).await.expect("start_app");
+    server.wait_ready_again::<R>(Duration::from_secs(30)).await;
+    for task in calls {
+        let (n, reply) = within::<R, _>(Duration::from_secs(45), "a call", task.join()).await;
+        match reply {
+            Err(CallError::Rpc(RpcError::NotRouted)) => {}
+            reply => expect_fib(reply, n),
+        }
+    }
+    // The server may declare its queue while the booting node still clears transient queues
+    // (the broker then cancels its consumer and it declares again): calls are routed again
+    // within 15 s.
+    let back = Instant::now();
+    loop {
+        match call(&client, queue.name(), "50", CALL_TIMEOUT).await {
+            Err(CallError::Rpc(RpcError::NotRouted))
+                if back.elapsed() < Duration::from_secs(15) =>
+            {
+                sleep::<R>(Duration::from_millis(300)).await;
+            }
+            reply => {
+                expect_fib(reply, 50);
+                break;
+            }
+        }
+    }
+    client.close().await;
+    server.stop::<R>().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -436,6 +505,21 @@ async fn refused_within<R: TestRuntime>(uri: &str, limit: Duration) -> ConnectEr
     );
     assert!(!format!("{error} {error:?}").contains("guest:guest"));
     error
+}
+
+/// Cases share the node; the one that restarts it takes it alone.
+static NODE_USE: RwLock<()> = RwLock::new(());
+
+/// The node up (see [`setup`]) and held for the case: shared, or alone for a restart. A case
+/// that failed while holding it left the node running (its guard starts the app again), so a
+/// poisoned lock is still usable.
+fn share_node(case: &str) -> Box<dyn std::any::Any> {
+    setup();
+    if case == "broker_restart_over_tls" {
+        Box::new(NODE_USE.write().unwrap_or_else(PoisonError::into_inner))
+    } else {
+        Box::new(NODE_USE.read().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// The node up and the log capture installed, once per process.
