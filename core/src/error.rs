@@ -126,10 +126,13 @@ pub enum ConnectionError {
         /// What was wrong.
         reason: String,
     },
-    /// The server offers none of the SASL mechanisms we support.
+    /// The server offers none of the SASL mechanisms we may use.
     NoCommonMechanism {
         /// The mechanisms the server offered.
         offered: String,
+        /// The mechanisms we were allowed to use, space-separated
+        /// ([`crate::ConnectionConfig::auth_mechanisms`], or `PLAIN AMQPLAIN` by default).
+        asked: String,
     },
     /// Wrong user name or password (or the user may not log in).
     AuthenticationFailed {
@@ -169,9 +172,9 @@ impl fmt::Display for ConnectionError {
             ConnectionError::Protocol { code, reason } => {
                 write!(f, "server violated the protocol ({code}): {reason}")
             }
-            ConnectionError::NoCommonMechanism { offered } => write!(
+            ConnectionError::NoCommonMechanism { offered, asked } => write!(
                 f,
-                "no common authentication mechanism: server offers [{offered}], we support PLAIN and AMQPLAIN"
+                "no common authentication mechanism: server offers [{offered}], we asked for [{asked}]"
             ),
             ConnectionError::AuthenticationFailed { reason } if reason.is_empty() => {
                 f.write_str("authentication failed: wrong user name or password")

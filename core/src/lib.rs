@@ -10,7 +10,7 @@ pub mod rpc;
 
 pub use connection::{
     BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Credentials, Delivery, Event,
-    QueueOptions, Reply, Returned, Tune,
+    QueueOptions, Reply, Returned, SaslMechanism, Tune,
 };
 pub use error::{ChannelError, ConnectionError, FrameError, Initiator, RpcError, UsageError};
 pub use ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};

@@ -190,7 +190,8 @@ fn no_common_mechanism_is_reported_and_no_credentials_leave() {
     assert_eq!(
         sim.take_events(),
         vec![Event::Closed(ConnectionError::NoCommonMechanism {
-            offered: "EXTERNAL SCRAM-SHA-256".into()
+            offered: "EXTERNAL SCRAM-SHA-256".into(),
+            asked: "PLAIN AMQPLAIN".into(),
         })]
     );
     // No start-ok (no credentials); the client says why it leaves.
@@ -237,7 +238,8 @@ fn long_non_ascii_mechanism_list_does_not_panic() {
     assert_eq!(
         sim.take_events(),
         vec![Event::Closed(ConnectionError::NoCommonMechanism {
-            offered
+            offered,
+            asked: "PLAIN AMQPLAIN".into(),
         })]
     );
     let (code, text) = sim.broker.expect_connection_close();

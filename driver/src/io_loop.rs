@@ -309,12 +309,18 @@ mod tests {
     }
 
     impl Runtime for Flood {
-        type Stream = FloodStream;
+        type Tcp = FloodStream;
+        type Stream = crate::Stream<FloodStream>;
         type Sleep = ClockSleep;
-        fn connect(
+        fn resolve(
             _host: &str,
             _port: u16,
-        ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>> {
+        ) -> Pin<Box<dyn Future<Output = io::Result<Vec<std::net::SocketAddr>>> + Send>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn connect(
+            _address: std::net::SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = io::Result<Self::Tcp>> + Send>> {
             Box::pin(async { Ok(FloodStream) })
         }
         fn sleep_until(deadline: Instant) -> Self::Sleep {
@@ -400,7 +406,7 @@ mod tests {
         }
         let mut handler = Commands(0);
         let mut io = Loop::<Flood>::new();
-        let mut stream = FloodStream;
+        let mut stream = crate::Stream::plain(FloodStream);
         // The loop runs until `until` (2 s) unless the flood starves nothing; then the check
         // below ends it early by construction: the machine's timer is its only deadline.
         let exit = block_on(io.drive(

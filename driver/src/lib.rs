@@ -10,9 +10,11 @@ mod options;
 mod reconnect;
 mod server;
 mod state;
+mod tls;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Instant;
 
@@ -22,23 +24,40 @@ pub use amqp_rpc_core::rpc::{CallRequest, HandlerError, QueueKind, ReplyMode, Rp
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};
-pub use options::{ConnectError, ConnectOptions, DEFAULT_URI};
+pub use options::{ConnectError, ConnectOptions, AMQPS_PORT, AMQP_PORT, DEFAULT_URI};
 pub use reconnect::Backoff;
+/// The TLS library, for callers who build their own [`rustls::ClientConfig`]
+/// ([`TlsConfig::client_config`]).
+pub use rustls;
 pub use server::{Request, Server, ServerHandle, ServerOptions, ServerReport};
 pub use state::ConnectionState;
+pub use tls::{Stream, TlsConfig, TlsError, Verify};
 
-/// What a transport supplies: sockets, timers and tasks of one async runtime.
+/// What a transport supplies: name resolution, sockets, timers and tasks of one async runtime.
+/// TLS is not the transport's business: the driver runs it over [`Runtime::Tcp`].
 pub trait Runtime: Send + Sync + 'static {
     /// A connected TCP stream (TCP_NODELAY set).
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Tcp: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What the driver loop reads and writes: always `amqp_rpc_driver::Stream<Self::Tcp>`
+    /// (plain TCP or TLS over it); the bounds only let the driver make and inspect one.
+    type Stream: AsyncRead
+        + AsyncWrite
+        + Unpin
+        + Send
+        + 'static
+        + From<Stream<Self::Tcp>>
+        + AsMut<Stream<Self::Tcp>>;
     /// A resettable timer.
     type Sleep: Future<Output = ()> + Send + 'static;
 
-    /// Connects to `host:port` with TCP_NODELAY on.
-    fn connect(
+    /// Every address `host` resolves to, in the resolver's order (an IP address resolves to
+    /// itself; an IPv6 address comes without brackets).
+    fn resolve(
         host: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+    /// Connects to `address` with TCP_NODELAY on.
+    fn connect(address: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Self::Tcp>> + Send>>;
     /// A timer that fires at `deadline`.
     fn sleep_until(deadline: Instant) -> Self::Sleep;
     /// Moves a timer to a new deadline.

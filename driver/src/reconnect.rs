@@ -1,6 +1,7 @@
 //! Getting a socket: TCP connect under a timeout while commands keep being served, and the
 //! backoff between attempts.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{RpcClient, RpcServer};
@@ -10,6 +11,7 @@ use futures_util::future::{select, Either};
 
 use crate::io_loop::{deadline_in, Handler, Loop};
 use crate::options::{ConnectError, ConnectOptions};
+use crate::tls::{Connector, Stream, Verify};
 use crate::Runtime;
 
 /// Exponential backoff with jitter between reconnect attempts.
@@ -69,8 +71,9 @@ impl Backoff {
     }
 }
 
-/// Connects a TCP socket within `options.connect_timeout`, serving commands and timers of
-/// `machine` meanwhile (calls made while reconnecting wait, and expire on time).
+/// Resolves the host, connects to its addresses in turn and, for `amqps`, runs the TLS
+/// handshake, all within `options.connect_timeout`, serving commands and timers of `machine`
+/// meanwhile (calls made while reconnecting wait, and expire on time).
 pub(crate) async fn connect_stream<R: Runtime, M: Machine, H: Handler<M>>(
     options: &ConnectOptions,
     io: &mut Loop<R>,
@@ -78,18 +81,95 @@ pub(crate) async fn connect_stream<R: Runtime, M: Machine, H: Handler<M>>(
     commands: &mut mpsc::Receiver<H::Command>,
     handler: &mut H,
 ) -> Result<R::Stream, ConnectError> {
-    let address = options.address();
     let deadline = deadline_in(options.connect_timeout);
-    let connect = R::connect(&options.host, options.port);
+    let connect = Box::pin(open_stream::<R>(options, deadline));
     let idle = Box::pin(io.drive(None, Some(deadline), machine, commands, handler));
     match select(connect, idle).await {
-        Either::Left((Ok(stream), _)) => Ok(stream),
-        Either::Left((Err(error), _)) => Err(ConnectError::Io { address, error }),
+        Either::Left((result, _)) => result,
         Either::Right(_) => Err(ConnectError::TimedOut {
-            address,
+            address: options.address(),
             after: options.connect_timeout,
         }),
     }
+}
+
+/// Name resolution, TCP and TLS: the part of [`connect_stream`] that has a socket to show.
+async fn open_stream<R: Runtime>(
+    options: &ConnectOptions,
+    deadline: Instant,
+) -> Result<R::Stream, ConnectError> {
+    let address = options.address();
+    // The TLS settings first: a missing CA file needs no network to be reported.
+    let connector = match &options.tls {
+        Some(tls) => {
+            if tls.verify == Verify::None && tls.client_config.is_none() {
+                // At every connect, as the issue asks: nobody should run like this unaware.
+                tracing::warn!(
+                    %address,
+                    "verify_none: the broker's TLS certificate is NOT verified; anyone on the \
+                     path can read and change this connection"
+                );
+            }
+            Some(
+                Connector::new(tls, &options.host).map_err(|error| ConnectError::Tls {
+                    address: address.clone(),
+                    error,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let addresses = R::resolve(&options.host, options.port)
+        .await
+        .map_err(|error| ConnectError::Io {
+            address: address.clone(),
+            error,
+        })?;
+    let tcp = connect_any::<R>(&addresses, deadline)
+        .await
+        .map_err(|error| ConnectError::Io {
+            address: address.clone(),
+            error,
+        })?;
+    match connector {
+        None => Ok(Stream::plain(tcp).into()),
+        Some(connector) => match connector.handshake(tcp).await {
+            Ok(stream) => Ok(stream.into()),
+            Err(error) => Err(ConnectError::Tls { address, error }),
+        },
+    }
+}
+
+/// Tries each address in turn until one accepts (RFC 6724's order, as the resolver gave it:
+/// `localhost` may be `::1` then `127.0.0.1`, with the broker on only one of them). Each
+/// attempt gets an equal share of the time left, so that one address that swallows packets
+/// cannot use up the time of the others. The error is the last attempt's.
+async fn connect_any<R: Runtime>(
+    addresses: &[SocketAddr],
+    deadline: Instant,
+) -> std::io::Result<R::Tcp> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the host name resolved to no address",
+    );
+    for (i, &address) in addresses.iter().enumerate() {
+        let now = Instant::now();
+        let left = u32::try_from(addresses.len() - i).unwrap_or(u32::MAX);
+        let share = deadline.saturating_duration_since(now) / left;
+        let timer = Box::pin(R::sleep_until(now + share));
+        match select(R::connect(address), timer).await {
+            Either::Left((Ok(tcp), _)) => return Ok(tcp),
+            Either::Left((Err(error), _)) => {
+                tracing::debug!(%address, %error, "connect failed; trying the next address");
+                last = error;
+            }
+            Either::Right(_) => {
+                tracing::debug!(%address, "connect timed out; trying the next address");
+                last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+            }
+        }
+    }
+    Err(last)
 }
 
 /// A machine that can start over on a new socket.
@@ -149,7 +229,16 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
                         .drive(Some(&mut stream), None, machine, commands, session)
                         .await;
                     tracing::debug!(?exit, "connection ended");
-                    None
+                    // A TLS failure after the handshake (a TLS 1.3 server that refuses our
+                    // certificate alerts on the first read) or TLS bytes on a plain stream:
+                    // that is why connecting failed, not a lost connection.
+                    stream
+                        .as_mut()
+                        .take_failure()
+                        .map(|error| ConnectError::Tls {
+                            address: options.address(),
+                            error,
+                        })
                 }
                 Err(error) => {
                     // The byte stream the machine waits for will not come.
@@ -247,5 +336,103 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    /// Issue 10 case 6: every address a name resolves to is tried in turn, and the first that
+    /// accepts wins; with none, the last error is reported.
+    #[test]
+    fn tries_every_resolved_address_in_turn() {
+        let refused: SocketAddr = "[::1]:1".parse().expect("address");
+        let good: SocketAddr = "127.0.0.1:2".parse().expect("address");
+        let unreachable: SocketAddr = "127.0.0.1:3".parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let run = |addresses: &[SocketAddr]| {
+            TRIED.with(|t| t.lock().map(|mut t| t.clear()).ok());
+            futures_util::FutureExt::now_or_never(connect_any::<Fake>(addresses, deadline))
+                .expect("the fake runtime never waits")
+        };
+        let tcp = run(&[refused, unreachable, good]).expect("the third address accepts");
+        assert_eq!(tcp.0, good);
+        assert_eq!(tried(), vec![refused, unreachable, good]);
+        let error = run(&[refused, unreachable]).expect_err("nothing accepts");
+        assert_eq!(error.kind(), std::io::ErrorKind::HostUnreachable);
+        assert!(run(&[]).is_err());
+    }
+
+    thread_local! {
+        static TRIED: std::sync::Mutex<Vec<SocketAddr>> = const { std::sync::Mutex::new(Vec::new()) };
+    }
+
+    fn tried() -> Vec<SocketAddr> {
+        TRIED.with(|t| t.lock().map(|t| t.clone()).unwrap_or_default())
+    }
+
+    /// A runtime whose connects finish at once: port 1 is refused, port 3 unreachable, any
+    /// other accepts. Its timers never fire.
+    struct Fake;
+
+    #[derive(Debug)]
+    struct FakeTcp(SocketAddr);
+
+    impl futures_io::AsyncRead for FakeTcp {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(0))
+        }
+    }
+
+    impl futures_io::AsyncWrite for FakeTcp {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+    impl Runtime for Fake {
+        type Tcp = FakeTcp;
+        type Stream = Stream<FakeTcp>;
+        type Sleep = std::future::Pending<()>;
+
+        fn resolve(_: &str, _: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+
+        fn connect(address: SocketAddr) -> BoxFuture<std::io::Result<FakeTcp>> {
+            TRIED.with(|t| t.lock().map(|mut t| t.push(address)).ok());
+            let result = match address.port() {
+                1 => Err(std::io::ErrorKind::ConnectionRefused.into()),
+                3 => Err(std::io::ErrorKind::HostUnreachable.into()),
+                _ => Ok(FakeTcp(address)),
+            };
+            Box::pin(std::future::ready(result))
+        }
+
+        fn sleep_until(_: Instant) -> Self::Sleep {
+            std::future::pending()
+        }
+
+        fn reset(_: std::pin::Pin<&mut Self::Sleep>, _: Instant) {}
+
+        fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(_: F) {}
     }
 }

@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -24,7 +25,7 @@ use std::time::Instant;
 pub use amqp_rpc_driver::{
     fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
     ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
-    RpcReply, ServerHandle, ServerOptions, ServerReport, DEFAULT_URI,
+    RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types
@@ -45,14 +46,20 @@ impl Future for Sleep {
 }
 
 impl amqp_rpc_driver::Runtime for Smol {
-    type Stream = smol::net::TcpStream;
+    type Tcp = smol::net::TcpStream;
+    type Stream = amqp_rpc_driver::Stream<Self::Tcp>;
     type Sleep = Sleep;
 
-    fn connect(
+    fn resolve(
         host: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>> {
-        let address = format!("{host}:{port}");
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>> {
+        let host = host.to_owned();
+        // A (host, port) pair, never "{host}:{port}": that string is wrong for IPv6.
+        Box::pin(async move { smol::net::resolve((host.as_str(), port)).await })
+    }
+
+    fn connect(address: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Self::Tcp>> + Send>> {
         Box::pin(async move {
             let stream = smol::net::TcpStream::connect(address).await?;
             // Requests and replies are small: send each batch at once.

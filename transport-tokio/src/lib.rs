@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 pub use amqp_rpc_driver::{
     fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
     ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
-    RpcReply, ServerHandle, ServerOptions, ServerReport, DEFAULT_URI,
+    RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
 };
 
 /// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types
@@ -31,14 +32,24 @@ pub use amqp_rpc_driver::{
 pub struct Tokio;
 
 impl amqp_rpc_driver::Runtime for Tokio {
-    type Stream = Compat<tokio::net::TcpStream>;
+    type Tcp = Compat<tokio::net::TcpStream>;
+    type Stream = amqp_rpc_driver::Stream<Self::Tcp>;
     type Sleep = tokio::time::Sleep;
 
-    fn connect(
+    fn resolve(
         host: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send>> {
-        let address = format!("{host}:{port}");
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>> {
+        let host = host.to_owned();
+        // A (host, port) pair, never "{host}:{port}": that string is wrong for IPv6.
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    }
+
+    fn connect(address: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Self::Tcp>> + Send>> {
         Box::pin(async move {
             let stream = tokio::net::TcpStream::connect(address).await?;
             // Requests and replies are small: send each batch at once rather than wait for

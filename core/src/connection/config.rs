@@ -46,12 +46,60 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// A SASL mechanism for `connection.start-ok` (RabbitMQ "Authentication, Authorisation, Access
+/// Control" guide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SaslMechanism {
+    /// RFC 4616: user name and password in the clear (safe over TLS or loopback only).
+    Plain,
+    /// RabbitMQ's older variant of PLAIN: the same secrets, as an AMQP field table.
+    AmqPlain,
+    /// RFC 4422 appendix A: the identity the transport established, i.e. the TLS client
+    /// certificate (RabbitMQ's `rabbitmq_auth_mechanism_ssl` plugin; the user is the
+    /// certificate's CN or DN per `ssl_cert_login_from`). No password is sent.
+    External,
+}
+
+impl SaslMechanism {
+    /// The mechanism's name on the wire, as in `connection.start`'s `mechanisms`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::AmqPlain => "AMQPLAIN",
+            SaslMechanism::External => "EXTERNAL",
+        }
+    }
+
+    /// Parses a name, ignoring ASCII case (`external`, as in RabbitMQ's URI query
+    /// parameter `auth_mechanism`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            SaslMechanism::Plain,
+            SaslMechanism::AmqPlain,
+            SaslMechanism::External,
+        ]
+        .into_iter()
+        .find(|m| m.name().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for SaslMechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Connection settings. The tune values are the client's proposals; the negotiated values are
 /// in [`crate::Connection::tune`] once connected.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
-    /// User name and password.
+    /// User name and password (unused by [`SaslMechanism::External`]).
     pub credentials: Credentials,
+    /// The SASL mechanisms we may use, in order of preference; the first one the server offers
+    /// is used. Empty (the default) means PLAIN, else AMQPLAIN: never EXTERNAL unless asked
+    /// for, since it needs a client certificate.
+    pub auth_mechanisms: Vec<SaslMechanism>,
     /// Virtual host to open (`/` by default).
     pub vhost: String,
     /// Proposed heartbeat interval; `Duration::ZERO` accepts the server's proposal
@@ -81,6 +129,7 @@ impl Default for ConnectionConfig {
     fn default() -> Self {
         Self {
             credentials: Credentials::default(),
+            auth_mechanisms: Vec::new(),
             vhost: "/".to_owned(),
             heartbeat: Duration::from_secs(60),
             frame_max: 131_072,

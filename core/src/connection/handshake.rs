@@ -4,7 +4,7 @@
 use amq_protocol::protocol::connection::StartOk;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use super::config::{ConnectionConfig, Credentials};
+use super::config::{ConnectionConfig, Credentials, SaslMechanism};
 use crate::error::ConnectionError;
 
 /// Where the handshake is.
@@ -20,43 +20,39 @@ pub(crate) enum HandshakeStep {
     AwaitOpenOk,
 }
 
-/// The SASL mechanisms we speak, in order of preference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mechanism {
-    Plain,
-    AmqPlain,
-}
+/// What we may use when the application named no mechanism: the two password mechanisms,
+/// PLAIN first (RabbitMQ "Authentication" guide: both are on by default; EXTERNAL needs a
+/// client certificate and must be asked for).
+const DEFAULT_MECHANISMS: [SaslMechanism; 2] = [SaslMechanism::Plain, SaslMechanism::AmqPlain];
 
-impl Mechanism {
-    fn name(self) -> &'static str {
-        match self {
-            Mechanism::Plain => "PLAIN",
-            Mechanism::AmqPlain => "AMQPLAIN",
-        }
-    }
-}
-
-/// Picks PLAIN, else AMQPLAIN, from the space-separated list in `connection.start`.
-pub(crate) fn choose_mechanism(offered: &[u8]) -> Result<Mechanism, ConnectionError> {
+/// Picks the first of `asked` (or of [`DEFAULT_MECHANISMS`] when empty) that the server lists
+/// in `connection.start`'s space-separated `mechanisms` (spec §1.4.2.1: the client selects).
+pub(crate) fn choose_mechanism(
+    offered: &[u8],
+    asked: &[SaslMechanism],
+) -> Result<SaslMechanism, ConnectionError> {
     let offered = String::from_utf8_lossy(offered);
-    let has = |name: &str| offered.split_ascii_whitespace().any(|m| m == name);
-    if has("PLAIN") {
-        Ok(Mechanism::Plain)
-    } else if has("AMQPLAIN") {
-        Ok(Mechanism::AmqPlain)
+    let asked = if asked.is_empty() {
+        &DEFAULT_MECHANISMS[..]
     } else {
-        Err(ConnectionError::NoCommonMechanism {
+        asked
+    };
+    let has = |name: &str| offered.split_ascii_whitespace().any(|m| m == name);
+    match asked.iter().find(|m| has(m.name())) {
+        Some(&mechanism) => Ok(mechanism),
+        None => Err(ConnectionError::NoCommonMechanism {
             offered: offered.into_owned(),
-        })
+            asked: asked.iter().map(|m| m.name()).collect::<Vec<_>>().join(" "),
+        }),
     }
 }
 
 /// The SASL response for `mechanism`. It holds the password: it goes into a frame and nowhere
 /// else.
-fn auth_response(mechanism: Mechanism, credentials: &Credentials) -> LongString {
+fn auth_response(mechanism: SaslMechanism, credentials: &Credentials) -> LongString {
     match mechanism {
         // RFC 4616: authzid NUL authcid NUL passwd, with an empty authzid.
-        Mechanism::Plain => {
+        SaslMechanism::Plain => {
             let mut r =
                 Vec::with_capacity(2 + credentials.username().len() + credentials.password().len());
             r.push(0);
@@ -66,7 +62,7 @@ fn auth_response(mechanism: Mechanism, credentials: &Credentials) -> LongString 
             r.into()
         }
         // AMQPLAIN: a field table's entries without its length prefix, LOGIN then PASSWORD.
-        Mechanism::AmqPlain => {
+        SaslMechanism::AmqPlain => {
             let mut r = Vec::new();
             for (key, value) in [
                 ("LOGIN", credentials.username()),
@@ -80,6 +76,9 @@ fn auth_response(mechanism: Mechanism, credentials: &Credentials) -> LongString 
             }
             r.into()
         }
+        // RFC 4422 appendix A: an empty authorization identity means "the identity the
+        // certificate proves"; RabbitMQ's EXTERNAL ignores the response in any case.
+        SaslMechanism::External => LongString::default(),
     }
 }
 
@@ -111,7 +110,7 @@ fn client_properties(config: &ConnectionConfig) -> FieldTable {
 }
 
 /// Builds `connection.start-ok`. The locale is `en_US`, the one every RabbitMQ offers.
-pub(crate) fn start_ok(config: &ConnectionConfig, mechanism: Mechanism) -> StartOk {
+pub(crate) fn start_ok(config: &ConnectionConfig, mechanism: SaslMechanism) -> StartOk {
     StartOk {
         client_properties: client_properties(config),
         mechanism: ShortString::from(mechanism.name()),
@@ -126,27 +125,60 @@ mod tests {
 
     #[test]
     fn prefers_plain_then_amqplain() {
-        assert_eq!(choose_mechanism(b"AMQPLAIN PLAIN"), Ok(Mechanism::Plain));
         assert_eq!(
-            choose_mechanism(b"AMQPLAIN EXTERNAL"),
-            Ok(Mechanism::AmqPlain)
+            choose_mechanism(b"AMQPLAIN PLAIN", &[]),
+            Ok(SaslMechanism::Plain)
+        );
+        assert_eq!(
+            choose_mechanism(b"AMQPLAIN EXTERNAL", &[]),
+            Ok(SaslMechanism::AmqPlain)
         );
         assert!(matches!(
-            choose_mechanism(b"EXTERNAL SCRAM-SHA-256"),
-            Err(ConnectionError::NoCommonMechanism { offered }) if offered == "EXTERNAL SCRAM-SHA-256"
+            choose_mechanism(b"EXTERNAL SCRAM-SHA-256", &[]),
+            Err(ConnectionError::NoCommonMechanism { offered, asked })
+                if offered == "EXTERNAL SCRAM-SHA-256" && asked == "PLAIN AMQPLAIN"
         ));
-        assert!(choose_mechanism(b"PLAINX").is_err());
+        assert!(choose_mechanism(b"PLAINX", &[]).is_err());
+    }
+
+    #[test]
+    fn the_applications_choice_wins_in_its_order() {
+        use SaslMechanism::*;
+        let offered = b"PLAIN AMQPLAIN EXTERNAL";
+        assert_eq!(choose_mechanism(offered, &[External]), Ok(External));
+        assert_eq!(choose_mechanism(offered, &[AmqPlain, Plain]), Ok(AmqPlain));
+        assert_eq!(choose_mechanism(b"PLAIN", &[External, Plain]), Ok(Plain));
+        // Asked for EXTERNAL, offered none of it: the error names both lists.
+        let e = choose_mechanism(b"PLAIN AMQPLAIN", &[External]).expect_err("no EXTERNAL");
+        assert_eq!(
+            e,
+            ConnectionError::NoCommonMechanism {
+                offered: "PLAIN AMQPLAIN".into(),
+                asked: "EXTERNAL".into()
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("[PLAIN AMQPLAIN]") && text.contains("[EXTERNAL]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn external_sends_no_secret() {
+        let r = auth_response(SaslMechanism::External, &Credentials::new("u", "s3cret"));
+        assert!(r.as_bytes().is_empty());
     }
 
     #[test]
     fn plain_response_is_rfc4616() {
-        let r = auth_response(Mechanism::Plain, &Credentials::new("u", "p"));
+        let r = auth_response(SaslMechanism::Plain, &Credentials::new("u", "p"));
         assert_eq!(r.as_bytes(), b"\0u\0p");
     }
 
     #[test]
     fn amqplain_response_is_a_table_body() {
-        let r = auth_response(Mechanism::AmqPlain, &Credentials::new("u", "pw"));
+        let r = auth_response(SaslMechanism::AmqPlain, &Credentials::new("u", "pw"));
         assert_eq!(
             r.as_bytes(),
             b"\x05LOGINS\x00\x00\x00\x01u\x08PASSWORDS\x00\x00\x00\x02pw"

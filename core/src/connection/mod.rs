@@ -9,7 +9,7 @@ mod config;
 mod handshake;
 mod heartbeat;
 
-pub use config::{ConnectionConfig, Credentials, Tune};
+pub use config::{ConnectionConfig, Credentials, SaslMechanism, Tune};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -919,7 +919,10 @@ impl Connection {
         // The server speaks AMQP 0-9-1 now that it sent start: from here on a failure is
         // explained to it with a connection.close.
         self.state = State::Handshake(HandshakeStep::AwaitTune);
-        let mechanism = match handshake::choose_mechanism(start.mechanisms.as_bytes()) {
+        let mechanism = match handshake::choose_mechanism(
+            start.mechanisms.as_bytes(),
+            &self.config.auth_mechanisms,
+        ) {
             Ok(m) => m,
             Err(e) => {
                 // The credentials never left.
