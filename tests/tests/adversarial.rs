@@ -67,17 +67,17 @@ async fn operator_deletes_the_reply_queue<R: TestRuntime>() {
 
     let connection = name.clone();
     let reply_queue = blocking(move || reply_queue_of(&Node::main(), &connection)).await;
-    let deleted_at = Instant::now();
     let node = Node::main();
     let doomed = reply_queue.clone();
     blocking(move || node.rabbitmqctl(&["delete_queue", &doomed]))
         .await
         .expect("rabbitmqctl delete_queue");
 
+    // Promptly once the queue is gone (rabbitmqctl itself may take seconds on a busy machine),
+    // not at the call's 60 s deadline.
     let result = within::<R, _>(PROMPT, "the waiting call ending", waiting.join()).await;
     assert_eq!(result, Err(CallError::Rpc(RpcError::ReplyPathLost)));
     assert!(result.is_err_and(|e| e.may_have_run()));
-    assert!(deleted_at.elapsed() < PROMPT);
 
     hold.release();
     expect_fib(call(&client, queue.name(), "30", CALL_TIMEOUT).await, 30);
