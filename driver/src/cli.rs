@@ -123,11 +123,19 @@ impl Args {
         }
     }
 
-    fn uri(&self) -> String {
-        self.value("uri")
-            .map(str::to_owned)
-            .or_else(|| std::env::var("AMQP_URL").ok())
-            .unwrap_or_else(|| DEFAULT_URI.to_owned())
+    /// Every `--uri` (each may be a comma-separated list of a cluster's nodes), else `AMQP_URL`
+    /// (one URI or a list), else [`DEFAULT_URI`].
+    fn uris(&self) -> Vec<String> {
+        let given: Vec<String> = self
+            .flags
+            .iter()
+            .filter(|(k, _)| k == "uri")
+            .filter_map(|(_, v)| v.clone())
+            .collect();
+        if !given.is_empty() {
+            return given;
+        }
+        vec![std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URI.to_owned())]
     }
 
     fn unknown(&self, known: &[&str]) -> Option<String> {
@@ -169,20 +177,29 @@ pub fn process_cpu_time(pid: Option<u32>) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// `server [--uri U] [--queue Q] [--prefetch N] [--workers N] [--quorum]`: the Fibonacci
-/// service. Stops gracefully when `shutdown` resolves (Ctrl-C or SIGTERM).
+/// `server [--uri U]... [--queue Q] [--prefetch N] [--workers N] [--quorum]`: the Fibonacci
+/// service. `--uri` may be repeated or take a comma-separated list (the nodes of a cluster).
+///
+/// The request queue, when missing, is declared classic (non-durable) by default, as the
+/// tutorial's Python programs declare it: on a single broker that is the cheaper queue, and a
+/// server of ours and one of the tutorial's can then share it (RabbitMQ refuses a declare whose
+/// type differs from the queue's). `--quorum` declares it durable with `x-queue-type: quorum`,
+/// replicated on a majority of a cluster's nodes: what servers on several nodes should share,
+/// so that the queue and the requests in it survive the loss of a node.
+///
+/// Stops gracefully when `shutdown` resolves (Ctrl-C or SIGTERM).
 pub async fn server_main<R: Runtime>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExitCode {
     init_logging();
     let args = Args::parse(&["quorum"]);
     if let Some(e) = args.unknown(&["uri", "queue", "prefetch", "workers", "quorum"]) {
-        eprintln!("server: {e}\nusage: server [--uri U] [--queue Q] [--prefetch N] [--workers N] [--quorum]");
+        eprintln!("server: {e}\nusage: server [--uri U]... [--queue Q] [--prefetch N] [--workers N] [--quorum]");
         return ExitCode::from(2);
     }
     let parsed = (|| -> Result<ServerOptions, String> {
         let mut options =
-            ServerOptions::from_uri(&args.uri(), args.value("queue").unwrap_or("rpc_queue"))
+            ServerOptions::from_uris(args.uris(), args.value("queue").unwrap_or("rpc_queue"))
                 .map_err(|e| e.to_string())?;
         options.workers = args.number("workers", 1usize)?.max(1);
         let default_prefetch = u16::try_from(options.workers).unwrap_or(u16::MAX);
@@ -242,13 +259,13 @@ pub async fn server_main<R: Runtime>(
     }
 }
 
-/// `client N [--uri U] [--queue Q] [--timeout SECS]`: asks the server for fib(N), as the
+/// `client N [--uri U]... [--queue Q] [--timeout SECS]`: asks the server for fib(N), as the
 /// tutorial's client does. Exits 1 with one line on stderr when the call fails.
 pub async fn client_main<R: Runtime>() -> ExitCode {
     init_logging();
     let args = Args::parse(&[]);
     if let Some(e) = args.unknown(&["uri", "queue", "timeout"]) {
-        eprintln!("client: {e}\nusage: client N [--uri U] [--queue Q] [--timeout SECS]");
+        eprintln!("client: {e}\nusage: client N [--uri U]... [--queue Q] [--timeout SECS]");
         return ExitCode::from(2);
     }
     let n = args
@@ -267,15 +284,17 @@ pub async fn client_main<R: Runtime>() -> ExitCode {
         }
     };
     let queue = args.value("queue").unwrap_or("rpc_queue").to_owned();
-    let mut options = match ClientOptions::from_uri(&args.uri()) {
+    let mut options = match ClientOptions::from_uris(args.uris()) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("client: {e}");
             return ExitCode::from(2);
         }
     };
-    options.connect.connect_timeout = options.connect.connect_timeout.min(timeout);
-    options.connect.connection.handshake_timeout = options.connect.connect_timeout;
+    for address in options.connect.iter_mut() {
+        address.connect_timeout = address.connect_timeout.min(timeout);
+        address.connection.handshake_timeout = address.connect_timeout;
+    }
     let client = match Client::<R>::connect_with(options).await {
         Ok(c) => c,
         Err(e) => {
@@ -314,7 +333,7 @@ pub async fn client_main<R: Runtime>() -> ExitCode {
     }
 }
 
-/// `bench [--uri U] [--queue Q] [--calls N] [--concurrency C] [--reply-mode exclusive|direct]
+/// `bench [--uri U]... [--queue Q] [--calls N] [--concurrency C] [--reply-mode exclusive|direct]
 /// [--n 30] [--server-pid PID] [--json]`: measures calls/s and latency against whatever server
 /// consumes the queue.
 pub async fn bench_main<R: Runtime>() -> ExitCode {
@@ -358,7 +377,7 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         }
     };
     let queue = args.value("queue").unwrap_or("rpc_queue").to_owned();
-    let mut options = match ClientOptions::from_uri(&args.uri()) {
+    let mut options = match ClientOptions::from_uris(args.uris()) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("bench: {e}");

@@ -16,8 +16,9 @@ use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::SinkExt;
 
+use crate::addresses::Addresses;
 use crate::io_loop::Handler;
-use crate::options::{ConnectError, ConnectOptions};
+use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::state::{ConnectionState, StateCell};
 use crate::Runtime;
@@ -25,8 +26,8 @@ use crate::Runtime;
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Broker and connection settings.
-    pub connect: ConnectOptions,
+    /// Broker addresses (one, or the nodes of a cluster) and their connection settings.
+    pub connect: Addresses,
     /// RPC settings (reply mode, in-flight bound, server check).
     pub rpc: ClientConfig,
     /// Timeout of [`Client::call`].
@@ -39,10 +40,19 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    /// Options for `uri` with defaults for the rest.
+    /// Options for `uri` (or a comma-separated list of URIs, see [`Addresses::parse`]) with
+    /// defaults for the rest.
     pub fn from_uri(uri: &str) -> Result<Self, ConnectError> {
+        Self::from_uris([uri])
+    }
+
+    /// Options for the brokers at `uris`, e.g. the nodes of a cluster (see
+    /// [`Addresses::from_uris`]), with defaults for the rest.
+    pub fn from_uris<S: AsRef<str>>(
+        uris: impl IntoIterator<Item = S>,
+    ) -> Result<Self, ConnectError> {
         Ok(Self {
-            connect: ConnectOptions::from_uri(uri)?,
+            connect: Addresses::from_uris(uris)?,
             rpc: ClientConfig::default(),
             default_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
@@ -178,9 +188,9 @@ impl<R: Runtime> fmt::Debug for Client<R> {
 }
 
 impl<R: Runtime> Client<R> {
-    /// Connects to the broker at `uri` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) and arms
-    /// the reply path. Fails promptly with a clear error when the broker is unreachable or
-    /// refuses the credentials.
+    /// Connects to the broker at `uri` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`, or a
+    /// comma-separated list of a cluster's nodes) and arms the reply path. Fails promptly with a
+    /// clear error when the broker is unreachable or refuses the credentials.
     pub async fn connect(uri: &str) -> Result<Self, ConnectError> {
         Self::connect_with(ClientOptions::from_uri(uri)?).await
     }
@@ -398,9 +408,10 @@ async fn run<R: Runtime>(
     ready: oneshot::Sender<Result<(), ConnectError>>,
     state: Arc<StateCell>,
 ) {
+    let rotation = options.connect.rotation();
     let mut machine = RpcClient::new(
         options.rpc.clone(),
-        options.connect.connection.clone(),
+        rotation.current().connection.clone(),
         CorrelationKey::random(),
         Instant::now(),
     );
@@ -416,7 +427,7 @@ async fn run<R: Runtime>(
         state,
     };
     let outcome = run_session::<R, _, _>(
-        &options.connect,
+        rotation,
         &options.backoff,
         &mut machine,
         &mut commands,

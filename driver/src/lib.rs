@@ -3,6 +3,7 @@
 //! built on it. `transport-tokio` and `transport-smol` supply a [`Runtime`] and re-export these
 //! types, so both have the same API by construction and no driving code is written twice.
 
+mod addresses;
 mod cli;
 mod client;
 mod io_loop;
@@ -20,6 +21,7 @@ use std::time::Instant;
 
 use futures_io::{AsyncRead, AsyncWrite};
 
+pub use addresses::{AddressFailure, Addresses};
 pub use amqp_rpc_core::rpc::{CallRequest, HandlerError, QueueKind, ReplyMode, RpcReply};
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 pub use cli::{bench_main, client_main, fib, fib_handler, server_main};

@@ -99,6 +99,8 @@ pub enum ConnectError {
     },
     /// The broker refused us: wrong credentials, unknown vhost, protocol error...
     Connection(ConnectionError),
+    /// Every address of a list of several failed: each with its reason, in the order tried.
+    AllFailed(Vec<crate::addresses::AddressFailure>),
 }
 
 impl fmt::Display for ConnectError {
@@ -115,6 +117,13 @@ impl fmt::Display for ConnectError {
                 write!(f, "TLS with RabbitMQ at {address} failed: {error}")
             }
             ConnectError::Connection(e) => write!(f, "RabbitMQ refused the connection: {e}"),
+            ConnectError::AllFailed(failures) => {
+                write!(f, "no RabbitMQ address of {} could be used", failures.len())?;
+                for (i, failure) in failures.iter().enumerate() {
+                    write!(f, "{} {failure}", if i == 0 { ":" } else { ";" })?;
+                }
+                Ok(())
+            }
         }
     }
 }

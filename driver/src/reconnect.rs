@@ -1,14 +1,15 @@
-//! Getting a socket: TCP connect under a timeout while commands keep being served, and the
-//! backoff between attempts.
+//! Getting a socket: TCP connect under a timeout while commands keep being served, the choice
+//! of address per attempt, and the backoff between attempts.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{RpcClient, RpcServer};
-use amqp_rpc_core::{ConnectionError, Machine, UsageError};
+use amqp_rpc_core::{ConnectionConfig, ConnectionError, Machine, UsageError};
 use futures_channel::mpsc;
 use futures_util::future::{select, Either};
 
+use crate::addresses::{AddressFailure, Rotation};
 use crate::io_loop::{deadline_in, Handler, Loop};
 use crate::options::{ConnectError, ConnectOptions};
 use crate::tls::{Connector, Stream, Verify};
@@ -174,19 +175,20 @@ async fn connect_any<R: Runtime>(
 
 /// A machine that can start over on a new socket.
 pub(crate) trait Reconnect: Machine {
-    /// Replaces the closed connection with a fresh one starting its handshake at `now`.
-    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError>;
+    /// Replaces the closed connection with a fresh one, with `config`'s settings (those of the
+    /// address about to be tried), starting its handshake at `now`.
+    fn reconnect_to(&mut self, now: Instant, config: ConnectionConfig) -> Result<(), UsageError>;
 }
 
 impl Reconnect for RpcClient {
-    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError> {
-        RpcClient::reconnect(self, now)
+    fn reconnect_to(&mut self, now: Instant, config: ConnectionConfig) -> Result<(), UsageError> {
+        RpcClient::reconnect_to(self, now, config)
     }
 }
 
 impl Reconnect for RpcServer {
-    fn reconnect(&mut self, now: Instant) -> Result<(), UsageError> {
-        RpcServer::reconnect(self, now)
+    fn reconnect_to(&mut self, now: Instant, config: ConnectionConfig) -> Result<(), UsageError> {
+        RpcServer::reconnect_to(self, now, config)
     }
 }
 
@@ -209,11 +211,20 @@ pub(crate) trait Session<M>: Handler<M> {
     }
 }
 
-/// Connects, drives the machine until its connection ends, and reconnects with `backoff` until
-/// the session is finished. Returns `Err` when it gives up: a first connect that failed (unless
-/// retried), an error no reconnect can fix (credentials), or backoff attempts exhausted.
+/// Connects, drives the machine until its connection ends, and reconnects until the session is
+/// finished. The machine must have been created with `rotation.current()`'s connection settings.
+///
+/// Addresses are tried in `rotation`'s order. A *round* tries each address once, moving to the
+/// next at once when one fails (refused, timed out, or closed before the session was ready);
+/// the backoff waits only between rounds, and after a connection that was ready is lost. Every
+/// new connection, after a loss too, goes to the address after the last one used: the node
+/// just lost is the least likely to answer.
+///
+/// Returns `Err` when it gives up: a first round that failed (unless retried), a round in which
+/// every address refused the credentials, or backoff attempts exhausted. The error is the
+/// address's own when there is one address, else [`ConnectError::AllFailed`] naming each.
 pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
-    options: &ConnectOptions,
+    mut rotation: Rotation,
     backoff: &Backoff,
     machine: &mut M,
     commands: &mut mpsc::Receiver<S::Command>,
@@ -221,14 +232,17 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
 ) -> Result<(), ConnectError> {
     let mut io = Loop::<R>::new();
     let mut attempt: u32 = 0;
+    let mut round: Vec<AddressFailure> = Vec::new();
     loop {
+        let options = rotation.current();
+        tracing::debug!(address = %options.address(), "connecting");
         let connect_error =
             match connect_stream::<R, _, _>(options, &mut io, machine, commands, session).await {
                 Ok(mut stream) => {
                     let exit = io
                         .drive(Some(&mut stream), None, machine, commands, session)
                         .await;
-                    tracing::debug!(?exit, "connection ended");
+                    tracing::debug!(?exit, address = %options.address(), "connection ended");
                     // A TLS failure after the handshake (a TLS 1.3 server that refuses our
                     // certificate alerts on the first read) or TLS bytes on a plain stream:
                     // that is why connecting failed, not a lost connection.
@@ -250,42 +264,58 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
         if session.finished(machine) {
             return Ok(());
         }
-        let last = ConnectError::Connection(
-            session
-                .last_error()
-                .cloned()
-                .unwrap_or(ConnectionError::ConnectionLost),
-        );
-        if !session.ever_ready() && !session.retry_first_connect() {
-            return Err(connect_error.unwrap_or(last));
-        }
-        if connect_error.is_none() && permanent(session.last_error()) {
-            return Err(last);
-        }
         if session.take_was_ready() {
+            // A good connection was lost: a fresh start.
             attempt = 0;
+            round.clear();
+        } else {
+            round.push(AddressFailure {
+                address: options.address(),
+                error: connect_error.unwrap_or_else(|| ended_with(session)),
+            });
+        }
+        rotation.advance();
+        let round_failed = round.len() >= rotation.len();
+        if !round.is_empty() && !round_failed {
+            // The next address of this round, at once.
+            let config = rotation.current().connection.clone();
+            if machine.reconnect_to(Instant::now(), config).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if round_failed
+            && ((!session.ever_ready() && !session.retry_first_connect())
+                || round.iter().all(AddressFailure::is_permanent))
+        {
+            return Err(AddressFailure::into_error(round));
         }
         let Some(delay) = backoff.delay(attempt) else {
-            return Err(connect_error.unwrap_or(last));
+            return Err(if round.is_empty() {
+                ended_with(session)
+            } else {
+                AddressFailure::into_error(round)
+            });
         };
         attempt += 1;
+        round.clear();
         session.on_reconnecting(attempt, delay);
         io.drive(None, Some(deadline_in(delay)), machine, commands, session)
             .await;
-        if session.finished(machine) || machine.reconnect(Instant::now()).is_err() {
+        let config = rotation.current().connection.clone();
+        if session.finished(machine) || machine.reconnect_to(Instant::now(), config).is_err() {
             return Ok(());
         }
     }
 }
 
-/// Errors that reconnecting cannot fix.
-fn permanent(error: Option<&ConnectionError>) -> bool {
-    matches!(
-        error,
-        Some(
-            ConnectionError::AuthenticationFailed { .. }
-                | ConnectionError::NoCommonMechanism { .. }
-        )
+/// Why the session's last connection ended, as an error to give up with.
+fn ended_with<M, S: Session<M>>(session: &S) -> ConnectError {
+    ConnectError::Connection(
+        session
+            .last_error()
+            .cloned()
+            .unwrap_or(ConnectionError::ConnectionLost),
     )
 }
 

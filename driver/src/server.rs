@@ -21,17 +21,18 @@ use futures_channel::{mpsc, oneshot};
 use futures_util::future::{select, Either};
 use futures_util::{FutureExt, SinkExt};
 
+use crate::addresses::Addresses;
 use crate::client::wall_now;
 use crate::io_loop::Handler;
-use crate::options::{ConnectError, ConnectOptions};
+use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::Runtime;
 
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Broker and connection settings.
-    pub connect: ConnectOptions,
+    /// Broker addresses (one, or the nodes of a cluster) and their connection settings.
+    pub connect: Addresses,
     /// Queue, prefetch, and the queue type to declare when it is missing.
     pub rpc: ServerConfig,
     /// Most requests handled at once.
@@ -41,11 +42,21 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
-    /// Options for serving `queue` on the broker at `uri`, with one worker and prefetch 1 as in
-    /// the tutorial.
+    /// Options for serving `queue` on the broker at `uri` (or a comma-separated list of URIs),
+    /// with one worker and prefetch 1 as in the tutorial.
     pub fn from_uri(uri: &str, queue: &str) -> Result<Self, ConnectError> {
+        Self::from_uris([uri], queue)
+    }
+
+    /// Options for serving `queue` on the brokers at `uris`, e.g. the nodes of a cluster (see
+    /// [`Addresses::from_uris`]; each may be a comma-separated list), with one worker and
+    /// prefetch 1.
+    pub fn from_uris<S: AsRef<str>>(
+        uris: impl IntoIterator<Item = S>,
+        queue: &str,
+    ) -> Result<Self, ConnectError> {
         Ok(Self {
-            connect: ConnectOptions::from_uri(uri)?,
+            connect: Addresses::from_uris(uris)?,
             rpc: ServerConfig::new(queue),
             workers: 1,
             backoff: Backoff::default(),
@@ -195,9 +206,10 @@ impl<R: Runtime> Server<R> {
             on_ready,
             ..
         } = self;
+        let rotation = options.connect.rotation();
         let mut machine = RpcServer::new(
             options.rpc.clone(),
-            options.connect.connection.clone(),
+            rotation.current().connection.clone(),
             Instant::now(),
         );
         let mut workers = Workers::<R> {
@@ -212,7 +224,7 @@ impl<R: Runtime> Server<R> {
             _runtime: PhantomData,
         };
         run_session::<R, _, _>(
-            &options.connect,
+            rotation,
             &options.backoff,
             &mut machine,
             &mut receiver,

@@ -59,8 +59,10 @@ impl Proxy {
     /// `options` with the broker's address replaced by the proxy's.
     pub fn redirect(&self, mut options: ClientOptions) -> ClientOptions {
         let addr = self.local_addr();
-        options.connect.host = addr.ip().to_string();
-        options.connect.port = addr.port();
+        for address in options.connect.iter_mut() {
+            address.host = addr.ip().to_string();
+            address.port = addr.port();
+        }
         options
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{
-    fib, fib_handler, Backoff, ClientOptions, ConnectError, HandlerError, ReplyMode, Request,
-    Runtime, Server, ServerHandle, ServerOptions, ServerReport,
+    fib, fib_handler, Backoff, ClientOptions, ConnectError, ConnectOptions, HandlerError,
+    ReplyMode, Request, Runtime, Server, ServerHandle, ServerOptions, ServerReport,
 };
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
@@ -61,15 +61,23 @@ pub fn fault_backoff() -> Backoff {
     }
 }
 
+/// The fault suite's connection settings: [`FAULT_HEARTBEAT`], a connect timeout of 3 s, and
+/// `name` as the connection name (for `rabbitmqctl close_connection`).
+pub fn fault_connect_settings(address: &mut ConnectOptions, name: &str) {
+    address.connection.heartbeat = FAULT_HEARTBEAT;
+    address.connection.connection_name = Some(name.to_owned());
+    address.connect_timeout = Duration::from_secs(3);
+    address.connection.handshake_timeout = Duration::from_secs(3);
+}
+
 /// Client options of the fault suite for the broker at `uri`: [`FAULT_HEARTBEAT`],
 /// [`fault_backoff`], a connect timeout of 3 s, and `name` as the connection name (for
 /// `rabbitmqctl close_connection`).
 pub fn fault_client_options(uri: &str, mode: ReplyMode, name: &str) -> ClientOptions {
     let mut options = client_options_at(uri, mode);
-    options.connect.connection.heartbeat = FAULT_HEARTBEAT;
-    options.connect.connection.connection_name = Some(name.to_owned());
-    options.connect.connect_timeout = Duration::from_secs(3);
-    options.connect.connection.handshake_timeout = Duration::from_secs(3);
+    for address in options.connect.iter_mut() {
+        fault_connect_settings(address, name);
+    }
     options.backoff = fault_backoff();
     options
 }
@@ -78,10 +86,9 @@ pub fn fault_client_options(uri: &str, mode: ReplyMode, name: &str) -> ClientOpt
 /// `workers` workers and as much prefetch.
 pub fn fault_server_options(uri: &str, queue: &str, name: &str, workers: u16) -> ServerOptions {
     let mut options = server_options_at(uri, queue);
-    options.connect.connection.heartbeat = FAULT_HEARTBEAT;
-    options.connect.connection.connection_name = Some(name.to_owned());
-    options.connect.connect_timeout = Duration::from_secs(3);
-    options.connect.connection.handshake_timeout = Duration::from_secs(3);
+    for address in options.connect.iter_mut() {
+        fault_connect_settings(address, name);
+    }
     options.backoff = fault_backoff();
     options.rpc.prefetch = workers.max(1);
     options.workers = usize::from(workers.max(1));

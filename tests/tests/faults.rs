@@ -208,7 +208,7 @@ async fn case_06_replies_stalled_one_way<R: TestRuntime>() {
     const LATE: Duration = Duration::from_millis(500);
     let proxy = Proxy::start();
     let mut rig = Rig::<R>::start_with(&Node::main(), "stall", SlowFib, Some(&proxy), |client| {
-        client.connect.connection.heartbeat = Duration::from_secs(10);
+        client.connect[0].connection.heartbeat = Duration::from_secs(10);
     })
     .await;
     rig.ledger = Ledger::new(LATE);

@@ -262,8 +262,8 @@ async fn state_reports_reconnect_attempts<R: TestRuntime>() {
         &unique_name("client"),
     ));
     // Attempts into the black hole fail fast: the handshake gets 300 ms.
-    options.connect.connect_timeout = Duration::from_millis(300);
-    options.connect.connection.handshake_timeout = Duration::from_millis(300);
+    options.connect[0].connect_timeout = Duration::from_millis(300);
+    options.connect[0].connection.handshake_timeout = Duration::from_millis(300);
     options.backoff = Backoff {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(200),
@@ -318,8 +318,8 @@ async fn first_connect_retried_when_asked<R: TestRuntime>() {
             ReplyMode::default(),
             &unique_name("client"),
         ));
-        options.connect.connect_timeout = Duration::from_millis(300);
-        options.connect.connection.handshake_timeout = Duration::from_millis(300);
+        options.connect[0].connect_timeout = Duration::from_millis(300);
+        options.connect[0].connection.handshake_timeout = Duration::from_millis(300);
         options.retry_first_connect = retry;
         options
     };
@@ -401,8 +401,8 @@ async fn close_while_reconnecting_returns_promptly<R: TestRuntime>() {
     let proxy = Proxy::start();
     let mut options = fault_server_options(node.uri(), queue.name(), &unique_name("server"), 1);
     let address = proxy.local_addr();
-    options.connect.host = address.ip().to_string();
-    options.connect.port = address.port();
+    options.connect[0].host = address.ip().to_string();
+    options.connect[0].port = address.port();
     options.backoff = long_wait;
     let server = TestServer::start::<R, _, _>(options, fib_handler).await;
     let mut options = proxy.redirect(fault_client_options(

@@ -346,7 +346,7 @@ async fn server_connection_closed_mid_request<R: TestRuntime>() {
     let name = unique_name("server-conn");
     let mut options = server_options(queue.name());
     options.backoff = Backoff::never();
-    options.connect.connection.connection_name = Some(name.clone());
+    options.connect[0].connection.connection_name = Some(name.clone());
     let (hold, first_started) = (Hold::up_to(Duration::from_secs(30)), Counter::default());
     let first =
         TestServer::start::<R, _, _>(options, fib_held::<R>(hold.clone(), first_started.clone()))
@@ -413,7 +413,7 @@ async fn broker_closes_client_connection<R: TestRuntime>() {
     {
         let name = unique_name("client-conn");
         let mut options = client_options(mode);
-        options.connect.connection.connection_name = Some(name.clone());
+        options.connect[0].connection.connection_name = Some(name.clone());
         let client = connect_with::<R>(options).await;
         let pending: Vec<_> = (0..CALLS)
             .map(|_| {
@@ -460,7 +460,7 @@ async fn server_reconnects_after_broker_closes_it<R: TestRuntime>() {
     let queue = QueueGuard::new("server-reconnects");
     let name = unique_name("server-conn");
     let mut options = server_options(queue.name());
-    options.connect.connection.connection_name = Some(name.clone());
+    options.connect[0].connection.connection_name = Some(name.clone());
     let mut server = TestServer::start::<R, _, _>(options, fib_handler).await;
     let client = connect::<R>(ReplyMode::default()).await;
     expect_fib(call(&client, queue.name(), "30", CALL_TIMEOUT).await, 30);
@@ -607,7 +607,9 @@ async fn wrong_password<R: TestRuntime>() {
 
     let queue = QueueGuard::new("wrong-password");
     let mut options = server_options(queue.name());
-    options.connect = amqp_rpc_driver::ConnectOptions::from_uri(&uri).expect("uri");
+    options.connect = amqp_rpc_driver::ConnectOptions::from_uri(&uri)
+        .expect("uri")
+        .into();
     match TestServer::try_start::<R, _, _>(options, fib_handler).await {
         Err(ConnectError::Connection(ConnectionError::AuthenticationFailed { .. })) => {}
         Err(other) => panic!("server: expected AuthenticationFailed, got {other:?}"),
@@ -637,7 +639,7 @@ async fn unreachable_broker<R: TestRuntime>() {
 async fn body_over_server_limit_gets_error_reply<R: TestRuntime>() {
     let queue = QueueGuard::new("over-limit");
     let mut options = server_options(queue.name());
-    options.connect.connection.max_body_size = 1024 * 1024;
+    options.connect[0].connection.max_body_size = 1024 * 1024;
     let server = TestServer::start::<R, _, _>(options, fib_handler).await;
     let client = connect::<R>(ReplyMode::default()).await;
     let body = vec![b'7'; 2 * 1024 * 1024];

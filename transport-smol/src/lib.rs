@@ -23,9 +23,10 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 pub use amqp_rpc_driver::{
-    fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
-    ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
-    RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
+    fib, fib_handler, AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions,
+    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
+    ReplyMode, Request, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig,
+    TlsError, Verify, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types

@@ -21,9 +21,10 @@ use std::time::Instant;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 pub use amqp_rpc_driver::{
-    fib, fib_handler, Backoff, CallError, CallRequest, ClientOptions, ConnectError, ConnectOptions,
-    ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request, RpcError,
-    RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
+    fib, fib_handler, AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions,
+    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
+    ReplyMode, Request, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig,
+    TlsError, Verify, DEFAULT_URI,
 };
 
 /// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types

@@ -550,6 +550,22 @@ impl RpcClient {
         Ok(())
     }
 
+    /// [`RpcClient::reconnect`] to another broker: `conn_config` (its credentials, vhost,
+    /// heartbeat...) replaces the settings given at creation, for this connection and the next
+    /// ones. A driver with an address list calls it when it moves to another cluster node.
+    pub fn reconnect_to(
+        &mut self,
+        now: Instant,
+        conn_config: ConnectionConfig,
+    ) -> Result<(), UsageError> {
+        let previous = std::mem::replace(&mut self.conn_config, conn_config);
+        let result = self.reconnect(now);
+        if result.is_err() {
+            self.conn_config = previous;
+        }
+        result
+    }
+
     /// Ends every call still waiting to be sent with `ConnectionLost { sent: false }`: the driver
     /// will not reconnect.
     pub fn abandon(&mut self) {

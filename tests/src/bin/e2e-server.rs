@@ -72,7 +72,9 @@ async fn serve<R: TestRuntime>(args: Args) -> ExitCode {
     } else {
         QueueKind::Classic
     };
-    options.connect.connection.connection_name = args.name;
+    for address in options.connect.iter_mut() {
+        address.connection.connection_name = args.name.clone();
+    }
     let slow = args.slow;
     let handler = move |request: Request| -> HandlerFuture {
         say(&format!(
