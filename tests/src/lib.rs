@@ -11,6 +11,7 @@
 //!   killed when their guard drops;
 //! - [`proxy`]: a fault-injecting TCP proxy, and [`faults`] to run it beside any runtime;
 //! - [`ledger`]: the fault suite's "nothing lost" checker and the load that feeds it;
+//! - [`cluster`]: the 3-node cluster of `scripts/cluster.sh`, killing and restarting its nodes;
 //! - [`memory`]: RSS sampled over time, and growth checks that can fail;
 //! - [`node`]: the second RabbitMQ node for faults that would disturb other tests (stopping
 //!   the broker, memory alarms);
@@ -19,6 +20,7 @@
 
 pub mod broker;
 pub mod calls;
+pub mod cluster;
 pub mod faults;
 pub mod ledger;
 pub mod memory;
