@@ -26,7 +26,7 @@ use e2e_tests::broker::{unique_name, QueueGuard};
 use e2e_tests::calls::connect_with;
 use e2e_tests::cluster::{self, Killed};
 use e2e_tests::ledger::{assert_queue_drained, Class, Ledger, Load, LoadSpec, Summary};
-use e2e_tests::rt::{blocking, sleep, within, TestRuntime};
+use e2e_tests::rt::{blocking, sleep, spawn, within, TestRuntime};
 use e2e_tests::servers::{
     client_options_at, fault_backoff, fault_connect_settings, fib_held, Counter, Hold, TestServer,
 };
@@ -37,13 +37,14 @@ e2e_tests::e2e_tests! {
 }
 
 /// Like [`e2e_tests!`](e2e_tests::e2e_tests), each case holding the cluster for itself from
-/// before its runtime starts (starting the cluster does not count against the case's limit).
+/// before its runtime starts (starting the cluster does not count against the case's limit),
+/// with attributes per transport: `case: [tokio's] [smol's]`.
 macro_rules! cluster_tests {
-    ($($(#[$attr:meta])* $case:ident),* $(,)?) => {
+    ($($case:ident: [$(#[$tokio:meta])*] [$(#[$smol:meta])*]),* $(,)?) => {
         $(
             mod $case {
                 #[test]
-                $(#[$attr])*
+                $(#[$tokio])*
                 fn tokio() {
                     let _lease = e2e_tests::cluster::exclusive();
                     e2e_tests::rt::run::<e2e_tests::rt::Tokio, _>(
@@ -53,7 +54,7 @@ macro_rules! cluster_tests {
                 }
 
                 #[test]
-                $(#[$attr])*
+                $(#[$smol])*
                 fn smol() {
                     let _lease = e2e_tests::cluster::exclusive();
                     e2e_tests::rt::run::<e2e_tests::rt::Smol, _>(
@@ -66,13 +67,17 @@ macro_rules! cluster_tests {
     };
 }
 
+// A kill case takes about 45 s, most of it the killed node booting again; CI runs the client
+// node's case on both transports (each re-arms a different reply path) and the two others on
+// one transport each. `--include-ignored` runs the full suite (the measurement too).
 cluster_tests! {
-    servers_on_two_nodes_share_one_quorum_queue,
-    kill_the_clients_node_under_load,
-    kill_a_servers_node_under_load,
-    kill_the_quorum_leader_under_load,
-    #[ignore = "a measurement (about a minute): run with --ignored --nocapture"]
-    measure_quorum_vs_classic,
+    servers_on_two_nodes_share_one_quorum_queue: [] [],
+    kill_the_clients_node_under_load: [] [],
+    kill_a_servers_node_under_load: [#[ignore = "full cluster suite only (--include-ignored)"]] [],
+    kill_the_quorum_leader_under_load: [] [#[ignore = "full cluster suite only (--include-ignored)"]],
+    measure_quorum_vs_classic:
+        [#[ignore = "a measurement (about a minute): --ignored --nocapture"]]
+        [#[ignore = "a measurement (about a minute): --ignored --nocapture"]],
 }
 
 /// A password that must never appear in an error.
@@ -188,6 +193,9 @@ async fn credentials_differ_per_address<R: TestRuntime>() {
 
 /// How late after its deadline a call may end on a small loaded machine running three brokers.
 const BUDGET: Duration = Duration::from_secs(3);
+/// How long the rate is measured before a kill, and after the service recovered.
+const BEFORE: Duration = Duration::from_secs(3);
+const AFTER: Duration = Duration::from_secs(3);
 /// Timeout of each call under load.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -231,18 +239,20 @@ async fn start_client<R: TestRuntime>(first: usize, mode: ReplyMode) -> (Client<
     (connect_with::<R>(options).await, name)
 }
 
-/// The node a named connection is on now (waits up to 10 s for it to show).
-async fn node_of(name: &str) -> usize {
-    let name = name.to_owned();
+/// The nodes the named connections are on now, as node `via` sees them (waits up to 10 s for
+/// all of them to show).
+async fn nodes_of(via: usize, names: &[&str]) -> Vec<usize> {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
     blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match cluster::node_of_connection(&name) {
-                Ok(Some(i)) => return i,
-                Ok(None) | Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200))
+            let found = cluster::connection_nodes(via, &names);
+            match found {
+                Ok(nodes) if nodes.iter().all(Option::is_some) => {
+                    return nodes.into_iter().flatten().collect()
                 }
-                other => panic!("connection {name}: {other:?}"),
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                other => panic!("connections {names:?}: {other:?}"),
             }
         }
     })
@@ -257,12 +267,8 @@ async fn servers_on_two_nodes_share_one_quorum_queue<R: TestRuntime>() {
     let b = start_server::<R>(queue.name(), 1, QueueKind::Quorum).await;
     let (client, client_name) = start_client::<R>(2, ReplyMode::default()).await;
     assert_eq!(
-        (
-            node_of(&a.name).await,
-            node_of(&b.name).await,
-            node_of(&client_name).await
-        ),
-        (0, 1, 2),
+        nodes_of(2, &[&a.name, &b.name, &client_name]).await,
+        [0, 1, 2],
         "each on the first node of its list"
     );
     let ledger = Ledger::new(BUDGET);
@@ -382,14 +388,14 @@ async fn kill_under_load<R: TestRuntime>(t: Topology, mode: ReplyMode) {
             .await
             .expect("declare the quorum queue");
     }
-    let name = queue.name().to_owned();
-    let leader = blocking(move || cluster::leader_of(&name))
-        .await
-        .expect("list queues");
     let a = start_server::<R>(queue.name(), t.servers[0], QueueKind::Quorum).await;
     let b = start_server::<R>(queue.name(), t.servers[1], QueueKind::Quorum).await;
     let (client, client_name) = start_client::<R>(t.client, mode).await;
-    if t.what == "kill-quorum-leader" {
+    if t.kill == t.leader {
+        let (via, name) = (t.client, queue.name().to_owned());
+        let leader = blocking(move || cluster::leader_of(via, &name))
+            .await
+            .expect("list queues");
         assert_eq!(leader, Some(t.kill), "the leader is where it was declared");
     }
 
@@ -420,7 +426,7 @@ async fn kill_under_load<R: TestRuntime>(t: Topology, mode: ReplyMode) {
         .wait_recovered::<R>(began, 50, Duration::from_secs(15))
         .await;
     // The "before" window.
-    sleep::<R>(Duration::from_secs(4)).await;
+    sleep::<R>(BEFORE).await;
 
     let killed = blocking(move || Killed::kill(t.kill))
         .await
@@ -433,10 +439,12 @@ async fn kill_under_load<R: TestRuntime>(t: Topology, mode: ReplyMode) {
         .wait_recovered::<R>(kill_at, 200, Duration::from_secs(20))
         .await;
     // The "after" window.
-    sleep::<R>(Duration::from_secs(5)).await;
+    sleep::<R>(AFTER).await;
     for load in loads {
         load.stop::<R>(BUDGET).await;
     }
+    // The node boots again (about 20 s) while the checks run.
+    let restarted = spawn::<R, _>(blocking(move || killed.restart()));
     let summary = plain
         .check::<R>(Class::RECOVERY, Duration::from_secs(20))
         .await;
@@ -458,50 +466,43 @@ async fn kill_under_load<R: TestRuntime>(t: Topology, mode: ReplyMode) {
 
     // Whoever was on the killed node moved to the next node of its list.
     let next = (t.kill + 1) % cluster::SIZE;
-    for (who, name, first) in [
-        ("client", &client_name, t.client),
-        ("server a", &a.name, t.servers[0]),
-        ("server b", &b.name, t.servers[1]),
-    ] {
-        let now_on = node_of(name).await;
-        let expected = if first == t.kill { next } else { first };
-        assert_eq!(
-            now_on,
-            expected,
-            "{who} (first on c{}) is on c{}",
-            first + 1,
-            now_on + 1
-        );
-    }
+    let now_on = nodes_of(next, &[&client_name, &a.name, &b.name]).await;
+    let expected: Vec<usize> = [t.client, t.servers[0], t.servers[1]]
+        .iter()
+        .map(|&first| if first == t.kill { next } else { first })
+        .collect();
+    assert_eq!(
+        now_on, expected,
+        "client, server a, server b: nodes now (0-based)"
+    );
     let survivor = cluster::node(next);
     assert_queue_drained::<R>(&survivor, queue.name(), Duration::from_secs(10)).await;
     let (handled_a, handled_b) = (a.handled.get(), b.handled.get());
+    let leader_now = if t.kill == t.leader {
+        let name = queue.name().to_owned();
+        blocking(move || cluster::leader_of(next, &name))
+            .await
+            .ok()
+            .flatten()
+            .map(cluster::node_name)
+    } else {
+        None
+    };
     eprintln!(
         "{} on {} ({mode:?}): plain {summary}; idempotent {retried_summary}; servers ran \
-         {handled_a} and {handled_b}; leader was {:?}, now {:?}",
+         {handled_a} and {handled_b}; new leader {leader_now:?}",
         t.what,
         R::NAME,
-        leader.map(cluster::node_name),
-        {
-            let name = queue.name().to_owned();
-            blocking(move || cluster::leader_of(&name))
-                .await
-                .ok()
-                .flatten()
-                .map(cluster::node_name)
-        }
     );
     assert!(handled_a > 0 && handled_b > 0, "both servers did work");
 
     // The cluster reforms: the node is back as a running member and serves a client whose
     // list starts with it.
-    blocking(move || killed.restart())
-        .await
-        .expect("restart the node");
+    restarted.join().await.expect("restart the node");
     let (back, back_name) = start_client::<R>(t.kill, mode).await;
     assert_eq!(
-        node_of(&back_name).await,
-        t.kill,
+        nodes_of(t.kill, &[&back_name]).await,
+        [t.kill],
         "a client is back on the restarted node"
     );
     e2e_tests::calls::expect_fib(back.call(queue.name(), "30").await, 30);
@@ -526,12 +527,12 @@ fn rate(ledgers: &[&Ledger], from: Instant, to: Instant) -> f64 {
     n as f64 / to.saturating_duration_since(from).as_secs_f64().max(1e-3)
 }
 
-/// Prints the rate in the 4 s before the kill, the rate in the 4 s after it recovered, and
+/// Prints the rate in the [`BEFORE`] window, the rate in the [`AFTER`] window once recovered, and
 /// the seconds from the kill to the end of the first 1-s window whose rate is back to 90 % of
 /// before (windows every 100 ms). Measured, not asserted.
 fn report_rates(what: &str, transport: &str, ledgers: &[&Ledger], kill_at: Instant) {
     let second = Duration::from_secs(1);
-    let before = rate(ledgers, kill_at - Duration::from_secs(4), kill_at);
+    let before = rate(ledgers, kill_at - BEFORE, kill_at);
     let back = (0..200u32)
         .map(|k| kill_at + Duration::from_millis(100) * k)
         .find(|start| rate(ledgers, *start, *start + second) >= 0.9 * before)
@@ -539,7 +540,7 @@ fn report_rates(what: &str, transport: &str, ledgers: &[&Ledger], kill_at: Insta
     let (recovered, after) = match back {
         Some(at) => (
             format!("{:.1}", (at - kill_at).as_secs_f64()),
-            rate(ledgers, at, at + Duration::from_secs(4)),
+            rate(ledgers, at, at + AFTER),
         ),
         None => ("never".to_owned(), 0.0),
     };
