@@ -51,7 +51,7 @@ async fn operator_deletes_the_reply_queue<R: TestRuntime>() {
         TestServer::start::<R, _, _>(options, fib_held::<R>(hold.clone(), started.clone())).await;
     let name = e2e_tests::broker::unique_name("reply-deleted-client");
     let mut client_opts = client_options(ReplyMode::ExclusiveQueue);
-    client_opts.connect.connection.connection_name = Some(name.clone());
+    client_opts.connect[0].connection.connection_name = Some(name.clone());
     let client = connect_with::<R>(client_opts).await;
     let mut states = client.watch_state();
 
@@ -105,7 +105,7 @@ async fn one_bad_call_among_many<R: TestRuntime>(mode: ReplyMode) {
     let server = TestServer::start::<R, _, _>(options, fib_handler).await;
     let mut client_opts = client_options(mode);
     // The broker's own limit is 128 MiB; a deployment that lowers it tells the client too.
-    client_opts.connect.connection.max_message_size = 64 * 1024;
+    client_opts.connect[0].connection.max_message_size = 64 * 1024;
     let client = connect_with::<R>(client_opts).await;
     let mut states = client.watch_state();
     // Warm: the request queue's consumer count is known.
@@ -271,16 +271,16 @@ async fn refused_reply_path_names_the_brokers_words<R: TestRuntime>() {
 async fn duration_max_options_do_not_panic<R: TestRuntime>() {
     let queue = QueueGuard::new("duration-max");
     let mut server_opts = server_options(queue.name());
-    server_opts.connect.connect_timeout = Duration::MAX;
-    server_opts.connect.connection.close_timeout = Duration::MAX;
+    server_opts.connect[0].connect_timeout = Duration::MAX;
+    server_opts.connect[0].connection.close_timeout = Duration::MAX;
     server_opts.backoff.max = Duration::MAX;
     let server = TestServer::start::<R, _, _>(server_opts, fib_handler).await;
     let mut options = client_options(ReplyMode::ExclusiveQueue);
     options.default_timeout = Duration::MAX;
-    options.connect.connect_timeout = Duration::MAX;
-    options.connect.connection.handshake_timeout = Duration::MAX;
-    options.connect.connection.close_timeout = Duration::MAX;
-    options.connect.connection.heartbeat = Duration::MAX;
+    options.connect[0].connect_timeout = Duration::MAX;
+    options.connect[0].connection.handshake_timeout = Duration::MAX;
+    options.connect[0].connection.close_timeout = Duration::MAX;
+    options.connect[0].connection.heartbeat = Duration::MAX;
     options.backoff.max = Duration::MAX;
     options.backoff.initial = Duration::MAX;
     options.rpc.server_check = Some(Duration::MAX);
