@@ -180,11 +180,11 @@ pub fn process_cpu_time(pid: Option<u32>) -> Duration {
 /// `server [--uri U]... [--queue Q] [--prefetch N] [--workers N] [--quorum]`: the Fibonacci
 /// service. `--uri` may be repeated or take a comma-separated list (the nodes of a cluster).
 ///
-/// The request queue, when missing, is declared classic (non-durable) by default, as the
-/// tutorial's Python programs declare it: on a single broker that is the cheaper queue, and a
-/// server of ours and one of the tutorial's can then share it (RabbitMQ refuses a declare whose
-/// type differs from the queue's). `--quorum` declares it durable with `x-queue-type: quorum`,
-/// replicated on a majority of a cluster's nodes: what servers on several nodes should share,
+/// The server uses the request queue it finds, of either type; when it is missing, it declares
+/// it classic by default: on a single broker a quorum queue replicates nothing and still writes
+/// every request to disk, and older versions of the tutorial declare it classic too. `--quorum`
+/// declares it durable with `x-queue-type: quorum`, as newer versions of the tutorial do:
+/// replicated on a majority of a cluster's nodes, what servers on several nodes should share,
 /// so that the queue and the requests in it survive the loss of a node.
 ///
 /// Stops gracefully when `shutdown` resolves (Ctrl-C or SIGTERM).
