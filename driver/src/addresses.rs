@@ -11,7 +11,7 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 
-use crate::options::{ConnectError, ConnectOptions, DEFAULT_URI};
+use crate::options::{ConnectError, ConnectOptions};
 
 /// The broker addresses of a client or server, never empty. Derefs to a slice of
 /// [`ConnectOptions`], so one setting is applied to every address with
@@ -78,21 +78,11 @@ impl Addresses {
         Self::new(list)
     }
 
-    /// `AMQP_URL` (one URI or a comma-separated list), else [`DEFAULT_URI`].
-    pub fn from_env() -> Result<Self, ConnectError> {
-        Self::parse(&std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URI.to_owned()))
-    }
-
     /// Tries the addresses in the order given instead of a shuffled one (the first is always
     /// tried first; after that, the next in the list).
     pub fn in_given_order(mut self) -> Self {
         self.shuffle = false;
         self
-    }
-
-    /// Whether the order is shuffled (the default).
-    pub fn is_shuffled(&self) -> bool {
-        self.shuffle
     }
 
     /// The addresses in the order a new session tries them.

@@ -118,7 +118,11 @@ impl fmt::Display for ConnectError {
             }
             ConnectError::Connection(e) => write!(f, "RabbitMQ refused the connection: {e}"),
             ConnectError::AllFailed(failures) => {
-                write!(f, "no RabbitMQ address of {} could be used", failures.len())?;
+                write!(
+                    f,
+                    "none of the {} RabbitMQ addresses could be used",
+                    failures.len()
+                )?;
                 for (i, failure) in failures.iter().enumerate() {
                     write!(f, "{} {failure}", if i == 0 { ":" } else { ";" })?;
                 }
