@@ -49,7 +49,7 @@ async fn oversized_reply_gets_reply_too_large<R: TestRuntime>() {
     let queue = QueueGuard::new("reply-too-large");
     let name = format!("{}-server", queue.name());
     let mut options = fault_server_options(&e2e_tests::broker::uri(), queue.name(), &name, 8);
-    options.connect.connection.max_message_size = 64 * 1024;
+    options.connect[0].connection.max_message_size = 64 * 1024;
     let mut server = TestServer::start::<R, _, _>(options, |request: Request| async move {
         match &request.body[..] {
             b"big" => Ok(Bytes::from(vec![b'x'; 100 * 1024])),
