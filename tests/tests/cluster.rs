@@ -97,7 +97,7 @@ fn closed_ports(n: usize) -> Vec<u16> {
 /// A client whose three addresses all refuse connections fails at once with
 /// [`ConnectError::AllFailed`], one entry per address, each named, no password anywhere; with
 /// `retry_first_connect` and a bounded backoff it fails the same way once the attempts are
-/// spent, in bounded time.
+/// spent, in bounded time. A server with the same list fails the same way.
 async fn every_address_down_fails_naming_each<R: TestRuntime>() {
     let ports = closed_ports(3);
     let uris: Vec<String> = ports
@@ -143,6 +143,22 @@ async fn every_address_down_fails_naming_each<R: TestRuntime>() {
             started.elapsed()
         );
     }
+
+    // A server too: `serve` ends at once with the same error.
+    let mut options = ServerOptions::from_uris(&uris, "e2e-never-declared").expect("URIs parse");
+    options.backoff = fault_backoff();
+    let error = within::<R, _>(
+        Duration::from_secs(10),
+        "a server on three closed ports",
+        TestServer::try_start::<R, _, _>(options, amqp_rpc_driver::fib_handler),
+    )
+    .await
+    .expect_err("nothing listens there");
+    assert!(
+        matches!(&error, ConnectError::AllFailed(f) if f.len() == 3),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains(SECRET));
 }
 
 /// The first address refuses its credentials, the second accepts its own: the client ends up
