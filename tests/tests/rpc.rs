@@ -112,7 +112,7 @@ async fn reply_mode_case<R: TestRuntime>(mode: ReplyMode) {
     let server = TestServer::start::<R, _, _>(options, handler).await;
     let name = unique_name("reply-mode-client");
     let mut options = client_options(mode);
-    options.connect.connection.connection_name = Some(name.clone());
+    options.connect[0].connection.connection_name = Some(name.clone());
     let client = connect_with::<R>(options).await;
     expect_fib(call(&client, queue.name(), "30", CALL_TIMEOUT).await, 30);
     concurrent_calls(&client, queue.name(), 200).await;

@@ -614,7 +614,9 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         ReplyMode::ExclusiveQueue,
         &client_name,
     ));
-    options.connect.connection.max_message_size = MAX_MESSAGE_SIZE;
+    for address in options.connect.iter_mut() {
+        address.connection.max_message_size = MAX_MESSAGE_SIZE;
+    }
     options.rpc.max_in_flight = MAX_IN_FLIGHT;
     let client = match Client::<R>::connect_with(options).await {
         Ok(c) => c,
