@@ -124,7 +124,7 @@ async fn rpc_with_external_and_no_password<R: TestRuntime>() {
     let server =
         TestServer::start::<R, _, _>(server_options_at(&uri, queue.name()), fib_handler).await;
     let mut options = client_options_at(&uri, ReplyMode::ExclusiveQueue);
-    options.connect.connection.connection_name = Some(name.clone());
+    options.connect[0].connection.connection_name = Some(name.clone());
     let client = connect_with::<R>(options).await;
     expect_fib(call(&client, queue.name(), "40", CALL_TIMEOUT).await, 40);
     let users = blocking(move || {
@@ -341,7 +341,7 @@ async fn ipv6_literals_connect<R: TestRuntime>() {
     ] {
         let name = unique_name("ipv6");
         let mut options = client_options_at(&uri, ReplyMode::DirectReplyTo);
-        options.connect.connection.connection_name = Some(name.clone());
+        options.connect[0].connection.connection_name = Some(name.clone());
         let client = connect_with::<R>(options).await;
         expect_fib(call(&client, queue.name(), "20", CALL_TIMEOUT).await, 20);
         let listing = blocking(|| {
@@ -486,8 +486,8 @@ async fn refused<R: TestRuntime>(uri: &str) -> ConnectError {
 /// [`refused`] with another bound than [`PROMPT`].
 async fn refused_within<R: TestRuntime>(uri: &str, limit: Duration) -> ConnectError {
     let mut options = ClientOptions::from_uri(uri).expect("the URI parses");
-    options.connect.connect_timeout = Duration::from_secs(5);
-    options.connect.connection.handshake_timeout = Duration::from_secs(5);
+    options.connect[0].connect_timeout = Duration::from_secs(5);
+    options.connect[0].connection.handshake_timeout = Duration::from_secs(5);
     let started = Instant::now();
     let result = within::<R, _>(
         Duration::from_secs(8),
