@@ -1,4 +1,4 @@
-//! Errors, by who is at fault (DESIGN §3).
+//! Errors, by who is at fault (ARCHITECTURE §4).
 //!
 //! - [`FrameError`]: the peer sent bytes that are not valid AMQP 0-9-1.
 //! - [`ConnectionError`]: the connection is gone (hard, sticky: every later command returns it).
@@ -315,7 +315,7 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-/// How an RPC call ended when it did not end with a successful reply (DESIGN §4). Each says
+/// How an RPC call ended when it did not end with a successful reply (ARCHITECTURE §5). Each says
 /// whether the request may have run on a server: see [`RpcError::may_have_run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -1,5 +1,5 @@
 //! Simulation: RPC client(s) + RPC server(s) + the in-memory broker of `support/broker.rs`, in
-//! virtual time, in both reply modes. One test per outcome of DESIGN §4 and per server duty.
+//! virtual time, in both reply modes. One test per outcome of ARCHITECTURE §5 and per server duty.
 
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]

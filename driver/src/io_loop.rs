@@ -1,4 +1,4 @@
-//! The one driver loop (DESIGN §5): a task owns the socket and the machine and waits on four
+//! The one driver loop (ARCHITECTURE §2): a task owns the socket and the machine and waits on four
 //! things at once — readable bytes, a writable socket while bytes wait, a command from a user
 //! handle, and the machine's timer. No protocol logic lives here.
 //!

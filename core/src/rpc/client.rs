@@ -20,7 +20,7 @@ use crate::ids::{ChannelId, ReplyCode, RequestId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallId(pub u64);
 
-/// Where replies come back (DESIGN §4).
+/// Where replies come back (ARCHITECTURE §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReplyMode {
     /// RabbitMQ's direct reply-to pseudo-queue: no queue to declare, nothing left behind.

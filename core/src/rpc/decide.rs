@@ -69,7 +69,7 @@ pub(crate) enum Decision {
     },
 }
 
-/// Decides what the server does with a request (DESIGN §4, "Server").
+/// Decides what the server does with a request (ARCHITECTURE §5, "Server").
 pub(crate) fn decide(facts: RequestFacts, handler: HandlerOutcome) -> Decision {
     match handler {
         HandlerOutcome::NotRun if !facts.has_reply_to => Decision::Drop(DropReason::NoReplyTo),

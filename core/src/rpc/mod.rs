@@ -1,4 +1,4 @@
-//! RPC over AMQP 0-9-1 (DESIGN §4): a client machine that matches replies to calls by
+//! RPC over AMQP 0-9-1 (ARCHITECTURE §5): a client machine that matches replies to calls by
 //! correlation id, and a server machine that consumes a request queue and replies.
 //!
 //! Both own a [`crate::Connection`] and are driven exactly like it (see the crate docs); they add
