@@ -1,6 +1,9 @@
-//! Writes the seed corpus of the cargo-fuzz targets in `fuzz/` from the scripted broker's frame
+//! Writes the seed corpus of the cargo-fuzz targets in `fuzz/` from the simulation harness's frame
 //! builders. The seeds are committed; regenerate them with
 //! `cargo test -p amqp-rpc-core --test fuzz_seeds -- --ignored`.
+//!
+//! Two more tests check, on every run, that the committed seeds are what the builders write and
+//! that each corpus file passes its target's driver in `amqp_rpc_sim::fuzz`.
 //!
 //! `frames` seeds: a selector byte (0: the pre-tune decoder, 1: frame_max 4096) and a stream.
 //! `connection` seeds: a PRNG seed byte, then what the server sends. With an even first byte
@@ -8,13 +11,11 @@
 //! and publishes 1..=3 in flight, channel 2 opening with a queue.declare behind it; frame_max
 //! 131072, heartbeat 10 s); with an odd one it starts at the handshake.
 
-mod support;
-
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use amqp_rpc_core::BasicProperties;
-use support::frames::{self, method};
+use amqp_rpc_sim::frames::{self, method};
 
 const FRAME_MAX: u32 = 131_072;
 
@@ -165,10 +166,9 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-#[test]
-#[ignore = "writes the committed fuzz seed corpus"]
-fn write_fuzz_seeds() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+/// The seed files: target, file name and contents.
+fn seed_files() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut files = Vec::new();
     // Each seed once with a first byte of `selector`; the ones named in `again` once more with
     // `other` (another chunking for `connection`, the tuned decoder for `frames`).
     for (target, seeds, selector, other, again) in [
@@ -182,8 +182,6 @@ fn write_fuzz_seeds() {
         ("connection", handshake_seeds(), 9, 9, &[][..]),
         ("frames", frame_seeds(), 0, 1, &["deliver", "return"][..]),
     ] {
-        let dir = root.join(target);
-        std::fs::create_dir_all(&dir).expect("create corpus dir");
         for (name, bytes) in seeds {
             let mut variants = vec![selector];
             if again.contains(&name) {
@@ -192,8 +190,73 @@ fn write_fuzz_seeds() {
             for first in variants {
                 let mut data = vec![first];
                 data.extend_from_slice(&bytes);
-                std::fs::write(dir.join(format!("seed-{name}-{first}")), data).expect("write seed");
+                files.push((target, format!("seed-{name}-{first}"), data));
             }
         }
     }
+    files
+}
+
+fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
+}
+
+#[test]
+#[ignore = "writes the committed fuzz seed corpus"]
+fn write_fuzz_seeds() {
+    for (target, name, data) in seed_files() {
+        let dir = corpus_dir(target);
+        std::fs::create_dir_all(&dir).expect("create corpus dir");
+        std::fs::write(dir.join(name), data).expect("write seed");
+    }
+}
+
+/// The committed seeds are exactly what `seed_files` writes: a change to the frame builders or
+/// to a target's input layout shows here, and says to regenerate the corpus.
+#[test]
+fn committed_seeds_are_what_the_builders_write() {
+    let files = seed_files();
+    for (target, name, data) in &files {
+        let path = corpus_dir(target).join(name);
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        assert!(
+            committed == *data,
+            "{path:?} differs from what the builders write; regenerate with \
+             `cargo test -p amqp-rpc-core --test fuzz_seeds -- --ignored`"
+        );
+    }
+    for target in ["connection", "frames"] {
+        for entry in std::fs::read_dir(corpus_dir(target)).expect("read corpus dir") {
+            let name = entry.expect("corpus entry").file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("seed-") {
+                assert!(
+                    files.iter().any(|(t, n, _)| *t == target && *n == name),
+                    "{target}/{name} is committed but no builder writes it"
+                );
+            }
+        }
+    }
+}
+
+/// Every committed corpus file passes its target's scenario driver, so a fuzz regression on a
+/// seed fails the ordinary test run, not only a fuzzing session.
+#[test]
+fn committed_corpus_passes_its_targets() {
+    let mut run = 0;
+    for (target, driver) in [
+        ("connection", amqp_rpc_sim::fuzz::connection as fn(&[u8])),
+        ("frames", amqp_rpc_sim::fuzz::frames),
+    ] {
+        for entry in std::fs::read_dir(corpus_dir(target)).expect("read corpus dir") {
+            let path = entry.expect("corpus entry").path();
+            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            driver(&data);
+            run += 1;
+        }
+    }
+    // 25 connection seeds and 12 frames seeds are committed.
+    assert!(run >= 37, "only {run} corpus files found");
 }

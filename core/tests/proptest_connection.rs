@@ -3,17 +3,15 @@
 //! settle each publish exactly as a simple model says; arbitrary bytes after a handshake never
 //! panic and end with exactly one `Event::Closed`.
 
-mod support;
-
 use std::time::Instant;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use amqp_rpc_core::{
     BasicProperties, ChannelId, Connection, ConnectionConfig, ConsumeOptions, DeliveryTag, Event,
 };
+use amqp_rpc_sim::frames::{self, method};
 use proptest::collection::vec;
 use proptest::prelude::*;
-use support::frames::{self, method};
 
 const CASES: u32 = 256;
 const FRAME_MAX: u32 = 4096;
@@ -143,7 +141,7 @@ fn feed(
 /// Runs the client through `handshake` and `session` split by `split`; returns its events and
 /// every byte it sent.
 fn run(handshake: &[u8], session: &[u8], split: &Split, publishes: usize) -> (Vec<Event>, Vec<u8>) {
-    let now = support::t0();
+    let now = amqp_rpc_sim::t0();
     let mut conn = Connection::new(
         ConnectionConfig {
             max_body_size: 5000,

@@ -15,11 +15,6 @@
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support {
-    pub mod broker;
-    pub mod rpc;
-}
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -32,8 +27,8 @@ use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use support::broker::Broker;
-use support::rpc::*;
+use amqp_rpc_sim::broker::Broker;
+use amqp_rpc_sim::rpc::*;
 
 const Q: &str = "rpc";
 /// The correlation id the client under test gives call `n`.

@@ -1,13 +1,8 @@
-//! Simulation: RPC client(s) + RPC server(s) + the in-memory broker of `support/broker.rs`, in
+//! Simulation: RPC client(s) + RPC server(s) + the in-memory broker of `amqp_rpc_sim::broker`, in
 //! virtual time, in both reply modes. One test per outcome of ARCHITECTURE §5 and per server duty.
 
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]
-
-mod support {
-    pub mod broker;
-    pub mod rpc;
-}
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +14,8 @@ use amqp_rpc_core::types::{AMQPValue, ShortString};
 use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
 use bytes::Bytes;
 
-use support::broker::Broker;
-use support::rpc::*;
+use amqp_rpc_sim::broker::Broker;
+use amqp_rpc_sim::rpc::*;
 
 const MODES: [ReplyMode; 2] = [ReplyMode::DirectReplyTo, ReplyMode::ExclusiveQueue];
 const Q: &str = "rpc";

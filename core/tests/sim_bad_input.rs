@@ -2,8 +2,6 @@
 //! last event, answered with a `connection.close` carrying its reply code (501, 502, 505, ...),
 //! and never a panic, a hang or an allocation the header asked for.
 
-mod support;
-
 use std::time::Duration;
 
 use amq_protocol::types::FieldTable;
@@ -12,7 +10,7 @@ use amqp_rpc_core::{
     BasicProperties, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions, Event,
     FrameError, ReplyCode,
 };
-use support::{frames, HandshakeScript, Sim};
+use amqp_rpc_sim::{frames, HandshakeScript, Sim};
 
 /// A connection with channel 1 open and consuming as "c"; frame_max 4096.
 fn consuming() -> Sim {

@@ -2,8 +2,6 @@
 //! failures, heartbeats both ways, channel and connection errors, flow control, deliveries,
 //! returns and publisher confirms.
 
-mod support;
-
 use std::time::Duration;
 
 use amq_protocol::protocol::{basic, channel, confirm, connection, queue, AMQPClass};
@@ -12,7 +10,7 @@ use amqp_rpc_core::{
     BasicProperties, ChannelError, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions,
     Credentials, DeliveryTag, Event, Initiator, QueueOptions, Reply, ReplyCode, UsageError,
 };
-use support::{frames, Chunking, HandshakeScript, Sim};
+use amqp_rpc_sim::{frames, Chunking, HandshakeScript, Sim};
 
 fn config() -> ConnectionConfig {
     ConnectionConfig::default()

@@ -5,11 +5,6 @@
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support {
-    pub mod broker;
-    pub mod rpc;
-}
-
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
@@ -20,8 +15,8 @@ use amqp_rpc_core::types::{AMQPValue, FieldTable, ShortString};
 use amqp_rpc_core::{BasicProperties, ConnectionConfig, RpcError};
 use bytes::Bytes;
 
-use support::broker::Broker;
-use support::rpc::*;
+use amqp_rpc_sim::broker::Broker;
+use amqp_rpc_sim::rpc::*;
 
 const Q: &str = "rpc";
 

@@ -1,14 +1,7 @@
-//! Simulation support shared by the integration tests: a [`ScriptedBroker`] that decodes what the
-//! client sends and answers what the test tells it to, and a [`Sim`] that pumps bytes both ways
-//! in virtual time. Nothing here touches a socket or sleeps; the only clock read is [`t0`].
-//!
-//! Use it from a test file with `mod support;`. [`Sim`] drives anything that implements
-//! [`SimClient`] (the connection here; the RPC machines can implement it too).
-
-// Each test file uses a different part of this module.
-#![allow(dead_code)]
-
-pub mod frames;
+//! The connection-level harness: a [`ScriptedBroker`] that decodes what the client sends and
+//! answers what the test tells it to, and a [`Sim`] that pumps bytes both ways in virtual time.
+//! [`Sim`] drives anything that implements [`SimClient`] (the connection here; the RPC machines
+//! can implement it too).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -18,11 +11,7 @@ use amq_protocol::frame::{parsing::parse_frame, AMQPFrame};
 use amq_protocol::protocol::{connection, AMQPClass};
 use amqp_rpc_core::{BasicProperties, ChannelId, Connection, ConnectionConfig, Event, Machine};
 
-/// The base instant of a simulation. The core never reads the clock; tests read it once here.
-#[allow(clippy::disallowed_methods)]
-pub fn t0() -> Instant {
-    Instant::now()
-}
+use crate::{frames, t0, xorshift};
 
 /// A machine the simulation can drive: the driving contract (events included), and which
 /// event is the last one.
@@ -366,12 +355,7 @@ impl<M: SimClient> Sim<M> {
             let n = match &mut self.chunking {
                 Chunking::Whole => rest.len(),
                 Chunking::ByteByByte => 1,
-                Chunking::Random(state) => {
-                    *state ^= *state << 13;
-                    *state ^= *state >> 7;
-                    *state ^= *state << 17;
-                    1 + (*state % 64) as usize
-                }
+                Chunking::Random(state) => 1 + (xorshift(state) % 64) as usize,
             }
             .min(rest.len());
             let (chunk, tail) = rest.split_at(n);

@@ -17,8 +17,6 @@
 //! Deterministic: no clock, no randomness; time comes in through [`Broker::feed`] and
 //! [`Broker::tick`]. Heartbeats are tuned off.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -40,10 +38,15 @@ const FRAME_MAX: u32 = 131_072;
 /// A message in a queue or in flight to a consumer.
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// The exchange it was published to (`""`: the default exchange).
     pub exchange: String,
+    /// Its routing key (the queue name, through the default exchange).
     pub routing_key: String,
+    /// Its properties as published (`reply_to` rewritten for direct reply-to).
     pub properties: BasicProperties,
+    /// Its body.
     pub body: Vec<u8>,
+    /// Whether it was delivered before and requeued.
     pub redelivered: bool,
     /// From the `expiration` property, when it entered its queue.
     expires_at: Option<Instant>,
@@ -141,6 +144,7 @@ impl Default for Broker {
 }
 
 impl Broker {
+    /// A broker with no connection and no queue.
     pub fn new() -> Self {
         Self {
             conns: BTreeMap::new(),
@@ -379,6 +383,7 @@ impl Broker {
         }
     }
 
+    /// Whether a queue of that name exists.
     pub fn queue_exists(&self, name: &str) -> bool {
         self.queues.contains_key(name)
     }
@@ -388,6 +393,7 @@ impl Broker {
         self.queues.get(name).map_or(0, |q| q.messages.len())
     }
 
+    /// Consumers on a queue.
     pub fn consumer_count(&self, name: &str) -> usize {
         self.queues.get(name).map_or(0, |q| q.consumers.len())
     }

@@ -2,8 +2,6 @@
 //! in-memory [`Broker`], bytes are moved until nothing moves, and virtual time advances from
 //! timer to timer so that every deadline fires at its exact instant.
 
-#![allow(dead_code)]
-
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
@@ -12,14 +10,10 @@ use amqp_rpc_core::rpc::{
 };
 use amqp_rpc_core::{Connection, ConnectionConfig};
 
-use super::broker::{Broker, ConnId};
+use crate::broker::{Broker, ConnId};
 
-/// A real instant to start virtual time from. The core never reads a clock; tests need one
-/// `Instant` value to add durations to.
-#[allow(clippy::disallowed_methods)]
-pub fn base_instant() -> Instant {
-    Instant::now()
-}
+/// A real instant to start virtual time from (the same as [`crate::t0`]).
+pub use crate::t0 as base_instant;
 
 /// A fixed wall-clock origin (2024-01-01T00:00:00Z) so that deadline headers are reproducible.
 pub const WALL0: u64 = 1_704_067_200_000;
@@ -37,12 +31,17 @@ pub fn conn_config() -> ConnectionConfig {
     }
 }
 
-/// Anything driven like a `Connection`.
+/// Anything driven like a `Connection`: the five calls of the driving contract.
 pub trait Peer {
+    /// `handle_input`: bytes from the broker.
     fn input(&mut self, now: Instant, bytes: &[u8]);
+    /// `handle_eof`: the broker closed the socket.
     fn eof(&mut self, now: Instant);
+    /// `handle_timeout`: the machine's timer fired.
     fn timer(&mut self, now: Instant);
+    /// `poll_transmit`: appends what to send to `buf`, returns how many bytes.
     fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize;
+    /// `poll_timeout`: the machine's next deadline.
     fn deadline(&self) -> Option<Instant>;
 }
 
@@ -74,7 +73,9 @@ peer!(Connection);
 /// A machine and its broker connection.
 #[derive(Debug)]
 pub struct Wire<M> {
+    /// The machine under test.
     pub m: M,
+    /// Its connection on the broker (a new one after each [`Wire::redial`]).
     pub conn: ConnId,
     /// Whether the socket is up (false after EOF until [`Wire::redial`]).
     pub up: bool,
@@ -83,6 +84,7 @@ pub struct Wire<M> {
 }
 
 impl<M: Peer> Wire<M> {
+    /// Wires `m` to a new connection on `broker`.
     pub fn new(m: M, broker: &mut Broker) -> Self {
         Self {
             m,
