@@ -418,11 +418,7 @@ impl Harness {
         );
         assert_eq!((s.dropped_no_reply_to, s.stale_replies), (0, 0));
         assert_eq!(self.client.m.in_flight(), self.model.pending.len());
-        assert!(
-            self.broker.violations.is_empty(),
-            "{:?}",
-            self.broker.violations
-        );
+        self.broker.assert_no_violations();
         let acks: BTreeSet<_> = self.broker.acks.iter().collect();
         assert_eq!(
             acks.len(),

@@ -81,23 +81,9 @@ impl Sim {
     }
 
     fn collect(&mut self) {
-        for event in client_events(&mut self.client.m) {
-            match event {
-                ClientEvent::CallEnded { call, result } => {
-                    assert!(
-                        self.ended.iter().all(|(c, _)| *c != call),
-                        "{call:?} ended twice"
-                    );
-                    self.ended.push((call, result));
-                }
-                other => self.other.push(other),
-            }
-        }
-        assert!(
-            self.broker.violations.is_empty(),
-            "protocol violations: {:?}",
-            self.broker.violations
-        );
+        let other = collect_call_ends(&mut self.client.m, &mut self.ended);
+        self.other.extend(other);
+        self.broker.assert_no_violations();
     }
 
     fn settle(&mut self) {

@@ -639,20 +639,7 @@ fn consuming(chunking: Chunking, cfg: ConnectionConfig) -> (Sim, ChannelId) {
     .0;
     sim.chunking = chunking;
     let ch = sim.open_channel();
-    sim.client
-        .consume(
-            ch,
-            "q",
-            "c",
-            ConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .expect("consume");
-    sim.pump();
-    sim.broker.expect_method();
-    sim.broker.send(ch.0, frames::consume_ok("c"));
-    sim.pump();
-    sim.take_events();
+    sim.consume(ch, "q", "c");
     (sim, ch)
 }
 

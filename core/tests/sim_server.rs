@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientEvent, DropReason, HandlerError, ReplyMode, Request, RpcClient,
-    RpcReply, RpcServer, ServerConfig, ServerEvent, UnixMillis, REPLY_TOO_LARGE,
+    CallId, CallRequest, DropReason, HandlerError, ReplyMode, Request, RpcClient, RpcReply,
+    RpcServer, ServerConfig, ServerEvent, UnixMillis, REPLY_TOO_LARGE,
 };
 use amqp_rpc_core::types::{AMQPValue, FieldTable, ShortString};
 use amqp_rpc_core::{BasicProperties, ConnectionConfig, RpcError};
@@ -69,21 +69,9 @@ impl Sim {
     }
 
     fn collect(&mut self) {
-        for event in client_events(&mut self.client.m) {
-            if let ClientEvent::CallEnded { call, result } = event {
-                assert!(
-                    self.ended.iter().all(|(c, _)| *c != call),
-                    "{call:?} ended twice"
-                );
-                self.ended.push((call, result));
-            }
-        }
+        collect_call_ends(&mut self.client.m, &mut self.ended);
         self.server_events.extend(server_events(&mut self.server.m));
-        assert!(
-            self.broker.violations.is_empty(),
-            "protocol violations: {:?}",
-            self.broker.violations
-        );
+        self.broker.assert_no_violations();
     }
 
     fn settle(&mut self) {

@@ -20,12 +20,13 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use amq_protocol::frame::WriteContext;
-use amq_protocol::frame::{gen_frame, parsing::parse_frame, AMQPContentHeader, AMQPFrame};
+use amq_protocol::frame::{parsing::parse_frame, AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{
     basic, channel, connection, exchange, queue, AMQPClass, BasicProperties,
 };
-use amq_protocol::types::{FieldTable, LongString, ShortString};
+use amq_protocol::types::{FieldTable, ShortString};
+
+use crate::frames;
 
 /// Identifies one client connection to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -383,6 +384,15 @@ impl Broker {
         }
     }
 
+    /// Fails the test if any client misused the protocol (see [`Broker::violations`]).
+    pub fn assert_no_violations(&self) {
+        assert!(
+            self.violations.is_empty(),
+            "protocol violations: {:?}",
+            self.violations
+        );
+    }
+
     /// Whether a queue of that name exists.
     pub fn queue_exists(&self, name: &str) -> bool {
         self.queues.contains_key(name)
@@ -453,13 +463,7 @@ impl Broker {
                 self.send_method(
                     id,
                     0,
-                    AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
-                        version_major: 0,
-                        version_minor: 9,
-                        server_properties: props,
-                        mechanisms: LongString::from("PLAIN AMQPLAIN"),
-                        locales: LongString::from("en_US"),
-                    })),
+                    frames::start_with_properties("PLAIN AMQPLAIN", props),
                 );
                 self.set_state(id, ConnState::AwaitStartOk);
             }
@@ -1148,35 +1152,22 @@ impl Broker {
     }
 
     fn send_method(&mut self, id: ConnId, ch: u16, method: AMQPClass) {
-        self.send_frame(id, &AMQPFrame::Method(ch, method));
+        self.send_bytes(id, &frames::method(ch, method));
     }
 
     fn send_content(&mut self, id: ConnId, ch: u16, properties: &BasicProperties, body: &[u8]) {
-        self.send_frame(
-            id,
-            &AMQPFrame::Header(
-                ch,
-                AMQPContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties: properties.clone(),
-                },
-            ),
-        );
-        for piece in body.chunks((FRAME_MAX - 8) as usize) {
-            self.send_frame(id, &AMQPFrame::Body(ch, piece.to_vec()));
-        }
+        let size = body.len() as u64;
+        self.send_bytes(id, &frames::content(ch, properties, size, body, FRAME_MAX));
     }
 
-    fn send_frame(&mut self, id: ConnId, frame: &AMQPFrame) {
+    fn send_bytes(&mut self, id: ConnId, bytes: &[u8]) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
         if conn.state == ConnState::Dead {
             return;
         }
-        let ctx = gen_frame(frame)(WriteContext::from(Vec::new())).expect("encode broker frame");
-        conn.out.extend_from_slice(&ctx.into_inner().0);
+        conn.out.extend_from_slice(bytes);
     }
 }
 

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    ClientConfig, ClientEvent, CorrelationKey, ReplyMode, RpcClient, RpcServer, ServerConfig,
-    ServerEvent, UnixMillis,
+    CallId, ClientConfig, ClientEvent, CorrelationKey, ReplyMode, RpcClient, RpcReply, RpcServer,
+    ServerConfig, ServerEvent, UnixMillis,
 };
-use amqp_rpc_core::{Connection, ConnectionConfig};
+use amqp_rpc_core::{Connection, ConnectionConfig, RpcError};
 
 use crate::broker::{Broker, ConnId};
 
@@ -225,6 +225,28 @@ pub fn client_config(mode: ReplyMode) -> ClientConfig {
 /// Drains a client's events.
 pub fn client_events(c: &mut RpcClient) -> Vec<ClientEvent> {
     std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+/// How a call ended, as the client's `CallEnded` event said.
+pub type CallEnd = (CallId, Result<RpcReply, RpcError>);
+
+/// Drains a client's events: each `CallEnded` is appended to `ended` (a call must end at most
+/// once, so one already there fails the test); the other events are returned in order.
+pub fn collect_call_ends(client: &mut RpcClient, ended: &mut Vec<CallEnd>) -> Vec<ClientEvent> {
+    let mut other = Vec::new();
+    for event in client_events(client) {
+        match event {
+            ClientEvent::CallEnded { call, result } => {
+                assert!(
+                    ended.iter().all(|(c, _)| *c != call),
+                    "{call:?} ended twice"
+                );
+                ended.push((call, result));
+            }
+            event => other.push(event),
+        }
+    }
+    other
 }
 
 /// Drains a server's events.

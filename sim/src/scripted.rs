@@ -8,8 +8,11 @@ use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use amq_protocol::frame::{parsing::parse_frame, AMQPFrame};
-use amq_protocol::protocol::{connection, AMQPClass};
-use amqp_rpc_core::{BasicProperties, ChannelId, Connection, ConnectionConfig, Event, Machine};
+use amq_protocol::protocol::{basic, connection, AMQPClass};
+use amq_protocol::types::FieldTable;
+use amqp_rpc_core::{
+    BasicProperties, ChannelId, Connection, ConnectionConfig, ConsumeOptions, Event, Machine,
+};
 
 use crate::{frames, t0, xorshift};
 
@@ -313,6 +316,30 @@ impl Sim<Connection> {
         self.pump();
         assert_eq!(self.next_event(), Some(Event::ChannelOpened(ch)));
         ch
+    }
+
+    /// Consumes `queue` as `tag` on `ch` (default options), answers the consume-ok and drops
+    /// the events that follow.
+    pub fn consume(&mut self, ch: ChannelId, queue: &str, tag: &str) {
+        self.client
+            .consume(
+                ch,
+                queue,
+                tag,
+                ConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .expect("consume");
+        self.pump();
+        let (c, m) = self.broker.expect_method();
+        assert_eq!(c, ch.0);
+        assert!(
+            matches!(m, AMQPClass::Basic(basic::AMQPMethod::Consume(_))),
+            "{m:?}"
+        );
+        self.broker.send(ch.0, frames::consume_ok(tag));
+        self.pump();
+        self.take_events();
     }
 }
 

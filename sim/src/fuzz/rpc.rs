@@ -124,11 +124,7 @@ impl Harness {
     }
 
     fn check(&mut self) {
-        assert!(
-            self.broker.violations.is_empty(),
-            "{:?}",
-            self.broker.violations
-        );
+        self.broker.assert_no_violations();
         while let Some(event) = self.client.m.poll_event() {
             if let ClientEvent::CallEnded { call, result } = event {
                 let deadline = self
