@@ -8,7 +8,7 @@ use amqp_rpc_core::rpc::{
     CallId, ClientConfig, ClientEvent, CorrelationKey, ReplyMode, RpcClient, RpcReply, RpcServer,
     ServerConfig, ServerEvent, UnixMillis,
 };
-use amqp_rpc_core::{Connection, ConnectionConfig, RpcError};
+use amqp_rpc_core::{ConnectionConfig, Machine, RpcError};
 
 use crate::broker::{Broker, ConnId};
 
@@ -31,45 +31,6 @@ pub fn conn_config() -> ConnectionConfig {
     }
 }
 
-/// Anything driven like a `Connection`: the five calls of the driving contract.
-pub trait Peer {
-    /// `handle_input`: bytes from the broker.
-    fn input(&mut self, now: Instant, bytes: &[u8]);
-    /// `handle_eof`: the broker closed the socket.
-    fn eof(&mut self, now: Instant);
-    /// `handle_timeout`: the machine's timer fired.
-    fn timer(&mut self, now: Instant);
-    /// `poll_transmit`: appends what to send to `buf`, returns how many bytes.
-    fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize;
-    /// `poll_timeout`: the machine's next deadline.
-    fn deadline(&self) -> Option<Instant>;
-}
-
-macro_rules! peer {
-    ($t:ty) => {
-        impl Peer for $t {
-            fn input(&mut self, now: Instant, bytes: &[u8]) {
-                self.handle_input(now, bytes)
-            }
-            fn eof(&mut self, now: Instant) {
-                self.handle_eof(now)
-            }
-            fn timer(&mut self, now: Instant) {
-                self.handle_timeout(now)
-            }
-            fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
-                self.poll_transmit(now, buf)
-            }
-            fn deadline(&self) -> Option<Instant> {
-                self.poll_timeout()
-            }
-        }
-    };
-}
-peer!(RpcClient);
-peer!(RpcServer);
-peer!(Connection);
-
 /// A machine and its broker connection.
 #[derive(Debug)]
 pub struct Wire<M> {
@@ -83,7 +44,7 @@ pub struct Wire<M> {
     pub chunk: Option<usize>,
 }
 
-impl<M: Peer> Wire<M> {
+impl<M: Machine> Wire<M> {
     /// Wires `m` to a new connection on `broker`.
     pub fn new(m: M, broker: &mut Broker) -> Self {
         Self {
@@ -111,17 +72,17 @@ pub trait Step {
     fn next_deadline(&self) -> Option<Instant>;
 }
 
-impl<M: Peer> Step for Wire<M> {
+impl<M: Machine> Step for Wire<M> {
     fn step(&mut self, broker: &mut Broker, now: Instant) -> bool {
         if !self.up {
             // A machine whose socket is down still produces bytes nobody reads; drop them.
             let mut sink = Vec::new();
-            self.m.transmit(now, &mut sink);
+            self.m.poll_transmit(now, &mut sink);
             return false;
         }
         let mut moved = false;
         let mut buf = Vec::new();
-        if self.m.transmit(now, &mut buf) > 0 {
+        if self.m.poll_transmit(now, &mut buf) > 0 {
             moved = true;
             broker.feed(self.conn, now, &buf);
         }
@@ -131,14 +92,14 @@ impl<M: Peer> Step for Wire<M> {
             match self.chunk {
                 Some(n) => {
                     for piece in out.chunks(n.max(1)) {
-                        self.m.input(now, piece);
+                        self.m.handle_input(now, piece);
                     }
                 }
-                None => self.m.input(now, &out),
+                None => self.m.handle_input(now, &out),
             }
         }
         if broker.is_dead(self.conn) {
-            self.m.eof(now);
+            self.m.handle_eof(now);
             self.up = false;
             moved = true;
         }
@@ -146,13 +107,13 @@ impl<M: Peer> Step for Wire<M> {
     }
 
     fn fire(&mut self, now: Instant) {
-        if self.m.deadline().is_some_and(|d| d <= now) {
-            self.m.timer(now);
+        if self.m.poll_timeout().is_some_and(|d| d <= now) {
+            self.m.handle_timeout(now);
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.m.deadline()
+        self.m.poll_timeout()
     }
 }
 
