@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientConfig, ClientEvent, CorrelationKey, RpcClient, RpcReply, UnixMillis,
+    CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, CorrelationKey, RpcClient,
+    RpcReply, UnixMillis,
 };
 use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::state::{ConnectionState, StateCell};
+use crate::stats::{Publisher, Shared, Snapshot};
 use crate::Runtime;
 
 /// Client settings.
@@ -163,6 +165,7 @@ pub struct Client<R: Runtime> {
     commands: mpsc::Sender<Command>,
     next_key: Arc<AtomicU64>,
     state: Arc<StateCell>,
+    stats: Arc<Shared<ClientStats>>,
     default_timeout: Duration,
     _runtime: PhantomData<fn() -> R>,
 }
@@ -173,6 +176,7 @@ impl<R: Runtime> Clone for Client<R> {
             commands: self.commands.clone(),
             next_key: Arc::clone(&self.next_key),
             state: Arc::clone(&self.state),
+            stats: Arc::clone(&self.stats),
             default_timeout: self.default_timeout,
             _runtime: PhantomData,
         }
@@ -201,12 +205,20 @@ impl<R: Runtime> Client<R> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let default_timeout = options.default_timeout;
         let state = StateCell::new();
-        R::spawn(run::<R>(options, rx, ready_tx, Arc::clone(&state)));
+        let stats = Shared::new();
+        R::spawn(run::<R>(
+            options,
+            rx,
+            ready_tx,
+            Arc::clone(&state),
+            Publisher::new(Arc::clone(&stats)),
+        ));
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
                 commands: tx,
                 next_key: Arc::new(AtomicU64::new(0)),
                 state,
+                stats,
                 default_timeout,
                 _runtime: PhantomData,
             }),
@@ -259,6 +271,19 @@ impl<R: Runtime> Client<R> {
         self.state.subscribe()
     }
 
+    /// The client's counters, summed over every connection it had: calls started, answered,
+    /// failed and cancelled, requests sent, late, duplicate and unknown replies, reply paths
+    /// re-armed. Up to date as of the driver task's last wake-up; reading never waits for it.
+    pub fn stats(&self) -> ClientStats {
+        self.stats.get().stats
+    }
+
+    /// Calls started and not ended yet (a gauge, as of the driver task's last wake-up). Calls
+    /// still queued for the driver task are not counted.
+    pub fn in_flight(&self) -> usize {
+        self.stats.get().in_flight
+    }
+
     /// Closes the connection cleanly. Calls still in flight end with `ConnectionLost`.
     pub async fn close(&self) {
         let (done, rx) = oneshot::channel();
@@ -290,6 +315,7 @@ struct Callers {
     was_ready: bool,
     retry_first_connect: bool,
     state: Arc<StateCell>,
+    stats: Publisher<ClientStats>,
 }
 
 impl Session<RpcClient> for Callers {
@@ -351,6 +377,10 @@ impl Handler<RpcClient> for Callers {
                 _ => {}
             }
         }
+        self.stats.publish(Snapshot {
+            stats: machine.stats(),
+            in_flight: machine.in_flight(),
+        });
     }
 
     fn on_command(&mut self, machine: &mut RpcClient, now: Instant, command: Command) {
@@ -407,6 +437,7 @@ async fn run<R: Runtime>(
     mut commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), ConnectError>>,
     state: Arc<StateCell>,
+    stats: Publisher<ClientStats>,
 ) {
     let rotation = options.connect.rotation();
     let mut machine = RpcClient::new(
@@ -425,6 +456,7 @@ async fn run<R: Runtime>(
         was_ready: false,
         retry_first_connect: options.retry_first_connect,
         state,
+        stats,
     };
     let outcome = run_session::<R, _, _>(
         rotation,

@@ -26,6 +26,7 @@ use crate::client::wall_now;
 use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
+use crate::stats::{Publisher, Shared, Snapshot};
 use crate::Runtime;
 
 /// Server settings.
@@ -96,10 +97,12 @@ enum Command {
     Shutdown,
 }
 
-/// Stops a running server gracefully: cancel the consumer, finish requests in flight, close.
+/// Stops a running server gracefully (cancel the consumer, finish requests in flight, close),
+/// and reads its counters while it serves.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     commands: mpsc::Sender<Command>,
+    stats: Arc<Shared<ServerStats>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -116,6 +119,19 @@ impl ServerHandle {
     pub async fn shutdown(&self) {
         let _ = self.commands.clone().send(Command::Shutdown).await;
     }
+
+    /// The server's counters so far, summed over every connection it had (what
+    /// [`ServerReport::stats`] says at the end). Up to date as of the driver task's last
+    /// wake-up; reading never waits for it.
+    pub fn stats(&self) -> ServerStats {
+        self.stats.get().stats
+    }
+
+    /// Requests handed to the handler and not answered yet (a gauge, at most
+    /// [`ServerOptions::workers`]).
+    pub fn in_flight(&self) -> usize {
+        self.stats.get().in_flight
+    }
 }
 
 /// An RPC server.
@@ -124,6 +140,7 @@ pub struct Server<R: Runtime> {
     commands: mpsc::Sender<Command>,
     receiver: mpsc::Receiver<Command>,
     on_ready: Option<Box<dyn FnMut() + Send>>,
+    stats: Arc<Shared<ServerStats>>,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -136,6 +153,7 @@ impl<R: Runtime> Server<R> {
             commands,
             receiver,
             on_ready: None,
+            stats: Shared::new(),
             _runtime: PhantomData,
         }
     }
@@ -144,6 +162,7 @@ impl<R: Runtime> Server<R> {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             commands: self.commands.clone(),
+            stats: Arc::clone(&self.stats),
         }
     }
 
@@ -204,6 +223,7 @@ impl<R: Runtime> Server<R> {
             commands,
             mut receiver,
             on_ready,
+            stats,
             ..
         } = self;
         let rotation = options.connect.rotation();
@@ -221,6 +241,7 @@ impl<R: Runtime> Server<R> {
             was_ready: false,
             last_error: None,
             stopped: false,
+            stats: Publisher::new(stats),
             _runtime: PhantomData,
         };
         run_session::<R, _, _>(
@@ -281,6 +302,7 @@ struct Workers<R: Runtime> {
     was_ready: bool,
     last_error: Option<ConnectionError>,
     stopped: bool,
+    stats: Publisher<ServerStats>,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -344,6 +366,10 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                 let _ = done.send(Command::Done { token, result }).await;
             });
         }
+        self.stats.publish(Snapshot {
+            stats: machine.stats(),
+            in_flight: machine.in_flight(),
+        });
     }
 
     fn on_command(&mut self, machine: &mut RpcServer, now: Instant, command: Command) {
