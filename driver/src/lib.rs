@@ -12,6 +12,7 @@ mod reconnect;
 mod server;
 mod state;
 mod stats;
+mod telemetry;
 mod tls;
 
 use std::future::Future;

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::future::{select, Either};
 use futures_util::{FutureExt, SinkExt};
+use tracing::Instrument;
 
 use crate::addresses::Addresses;
 use crate::client::wall_now;
@@ -27,6 +28,7 @@ use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::stats::{Publisher, Shared, Snapshot};
+use crate::telemetry;
 use crate::Runtime;
 
 /// Server settings.
@@ -242,6 +244,7 @@ impl<R: Runtime> Server<R> {
             last_error: None,
             stopped: false,
             stats: Publisher::new(stats),
+            queue: options.rpc.queue.clone(),
             _runtime: PhantomData,
         };
         run_session::<R, _, _>(
@@ -303,6 +306,8 @@ struct Workers<R: Runtime> {
     last_error: Option<ConnectionError>,
     stopped: bool,
     stats: Publisher<ServerStats>,
+    /// The queue served, for the requests' spans.
+    queue: String,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -353,6 +358,7 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                 break;
             };
             let token = request.token;
+            let span = telemetry::request_span(&self.queue, &request.properties);
             let view = Request {
                 body: request.body,
                 properties: request.properties,
@@ -361,7 +367,8 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
             let run = Arc::clone(&self.run);
             let mut done = self.done.clone();
             R::spawn(async move {
-                let result = answer::<R>(run, view).await;
+                let result = answer::<R>(run, view).instrument(span.clone()).await;
+                telemetry::request_answered(&span, &result);
                 // If the server is gone, the token drops here and the request goes back.
                 let _ = done.send(Command::Done { token, result }).await;
             });
