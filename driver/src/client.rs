@@ -248,8 +248,9 @@ impl<R: Runtime> Client<R> {
     ///
     /// The call runs in a span `rpc.call` (a child of the caller's current span), which records
     /// its outcome.
-    pub async fn call_with(&self, request: CallRequest) -> Result<RpcReply, CallError> {
+    pub async fn call_with(&self, mut request: CallRequest) -> Result<RpcReply, CallError> {
         let span = telemetry::call_span(&request.exchange, &request.routing_key, self.reply_mode);
+        telemetry::inject(&span, &mut request.properties);
         let (reply, rx) = oneshot::channel();
         let key = CallKey(self.next_key.fetch_add(1, Ordering::Relaxed));
         let mut guard = CancelOnDrop {

@@ -14,6 +14,8 @@ mod state;
 mod stats;
 mod telemetry;
 mod tls;
+#[cfg(feature = "otel")]
+mod trace_context;
 
 use std::future::Future;
 use std::io;

@@ -37,6 +37,15 @@ pub(crate) fn call_span(exchange: &str, routing_key: &str, mode: ReplyMode) -> S
     )
 }
 
+/// Puts the call's trace context (W3C `traceparent`, `tracestate`) in the request's headers,
+/// with the `otel` feature and a `tracing-opentelemetry` layer installed; nothing otherwise.
+pub(crate) fn inject(span: &Span, properties: &mut BasicProperties) {
+    #[cfg(feature = "otel")]
+    crate::trace_context::inject(span, properties);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, properties);
+}
+
 /// The event of a request handed to the connection, in `span`.
 pub(crate) fn call_queued(span: &Span, call: u64) {
     tracing::debug!(parent: span, call, "request queued for publish");
@@ -94,8 +103,16 @@ pub(crate) fn call_outcome(result: &Result<RpcReply, CallError>) -> &'static str
 }
 
 /// The span of one request on the server, from its hand-out to a worker to its answer; the
-/// handler runs inside it.
+/// handler runs inside it. With the `otel` feature, it is a child of the caller's span when
+/// the request carries a trace context.
 pub(crate) fn request_span(queue: &str, properties: &BasicProperties) -> Span {
+    let span = new_request_span(queue, properties);
+    #[cfg(feature = "otel")]
+    crate::trace_context::extract(&span, properties);
+    span
+}
+
+fn new_request_span(queue: &str, properties: &BasicProperties) -> Span {
     let direct = properties
         .reply_to()
         .as_ref()
