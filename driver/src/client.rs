@@ -23,8 +23,8 @@ use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::state::{ConnectionState, StateCell};
 use crate::stats::{Publisher, Shared, Snapshot};
-use crate::telemetry;
 use crate::Runtime;
+use crate::{metrics, telemetry};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -251,6 +251,7 @@ impl<R: Runtime> Client<R> {
     pub async fn call_with(&self, mut request: CallRequest) -> Result<RpcReply, CallError> {
         let span = telemetry::call_span(&request.exchange, &request.routing_key, self.reply_mode);
         telemetry::inject(&span, &mut request.properties);
+        let started = Instant::now();
         let (reply, rx) = oneshot::channel();
         let key = CallKey(self.next_key.fetch_add(1, Ordering::Relaxed));
         let mut guard = CancelOnDrop {
@@ -273,6 +274,7 @@ impl<R: Runtime> Client<R> {
             })?;
         let result = rx.await.unwrap_or(Err(CallError::Closed));
         guard.disarm();
+        metrics::call_duration(telemetry::call_outcome(&result), started);
         result
     }
 
@@ -360,6 +362,7 @@ impl Session<RpcClient> for Callers {
 
     fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
         tracing::info!(attempt, ?delay, "reconnecting");
+        metrics::reconnecting("client");
         self.state.set(ConnectionState::Reconnecting { attempt });
     }
 }
@@ -402,10 +405,13 @@ impl Handler<RpcClient> for Callers {
                 _ => {}
             }
         }
-        self.stats.publish(Snapshot {
+        let now = Snapshot {
             stats: machine.stats(),
             in_flight: machine.in_flight(),
-        });
+        };
+        if let Some(before) = self.stats.publish(now) {
+            metrics::client_changed(&before, &now);
+        }
     }
 
     fn on_command(&mut self, machine: &mut RpcClient, now: Instant, command: Command) {

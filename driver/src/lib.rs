@@ -7,6 +7,7 @@ mod addresses;
 mod cli;
 mod client;
 mod io_loop;
+pub mod metrics;
 mod options;
 mod reconnect;
 mod server;

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
@@ -28,8 +28,8 @@ use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::stats::{Publisher, Shared, Snapshot};
-use crate::telemetry;
 use crate::Runtime;
+use crate::{metrics, telemetry};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -359,6 +359,9 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
             };
             let token = request.token;
             let span = telemetry::request_span(&self.queue, &request.properties);
+            if let Some(timestamp) = *request.properties.timestamp() {
+                metrics::queue_wait(timestamp, wall.0);
+            }
             let view = Request {
                 body: request.body,
                 properties: request.properties,
@@ -367,16 +370,21 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
             let run = Arc::clone(&self.run);
             let mut done = self.done.clone();
             R::spawn(async move {
+                let started = Instant::now();
                 let result = answer::<R>(run, view).instrument(span.clone()).await;
-                telemetry::request_answered(&span, &result);
+                let outcome = telemetry::request_answered(&span, &result);
+                metrics::request_answered(outcome, started.elapsed());
                 // If the server is gone, the token drops here and the request goes back.
                 let _ = done.send(Command::Done { token, result }).await;
             });
         }
-        self.stats.publish(Snapshot {
+        let now = Snapshot {
             stats: machine.stats(),
             in_flight: machine.in_flight(),
-        });
+        };
+        if let Some(before) = self.stats.publish(now) {
+            metrics::server_changed(&before, &now);
+        }
     }
 
     fn on_command(&mut self, machine: &mut RpcServer, now: Instant, command: Command) {
@@ -410,5 +418,10 @@ impl<R: Runtime> Session<RpcServer> for Workers<R> {
 
     fn last_error(&self) -> Option<&ConnectionError> {
         self.last_error.as_ref()
+    }
+
+    fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
+        tracing::info!(attempt, ?delay, "reconnecting");
+        metrics::reconnecting("server");
     }
 }

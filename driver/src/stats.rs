@@ -54,16 +54,19 @@ impl<S: Copy + Default + PartialEq> Publisher<S> {
         }
     }
 
-    /// Makes `now` what readers see, if it differs from the last snapshot.
-    pub(crate) fn publish(&mut self, now: Snapshot<S>) {
-        if now != self.last {
-            self.last = now;
-            *self
-                .shared
-                .inner
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = now;
+    /// Makes `now` what readers see, if it differs from the last snapshot; returns the last
+    /// snapshot then (for the metrics fed from the difference).
+    pub(crate) fn publish(&mut self, now: Snapshot<S>) -> Option<Snapshot<S>> {
+        if now == self.last {
+            return None;
         }
+        let before = std::mem::replace(&mut self.last, now);
+        *self
+            .shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = now;
+        Some(before)
     }
 }
 

@@ -55,6 +55,12 @@ pub(crate) fn call_queued(span: &Span, call: u64) {
 /// with the error's kind.
 pub(crate) fn call_ended(span: &Span, result: &Result<RpcReply, CallError>) {
     let kind = call_outcome(result);
+    crate::metrics::call_ended(
+        kind,
+        result
+            .as_ref()
+            .map_or_else(CallError::may_have_run, |_| true),
+    );
     span.record("outcome", kind);
     match result {
         Ok(reply) => {
@@ -75,6 +81,8 @@ pub(crate) fn call_ended(span: &Span, result: &Result<RpcReply, CallError>) {
 
 /// Records that the caller gave up on its call (dropped its future) before it ended.
 pub(crate) fn call_cancelled(span: &Span) {
+    // Whether it was published yet is the machine's to know: counted as may have run.
+    crate::metrics::call_ended("cancelled", true);
     span.record("outcome", "cancelled");
     tracing::debug!(parent: span, "call cancelled by its caller");
 }
@@ -139,13 +147,14 @@ fn new_request_span(queue: &str, properties: &BasicProperties) -> Span {
 }
 
 /// Records a handler's answer in its request's span, with an event: `reply`, or `error reply`
-/// with its code.
-pub(crate) fn request_answered(span: &Span, result: &Result<Bytes, HandlerError>) {
+/// with its code. Returns the outcome: `ok`, `rejected` or `failed`.
+pub(crate) fn request_answered(span: &Span, result: &Result<Bytes, HandlerError>) -> &'static str {
     match result {
         Ok(body) => {
             span.record("outcome", "ok");
             span.record("otel.status_code", "OK");
             tracing::debug!(parent: span, bytes = body.len(), "reply");
+            "ok"
         }
         Err(error) => {
             let (kind, code) = match error {
@@ -155,6 +164,7 @@ pub(crate) fn request_answered(span: &Span, result: &Result<Bytes, HandlerError>
             span.record("outcome", kind);
             span.record("otel.status_code", "ERROR");
             tracing::info!(parent: span, error.type = kind, code = code.as_str(), "error reply");
+            kind
         }
     }
 }
