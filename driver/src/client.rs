@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientConfig, ClientEvent, CorrelationKey, RpcClient, RpcReply, UnixMillis,
+    CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, CorrelationKey, ReplyMode,
+    RpcClient, RpcReply, UnixMillis,
 };
 use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 use bytes::Bytes;
@@ -21,7 +22,9 @@ use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
 use crate::state::{ConnectionState, StateCell};
+use crate::stats::{Publisher, Shared, Snapshot};
 use crate::Runtime;
+use crate::{metrics, telemetry};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -119,6 +122,8 @@ enum Command {
         key: CallKey,
         request: CallRequest,
         reply: oneshot::Sender<Result<RpcReply, CallError>>,
+        /// The call's span: events and its outcome are recorded in it by the driver task.
+        span: tracing::Span,
     },
     /// The caller dropped its future: the call is cancelled and its slot freed.
     Cancel {
@@ -163,7 +168,9 @@ pub struct Client<R: Runtime> {
     commands: mpsc::Sender<Command>,
     next_key: Arc<AtomicU64>,
     state: Arc<StateCell>,
+    stats: Arc<Shared<ClientStats>>,
     default_timeout: Duration,
+    reply_mode: ReplyMode,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -173,7 +180,9 @@ impl<R: Runtime> Clone for Client<R> {
             commands: self.commands.clone(),
             next_key: Arc::clone(&self.next_key),
             state: Arc::clone(&self.state),
+            stats: Arc::clone(&self.stats),
             default_timeout: self.default_timeout,
+            reply_mode: self.reply_mode,
             _runtime: PhantomData,
         }
     }
@@ -200,14 +209,24 @@ impl<R: Runtime> Client<R> {
         let (tx, rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = oneshot::channel();
         let default_timeout = options.default_timeout;
+        let reply_mode = options.rpc.reply_mode;
         let state = StateCell::new();
-        R::spawn(run::<R>(options, rx, ready_tx, Arc::clone(&state)));
+        let stats = Shared::new();
+        R::spawn(run::<R>(
+            options,
+            rx,
+            ready_tx,
+            Arc::clone(&state),
+            Publisher::new(Arc::clone(&stats)),
+        ));
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
                 commands: tx,
                 next_key: Arc::new(AtomicU64::new(0)),
                 state,
+                stats,
                 default_timeout,
+                reply_mode,
                 _runtime: PhantomData,
             }),
             Ok(Err(e)) => Err(e),
@@ -226,7 +245,13 @@ impl<R: Runtime> Client<R> {
     /// Dropping the returned future before it completes cancels the call: its slot among the
     /// [`ClientConfig::max_in_flight`] is free at once, and a reply that comes later is dropped
     /// (counted as late). The request may still run on a server if it was already sent.
-    pub async fn call_with(&self, request: CallRequest) -> Result<RpcReply, CallError> {
+    ///
+    /// The call runs in a span `rpc.call` (a child of the caller's current span), which records
+    /// its outcome.
+    pub async fn call_with(&self, mut request: CallRequest) -> Result<RpcReply, CallError> {
+        let span = telemetry::call_span(&request.exchange, &request.routing_key, self.reply_mode);
+        telemetry::inject(&span, &mut request.properties);
+        let started = Instant::now();
         let (reply, rx) = oneshot::channel();
         let key = CallKey(self.next_key.fetch_add(1, Ordering::Relaxed));
         let mut guard = CancelOnDrop {
@@ -240,11 +265,16 @@ impl<R: Runtime> Client<R> {
                 key,
                 request,
                 reply,
+                span: span.clone(),
             })
             .await
-            .map_err(|_| CallError::Closed)?;
+            .map_err(|_| {
+                telemetry::call_ended(&span, &Err(CallError::Closed));
+                CallError::Closed
+            })?;
         let result = rx.await.unwrap_or(Err(CallError::Closed));
         guard.disarm();
+        metrics::call_duration(telemetry::call_outcome(&result), started);
         result
     }
 
@@ -257,6 +287,19 @@ impl<R: Runtime> Client<R> {
     /// misses some; [`Client::state`] is always current).
     pub fn watch_state(&self) -> mpsc::Receiver<ConnectionState> {
         self.state.subscribe()
+    }
+
+    /// The client's counters, summed over every connection it had: calls started, answered,
+    /// failed and cancelled, requests sent, late, duplicate and unknown replies, reply paths
+    /// re-armed. Up to date as of the driver task's last wake-up; reading never waits for it.
+    pub fn stats(&self) -> ClientStats {
+        self.stats.get().stats
+    }
+
+    /// Calls started and not ended yet (a gauge, as of the driver task's last wake-up). Calls
+    /// still queued for the driver task are not counted.
+    pub fn in_flight(&self) -> usize {
+        self.stats.get().in_flight
     }
 
     /// Closes the connection cleanly. Calls still in flight end with `ConnectionLost`.
@@ -277,9 +320,16 @@ pub(crate) fn wall_now() -> UnixMillis {
     UnixMillis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
+/// A call the driver task waits on: its caller's key, where its result goes, and its span.
+type Pending = (
+    CallKey,
+    oneshot::Sender<Result<RpcReply, CallError>>,
+    tracing::Span,
+);
+
 /// The driver task's side: callers waiting for their calls.
 struct Callers {
-    pending: HashMap<CallId, (CallKey, oneshot::Sender<Result<RpcReply, CallError>>)>,
+    pending: HashMap<CallId, Pending>,
     /// The machine's id of each pending call, by the caller's key.
     keys: HashMap<CallKey, CallId>,
     ready: Option<oneshot::Sender<Result<(), ConnectError>>>,
@@ -290,6 +340,7 @@ struct Callers {
     was_ready: bool,
     retry_first_connect: bool,
     state: Arc<StateCell>,
+    stats: Publisher<ClientStats>,
 }
 
 impl Session<RpcClient> for Callers {
@@ -311,6 +362,7 @@ impl Session<RpcClient> for Callers {
 
     fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
         tracing::info!(attempt, ?delay, "reconnecting");
+        metrics::reconnecting("client");
         self.state.set(ConnectionState::Reconnecting { attempt });
     }
 }
@@ -330,10 +382,12 @@ impl Handler<RpcClient> for Callers {
                     }
                 }
                 ClientEvent::CallEnded { call, result } => {
-                    if let Some((key, tx)) = self.pending.remove(&call) {
+                    if let Some((key, tx, span)) = self.pending.remove(&call) {
                         self.keys.remove(&key);
+                        let result = result.map_err(CallError::Rpc);
+                        telemetry::call_ended(&span, &result);
                         // The caller may have given up (dropped its future); nothing to do then.
-                        let _ = tx.send(result.map_err(CallError::Rpc));
+                        let _ = tx.send(result);
                     }
                 }
                 ClientEvent::Blocked { reason } => {
@@ -351,6 +405,13 @@ impl Handler<RpcClient> for Callers {
                 _ => {}
             }
         }
+        let now = Snapshot {
+            stats: machine.stats(),
+            in_flight: machine.in_flight(),
+        };
+        if let Some(before) = self.stats.publish(now) {
+            metrics::client_changed(&before, &now);
+        }
     }
 
     fn on_command(&mut self, machine: &mut RpcClient, now: Instant, command: Command) {
@@ -359,25 +420,29 @@ impl Handler<RpcClient> for Callers {
                 key,
                 request,
                 reply,
-            } => match machine.call(now, wall_now(), request) {
-                Ok(id) => {
-                    self.pending.insert(id, (key, reply));
-                    self.keys.insert(key, id);
-                }
-                Err(UsageError::TooManyCalls { limit }) => {
-                    let _ = reply.send(Err(CallError::TooManyCalls { limit }));
-                }
-                Err(UsageError::ShutDown) => {
-                    let _ = reply.send(Err(CallError::Closed));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(CallError::Invalid(e)));
-                }
-            },
+                span,
+            } => {
+                let refused = match machine.call(now, wall_now(), request) {
+                    Ok(id) => {
+                        telemetry::call_queued(&span, id.0);
+                        self.pending.insert(id, (key, reply, span));
+                        self.keys.insert(key, id);
+                        return;
+                    }
+                    Err(UsageError::TooManyCalls { limit }) => CallError::TooManyCalls { limit },
+                    Err(UsageError::ShutDown) => CallError::Closed,
+                    Err(e) => CallError::Invalid(e),
+                };
+                let refused = Err(refused);
+                telemetry::call_ended(&span, &refused);
+                let _ = reply.send(refused);
+            }
             Command::Cancel { key } => {
                 // Unknown when the call ended before the caller gave up: nothing to do then.
                 if let Some(id) = self.keys.remove(&key) {
-                    self.pending.remove(&id);
+                    if let Some((_, _, span)) = self.pending.remove(&id) {
+                        telemetry::call_cancelled(&span);
+                    }
                     machine.cancel(id);
                 }
             }
@@ -407,6 +472,7 @@ async fn run<R: Runtime>(
     mut commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), ConnectError>>,
     state: Arc<StateCell>,
+    stats: Publisher<ClientStats>,
 ) {
     let rotation = options.connect.rotation();
     let mut machine = RpcClient::new(
@@ -425,6 +491,7 @@ async fn run<R: Runtime>(
         was_ready: false,
         retry_first_connect: options.retry_first_connect,
         state,
+        stats,
     };
     let outcome = run_session::<R, _, _>(
         rotation,
@@ -441,8 +508,10 @@ async fn run<R: Runtime>(
     machine.abandon();
     machine.close(Instant::now());
     callers.on_wake(&mut machine, Instant::now());
-    for (_, (_, tx)) in callers.pending.drain() {
-        let _ = tx.send(Err(CallError::Closed));
+    for (_, (_, tx, span)) in callers.pending.drain() {
+        let closed = Err(CallError::Closed);
+        telemetry::call_ended(&span, &closed);
+        let _ = tx.send(closed);
     }
     for done in callers.closing.drain(..) {
         let _ = done.send(());

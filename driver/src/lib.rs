@@ -7,11 +7,16 @@ mod addresses;
 mod cli;
 mod client;
 mod io_loop;
+pub mod metrics;
 mod options;
 mod reconnect;
 mod server;
 mod state;
+mod stats;
+mod telemetry;
 mod tls;
+#[cfg(feature = "otel")]
+mod trace_context;
 
 use std::future::Future;
 use std::io;
@@ -22,7 +27,9 @@ use std::time::Instant;
 use futures_io::{AsyncRead, AsyncWrite};
 
 pub use addresses::{AddressFailure, Addresses};
-pub use amqp_rpc_core::rpc::{CallRequest, HandlerError, QueueKind, ReplyMode, RpcReply};
+pub use amqp_rpc_core::rpc::{
+    CallRequest, ClientStats, HandlerError, QueueKind, ReplyMode, RpcReply, ServerStats,
+};
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
@@ -20,13 +20,16 @@ use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::future::{select, Either};
 use futures_util::{FutureExt, SinkExt};
+use tracing::Instrument;
 
 use crate::addresses::Addresses;
 use crate::client::wall_now;
 use crate::io_loop::Handler;
 use crate::options::ConnectError;
 use crate::reconnect::{run_session, Backoff, Session};
+use crate::stats::{Publisher, Shared, Snapshot};
 use crate::Runtime;
+use crate::{metrics, telemetry};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -96,10 +99,12 @@ enum Command {
     Shutdown,
 }
 
-/// Stops a running server gracefully: cancel the consumer, finish requests in flight, close.
+/// Stops a running server gracefully (cancel the consumer, finish requests in flight, close),
+/// and reads its counters while it serves.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     commands: mpsc::Sender<Command>,
+    stats: Arc<Shared<ServerStats>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -116,6 +121,19 @@ impl ServerHandle {
     pub async fn shutdown(&self) {
         let _ = self.commands.clone().send(Command::Shutdown).await;
     }
+
+    /// The server's counters so far, summed over every connection it had (what
+    /// [`ServerReport::stats`] says at the end). Up to date as of the driver task's last
+    /// wake-up; reading never waits for it.
+    pub fn stats(&self) -> ServerStats {
+        self.stats.get().stats
+    }
+
+    /// Requests handed to the handler and not answered yet (a gauge, at most
+    /// [`ServerOptions::workers`]).
+    pub fn in_flight(&self) -> usize {
+        self.stats.get().in_flight
+    }
 }
 
 /// An RPC server.
@@ -124,6 +142,7 @@ pub struct Server<R: Runtime> {
     commands: mpsc::Sender<Command>,
     receiver: mpsc::Receiver<Command>,
     on_ready: Option<Box<dyn FnMut() + Send>>,
+    stats: Arc<Shared<ServerStats>>,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -136,6 +155,7 @@ impl<R: Runtime> Server<R> {
             commands,
             receiver,
             on_ready: None,
+            stats: Shared::new(),
             _runtime: PhantomData,
         }
     }
@@ -144,6 +164,7 @@ impl<R: Runtime> Server<R> {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             commands: self.commands.clone(),
+            stats: Arc::clone(&self.stats),
         }
     }
 
@@ -204,6 +225,7 @@ impl<R: Runtime> Server<R> {
             commands,
             mut receiver,
             on_ready,
+            stats,
             ..
         } = self;
         let rotation = options.connect.rotation();
@@ -221,6 +243,8 @@ impl<R: Runtime> Server<R> {
             was_ready: false,
             last_error: None,
             stopped: false,
+            stats: Publisher::new(stats),
+            queue: options.rpc.queue.clone(),
             _runtime: PhantomData,
         };
         run_session::<R, _, _>(
@@ -281,6 +305,9 @@ struct Workers<R: Runtime> {
     was_ready: bool,
     last_error: Option<ConnectionError>,
     stopped: bool,
+    stats: Publisher<ServerStats>,
+    /// The queue served, for the requests' spans.
+    queue: String,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -331,6 +358,10 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                 break;
             };
             let token = request.token;
+            let span = telemetry::request_span(&self.queue, &request.properties);
+            if let Some(timestamp) = *request.properties.timestamp() {
+                metrics::queue_wait(timestamp, wall.0);
+            }
             let view = Request {
                 body: request.body,
                 properties: request.properties,
@@ -339,10 +370,20 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
             let run = Arc::clone(&self.run);
             let mut done = self.done.clone();
             R::spawn(async move {
-                let result = answer::<R>(run, view).await;
+                let started = Instant::now();
+                let result = answer::<R>(run, view).instrument(span.clone()).await;
+                let outcome = telemetry::request_answered(&span, &result);
+                metrics::request_answered(outcome, started.elapsed());
                 // If the server is gone, the token drops here and the request goes back.
                 let _ = done.send(Command::Done { token, result }).await;
             });
+        }
+        let now = Snapshot {
+            stats: machine.stats(),
+            in_flight: machine.in_flight(),
+        };
+        if let Some(before) = self.stats.publish(now) {
+            metrics::server_changed(&before, &now);
         }
     }
 
@@ -377,5 +418,10 @@ impl<R: Runtime> Session<RpcServer> for Workers<R> {
 
     fn last_error(&self) -> Option<&ConnectionError> {
         self.last_error.as_ref()
+    }
+
+    fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
+        tracing::info!(attempt, ?delay, "reconnecting");
+        metrics::reconnecting("server");
     }
 }

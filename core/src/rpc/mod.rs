@@ -64,7 +64,7 @@ pub use correlation::CorrelationKey;
 pub use decide::DropReason;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,
-    ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, REPLY_TOO_LARGE,
+    ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, INVALID_REQUEST, IO_ERROR, REPLY_TOO_LARGE,
 };
 
 /// Milliseconds since the Unix epoch, as read from the driver's wall clock. The core never reads

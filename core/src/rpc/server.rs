@@ -86,6 +86,63 @@ pub enum HandlerError {
     },
 }
 
+/// Error code of the error replies made from a body that does not parse (the `From`
+/// conversions of [`HandlerError`]).
+pub const INVALID_REQUEST: &str = "invalid_request";
+/// Error code of the error replies made from an I/O error (`From<std::io::Error>`).
+pub const IO_ERROR: &str = "io_error";
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerError::Rejected { code, message } => write!(f, "rejected ({code}): {message}"),
+            HandlerError::Failed { code, message } => write!(f, "failed ({code}): {message}"),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// A body that is not UTF-8 is invalid input: rejected, never ran.
+impl From<std::str::Utf8Error> for HandlerError {
+    fn from(e: std::str::Utf8Error) -> Self {
+        HandlerError::Rejected {
+            code: INVALID_REQUEST.into(),
+            message: format!("the body is not UTF-8: {e}"),
+        }
+    }
+}
+
+/// A number that does not parse is invalid input: rejected, never ran.
+impl From<std::num::ParseIntError> for HandlerError {
+    fn from(e: std::num::ParseIntError) -> Self {
+        HandlerError::Rejected {
+            code: INVALID_REQUEST.into(),
+            message: format!("not a valid integer: {e}"),
+        }
+    }
+}
+
+/// A number that does not parse is invalid input: rejected, never ran.
+impl From<std::num::ParseFloatError> for HandlerError {
+    fn from(e: std::num::ParseFloatError) -> Self {
+        HandlerError::Rejected {
+            code: INVALID_REQUEST.into(),
+            message: format!("not a valid number: {e}"),
+        }
+    }
+}
+
+/// An I/O error happens while the handler runs: failed.
+impl From<std::io::Error> for HandlerError {
+    fn from(e: std::io::Error) -> Self {
+        HandlerError::Failed {
+            code: IO_ERROR.into(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// One request taken off the prefetch buffer. Answer it with [`RpcServer::reply`].
 #[derive(Debug)]
 pub struct Request {
@@ -1105,6 +1162,31 @@ fn reply_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handler_errors_from_common_errors_say_whether_the_request_ran() {
+        fn parse(body: &[u8]) -> Result<u32, HandlerError> {
+            Ok(std::str::from_utf8(body)?.trim().parse::<u32>()?)
+        }
+        assert_eq!(parse(b" 7\n"), Ok(7));
+        for bad in [&b"\xff"[..], b"seven", b"-1"] {
+            match parse(bad) {
+                Err(HandlerError::Rejected { code, .. }) => assert_eq!(code, INVALID_REQUEST),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let io: HandlerError = std::io::Error::other("disk gone").into();
+        assert_eq!(
+            io,
+            HandlerError::Failed {
+                code: IO_ERROR.into(),
+                message: "disk gone".into()
+            }
+        );
+        assert_eq!(io.to_string(), "failed (io_error): disk gone");
+        let boxed: Box<dyn std::error::Error> = Box::new(io);
+        assert_eq!(boxed.to_string(), "failed (io_error): disk gone");
+    }
 
     fn properties(expiration: Option<&str>, deadline: Option<AMQPValue>) -> BasicProperties {
         let mut p = BasicProperties::default();
