@@ -9,21 +9,20 @@ cd "$(dirname "$0")/.."
 calls="${CALLS:-20000}"
 bash scripts/ensure-rabbitmq.sh >/dev/null
 
-bin_root=$(mktemp -d)
-trap 'rm -rf "$bin_root"' EXIT
-for transport in tokio smol; do
-  cargo build --release -q -p "transport-$transport" --bin server --bin bench
-  mkdir -p "$bin_root/$transport"
-  cp target/release/server target/release/bench "$bin_root/$transport/"
-done
+# The smol transport's programs are smol-server and smol-bench (no clash with tokio's in target/).
+cargo build --release -q -p transport-tokio --bin server --bin bench
+cargo build --release -q -p transport-smol --bin smol-server --bin smol-bench
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
+prefix() { [ "$1" = smol ] && echo smol- || true; }
 
 run() { # transport reply-mode concurrency prefetch calls
-  local t=$1 mode=$2 c=$3 prefetch=$4 n=$5 queue="bench-$1-$$"
-  "$bin_root/$t/server" --queue "$queue" --prefetch "$prefetch" --workers "$prefetch" >/dev/null 2>&1 &
+  local t=$1 mode=$2 c=$3 prefetch=$4 n=$5 queue="bench-$1-$$" p
+  p=$(prefix "$1")
+  "$bin_dir/${p}server" --queue "$queue" --prefetch "$prefetch" --workers "$prefetch" >/dev/null 2>&1 &
   local server=$!
   sleep 0.5
   local line
-  line=$("$bin_root/$t/bench" --queue "$queue" --calls "$n" --concurrency "$c" --reply-mode "$mode" \
+  line=$("$bin_dir/${p}bench" --queue "$queue" --calls "$n" --concurrency "$c" --reply-mode "$mode" \
     --server-pid "$server" --json)
   kill -INT "$server"
   wait "$server" 2>/dev/null || true

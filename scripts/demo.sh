@@ -5,17 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-30}"
-transport="transport-${TRANSPORT:-tokio}"
+transport="${TRANSPORT:-tokio}"
+# The smol transport's programs carry a prefix (smol-server, smol-client) so that both packages'
+# bins can sit side by side in target/.
+prefix=""
+[ "$transport" = smol ] && prefix="smol-"
 
 bash scripts/ensure-rabbitmq.sh
-cargo build --release -q -p "$transport" --bin server --bin client
+cargo build --release -q -p "transport-$transport" --bin "${prefix}server" --bin "${prefix}client"
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
 
-# Each package's bins share a name, so build and run them through cargo's own path.
-bin_dir=$(mktemp -d)
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$bin_dir"' EXIT
-cp target/release/server target/release/client "$bin_dir/"
-
-"$bin_dir/server" &
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+"$bin_dir/${prefix}server" &
 server=$!
 # Wait for the server to consume before calling (the client would fail fast otherwise).
 for _ in $(seq 50); do
@@ -24,4 +25,4 @@ for _ in $(seq 50); do
   fi
   sleep 0.2
 done
-"$bin_dir/client" "$n"
+"$bin_dir/${prefix}client" "$n"

@@ -1,5 +1,6 @@
 //! Sans-IO AMQP 0-9-1 client and RPC machines.
 #![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
 
 pub mod codec;
 pub mod connection;

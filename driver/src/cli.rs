@@ -22,7 +22,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The largest n whose Fibonacci number fits in a u128 (fib(186) ≈ 3.3 × 10^38).
 pub const FIB_MAX: u32 = 186;
 
-/// fib(n), iteratively in u128; `None` above [`FIB_MAX`].
+/// fib(n), iteratively in u128; `None` for n above 186, the largest n whose result fits.
 pub fn fib(n: u32) -> Option<u128> {
     if n > FIB_MAX {
         return None;

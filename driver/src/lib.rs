@@ -2,6 +2,7 @@
 //! [`amqp_rpc_core::Machine`] over any async byte stream, and the [`Client`] and [`Server`]
 //! built on it. `transport-tokio` and `transport-smol` supply a [`Runtime`] and re-export these
 //! types, so both have the same API by construction and no driving code is written twice.
+#![deny(missing_docs)]
 
 mod addresses;
 mod cli;

@@ -14,6 +14,7 @@
 //!
 //! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Smol`]; the tokio
 //! transport binds the same types to tokio, so code moves between them unchanged.
+#![deny(missing_docs)]
 
 use std::future::Future;
 use std::io;

@@ -11,6 +11,7 @@
 //!
 //! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Tokio`]; the smol
 //! transport binds the same types to its runtime, so code moves between them unchanged.
+#![deny(missing_docs)]
 
 use std::future::Future;
 use std::io;

@@ -1,4 +1,5 @@
-//! Measures calls/s and latency against the running server on smol.
+//! Measures calls/s and latency against the running server on smol:
+//! `cargo run --release -p transport-smol --bin smol-bench -- --concurrency 64`
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

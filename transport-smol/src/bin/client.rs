@@ -1,4 +1,4 @@
-//! Asks the Fibonacci RPC server for fib(n) on smol: `cargo run -p transport-smol --bin client 30`
+//! Asks the Fibonacci RPC server for fib(n) on smol: `cargo run -p transport-smol --bin smol-client 30`
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -1,4 +1,4 @@
-//! The Fibonacci RPC server on smol. `cargo run -p transport-smol --bin server`
+//! The Fibonacci RPC server on smol. `cargo run -p transport-smol --bin smol-server`
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
