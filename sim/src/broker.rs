@@ -229,7 +229,7 @@ impl Broker {
     pub fn is_dead(&self, id: ConnId) -> bool {
         self.conns
             .get(&id)
-            .map_or(true, |c| c.state == ConnState::Dead)
+            .is_none_or(|c| c.state == ConnState::Dead)
     }
 
     /// The network fails: the connection is gone without a close handshake.
@@ -978,7 +978,7 @@ impl Broker {
         let delivery_tag = chan.next_tag;
         let no_ack = match &queue {
             None => true,
-            Some(_) => chan.consumers.get(tag).map_or(true, |c| c.no_ack),
+            Some(_) => chan.consumers.get(tag).is_none_or(|c| c.no_ack),
         };
         if let (false, Some(q)) = (no_ack, &queue) {
             chan.unacked
@@ -1106,7 +1106,7 @@ impl Broker {
     }
 
     fn channel_error(&mut self, id: ConnId, ch: u16, code: u16, text: &str) {
-        if self.chan(id, ch).map_or(true, |c| c.closing) {
+        if self.chan(id, ch).is_none_or(|c| c.closing) {
             return;
         }
         self.release_channel(id, ch);

@@ -971,7 +971,7 @@ impl RpcClient {
         let status = self.probe.queues.get(&queue).copied();
         let fresh = status
             .and_then(|s| s.checked_at)
-            .is_some_and(|at| at.checked_add(interval).map_or(true, |until| now < until));
+            .is_some_and(|at| at.checked_add(interval).is_none_or(|until| now < until));
         if !fresh {
             self.start_probe(Target::Queue(queue));
         }
@@ -993,7 +993,7 @@ impl RpcClient {
         let fresh = status.is_some_and(|s| {
             s.checked_at
                 .checked_add(interval)
-                .map_or(true, |until| now < until)
+                .is_none_or(|until| now < until)
         });
         let gate = match status.map(|s| &s.exists) {
             Some(Exists::Yes) => Gate::Send,
