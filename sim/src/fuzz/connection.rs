@@ -36,7 +36,7 @@ pub fn connection(data: &[u8]) {
     while !rest.is_empty() {
         let r = xorshift(&mut rng);
         // Mostly small chunks (frame boundaries fall anywhere), sometimes everything at once.
-        let n = if r % 16 == 0 {
+        let n = if r.is_multiple_of(16) {
             rest.len()
         } else {
             1 + (r >> 8) as usize % 96
