@@ -4,7 +4,7 @@
 //! histograms).
 //!
 //! Counters of what the machines count themselves (late replies, drops...) are fed from the
-//! difference between two published [`Snapshot`]s, so that no counter is kept twice; gauges
+//! difference between two published stats snapshots, so that no counter is kept twice; gauges
 //! move by the difference too, so that several clients in one process add up.
 
 use std::time::{Duration, Instant};
