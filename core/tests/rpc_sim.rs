@@ -483,12 +483,59 @@ fn no_servers_fails_fast_and_refreshes_after_the_interval() {
             sim.is_pending(e1),
             "stale positive count: sent, refresh in the background"
         );
-        let f = sim.call("f", 300);
+        // The refreshed count is zero right after a positive one: looked at again before the
+        // call fails (a quorum queue electing a leader reads zero for a moment).
+        let f = sim.call("f", 1000);
+        assert!(
+            sim.is_pending(f),
+            "a first zero after servers is checked again"
+        );
+        sim.advance(Duration::from_millis(250));
         assert_eq!(
             *err(sim.result(f)),
             RpcError::NoServers,
-            "refreshed count is zero"
+            "a second zero is believed"
         );
+        assert_eq!(sim.client.m.stats().requests_sent, 3, "f never went out");
+    }
+}
+
+/// A server that is away for a moment (its connection dropped, back within the recheck):
+/// calls made while the consumer count reads zero wait for the second look instead of failing
+/// with `NoServers`, and are answered. (A quorum queue electing a new leader reads zero the same
+/// way while its servers are fine.)
+#[test]
+fn a_momentary_zero_consumer_count_does_not_fail_calls() {
+    for mode in MODES {
+        let config = ClientConfig {
+            server_check: Some(Duration::from_millis(100)),
+            ..client_config(mode)
+        };
+        let mut sim = Sim::new(config, 1, 5);
+        let first = sim.call("a", 1000);
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(first)), b"re:a");
+        // The server's connection drops; the count the client holds goes stale.
+        let conn = sim.servers[0].conn;
+        sim.broker.drop_connection(conn);
+        sim.settle();
+        sim.advance(Duration::from_millis(150));
+        // Stale positive: sent, and the background refresh reads zero.
+        let sent = sim.call("b", 2000);
+        let waiting = sim.call("c", 2000);
+        assert!(
+            sim.is_pending(waiting),
+            "a first zero after servers must not fail calls"
+        );
+        // The server is back before the second look.
+        let now = sim.now;
+        assert_eq!(sim.servers[0].m.reconnect(now), Ok(()));
+        sim.servers[0].redial(&mut sim.broker);
+        sim.settle();
+        sim.advance(Duration::from_millis(250));
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(sent)), b"re:b");
+        assert_eq!(ok_body(sim.result(waiting)), b"re:c");
     }
 }
 

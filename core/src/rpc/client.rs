@@ -210,7 +210,16 @@ const RECENT_ENDED: usize = 4096;
 struct QueueStatus {
     consumers: Consumers,
     checked_at: Option<Instant>,
+    /// A zero count right after a positive one is looked at again before calls fail: a quorum
+    /// queue electing a new leader, or a server reconnecting, reads zero for a moment while its
+    /// servers are fine. Calls wait (within their deadline) until the second look.
+    confirming: bool,
+    /// When to take that second look; `None` once the probe for it is under way.
+    recheck_at: Option<Instant>,
 }
+
+/// How long after a zero count that followed a positive one the count is read again.
+const ZERO_RECHECK: Duration = Duration::from_millis(250);
 
 /// The answer of the last passive declare of a request queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -379,6 +388,7 @@ impl RpcClient {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.conn.handle_timeout(now);
         self.pump(now);
+        self.recheck_zero_counts(now);
         self.expire(now);
     }
 
@@ -404,10 +414,24 @@ impl RpcClient {
     /// and every call's deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let calls = self.deadlines.first().map(|(at, _)| *at);
-        match (self.conn.poll_timeout(), calls) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A recheck waits while another passive declare is under way (one at a time).
+        let recheck = self
+            .probe
+            .in_flight
+            .is_none()
+            .then(|| {
+                self.probe
+                    .queues
+                    .values()
+                    .filter_map(|s| s.recheck_at)
+                    .min()
+            })
+            .flatten()
+            .filter(|_| self.conn.is_open());
+        [self.conn.poll_timeout(), calls, recheck]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -785,9 +809,16 @@ impl RpcClient {
         if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
             match (target, reply) {
                 (Target::Queue(queue), Reply::QueueDeclared { consumer_count, .. }) => {
+                    let before = self.probe.queues.get(&queue).copied().unwrap_or_default();
+                    let had_servers = matches!(before.consumers, Consumers::Count(n) if n > 0);
+                    // The first zero after servers were seen is checked again; a second zero
+                    // (or a zero with no servers ever seen) is believed.
+                    let confirming = consumer_count == 0 && had_servers && !before.confirming;
                     let status = QueueStatus {
                         consumers: Consumers::Count(consumer_count),
                         checked_at: Some(now),
+                        confirming,
+                        recheck_at: confirming.then(|| now.checked_add(ZERO_RECHECK)).flatten(),
                     };
                     self.set_queue_status(&queue, status);
                 }
@@ -851,6 +882,7 @@ impl RpcClient {
                 let status = QueueStatus {
                     consumers,
                     checked_at: Some(now),
+                    ..QueueStatus::default()
                 };
                 self.set_queue_status(&queue, status);
             }
@@ -977,6 +1009,7 @@ impl RpcClient {
         }
         match status.map(|s| s.consumers) {
             Some(Consumers::Count(n)) if n > 0 => Gate::Send,
+            _ if status.is_some_and(|s| s.confirming) => Gate::Wait,
             Some(Consumers::Count(_)) if fresh => Gate::Fail(RpcError::NoServers),
             Some(Consumers::Absent) if fresh => Gate::Fail(RpcError::NotRouted),
             Some(Consumers::Unknown) if fresh => Gate::Send,
@@ -1037,6 +1070,23 @@ impl RpcClient {
         };
         if let Ok(request) = sent {
             self.probe.in_flight = Some((request, target));
+        }
+    }
+
+    /// Takes the second look at a zero count whose time has come, one queue at a time.
+    fn recheck_zero_counts(&mut self, now: Instant) {
+        if self.probe.in_flight.is_some() || !self.conn.is_open() {
+            return;
+        }
+        let due = self
+            .probe
+            .queues
+            .iter_mut()
+            .find(|(_, s)| s.recheck_at.is_some_and(|at| at <= now));
+        if let Some((queue, status)) = due {
+            status.recheck_at = None;
+            let queue = queue.clone();
+            self.start_probe(Target::Queue(queue));
         }
     }
 
