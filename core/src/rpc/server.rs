@@ -972,11 +972,8 @@ impl RpcServer {
         }
     }
 
-    /// When the caller of a request received at `received` gives up, on our clock: the
-    /// earlier of its relative budget (`expiration` from `received`; no clock skew affects it,
-    /// but it does not count the time the request waited in the queue) and its absolute
-    /// deadline (`x-rpc-deadline` against `wall`, our wall clock at `now`, trusted up to
-    /// [`ServerConfig::clock_skew_tolerance`]). Without `wall`, the relative budget alone.
+    /// When the caller of a request received at `received` gives up, on our clock (see
+    /// [`remaining_budget`]).
     fn deadline(
         &self,
         properties: &BasicProperties,
@@ -984,25 +981,9 @@ impl RpcServer {
         now: Instant,
         wall: Option<UnixMillis>,
     ) -> Option<Instant> {
-        let relative = expiration(properties).and_then(|ms| received.checked_add(ms));
+        let waited = now.saturating_duration_since(received);
         let tolerance = self.config.clock_skew_tolerance;
-        let absolute = wall.zip(deadline_header(properties)).and_then(|(wall, d)| {
-            if d >= wall {
-                now.checked_add(Duration::from_millis(d.0 - wall.0))?
-                    .checked_add(tolerance)
-            } else {
-                let behind = Duration::from_millis(wall.0 - d.0);
-                match tolerance.checked_sub(behind) {
-                    Some(left) => now.checked_add(left),
-                    // Passed already; when exactly does not matter.
-                    None => Some(now),
-                }
-            }
-        });
-        match (relative, absolute) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        now.checked_add(remaining_budget(properties, waited, wall, tolerance)?)
     }
 
     /// The channel a reply for a request of an older channel goes out on, if one is usable.
@@ -1079,6 +1060,33 @@ impl RpcServer {
                 self.pump(now);
             }
         }
+    }
+}
+
+/// How long from now the caller still waits for a request that arrived `waited` ago: the
+/// shorter of its relative budget (`expiration` counted from arrival; no clock skew affects it,
+/// but it does not count the time the request waited in the queue) and its absolute deadline
+/// (`x-rpc-deadline` against `wall`, our wall clock now, trusted up to `tolerance`). Without
+/// `wall`, the relative budget alone; `None` when the request carries neither (or a value too
+/// large to mean anything but "no limit").
+fn remaining_budget(
+    properties: &BasicProperties,
+    waited: Duration,
+    wall: Option<UnixMillis>,
+    tolerance: Duration,
+) -> Option<Duration> {
+    let relative = expiration(properties).map(|budget| budget.saturating_sub(waited));
+    let absolute = wall.zip(deadline_header(properties)).and_then(|(wall, d)| {
+        if d >= wall {
+            Duration::from_millis(d.0 - wall.0).checked_add(tolerance)
+        } else {
+            // Passed already when it is further behind than the tolerance.
+            Some(tolerance.saturating_sub(Duration::from_millis(wall.0 - d.0)))
+        }
+    });
+    match (relative, absolute) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -1205,9 +1213,9 @@ mod tests {
     /// counts as absent.
     #[test]
     fn deadline_from_hostile_values() {
-        #[allow(clippy::disallowed_methods)] // a real instant to add durations to
-        let now = Instant::now();
-        let server = RpcServer::new(ServerConfig::new("q"), ConnectionConfig::default(), now);
+        let tolerance = ServerConfig::new("q").clock_skew_tolerance;
+        let budget =
+            |p: &BasicProperties, wall| remaining_budget(p, Duration::ZERO, wall, tolerance);
         let wall = UnixMillis(1_704_067_200_000);
         let cases = [
             (
@@ -1223,18 +1231,16 @@ mod tests {
         for (expiration, header) in cases {
             let p = properties(expiration, header.clone());
             for wall in [wall, UnixMillis(0), UnixMillis(u64::MAX)] {
-                let _ = server.deadline(&p, now, now, Some(wall));
+                let _ = budget(&p, Some(wall));
             }
         }
         // A deadline in 1970: passed. An expiration of 0: passed at once.
         let old = properties(None, Some(AMQPValue::LongLongInt(0)));
-        assert!(server
-            .deadline(&old, now, now, Some(wall))
-            .is_some_and(|d| d <= now));
+        assert_eq!(budget(&old, Some(wall)), Some(Duration::ZERO));
         let zero = properties(Some("0"), None);
-        assert_eq!(server.deadline(&zero, now, now, Some(wall)), Some(now));
+        assert_eq!(budget(&zero, Some(wall)), Some(Duration::ZERO));
         // Malformed values count as absent.
         let junk = properties(Some("abc"), Some(AMQPValue::LongString("soon".into())));
-        assert_eq!(server.deadline(&junk, now, now, Some(wall)), None);
+        assert_eq!(budget(&junk, Some(wall)), None);
     }
 }
