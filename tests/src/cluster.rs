@@ -7,7 +7,7 @@
 //! (`E2E_KEEP_CLUSTER=1` leaves it running for the next run). [`Killed`] kills a node with
 //! `kill -9` and starts it again when dropped, so that a failed test leaves the cluster whole.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
@@ -85,33 +85,9 @@ fn cluster() {
         let said = run_script(&["start"]).unwrap_or_else(|e| panic!("{e}"));
         if !said.contains("already up") {
             eprintln!("e2e: started the cluster in {:.1?}", started.elapsed());
-            stop_at_exit();
+            crate::process::stop_at_exit("the cluster", &script(), LOCK_FILE, "E2E_KEEP_CLUSTER");
         }
     });
-}
-
-/// As [`crate::node`]'s watchdog: stops the cluster once this process is gone.
-fn stop_at_exit() {
-    static WATCHDOG: OnceLock<Mutex<Child>> = OnceLock::new();
-    if std::env::var_os("E2E_KEEP_CLUSTER").is_some_and(|v| v == "1") {
-        return;
-    }
-    let command = format!(
-        "cat >/dev/null; exec flock -o {LOCK_FILE} bash '{}' stop >/dev/null 2>&1",
-        script()
-    );
-    match Command::new("setsid")
-        .args(["sh", "-c", &command])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => {
-            let _ = WATCHDOG.set(Mutex::new(child));
-        }
-        Err(e) => eprintln!("e2e: no watchdog to stop the cluster at exit: {e}"),
-    }
 }
 
 /// Exclusive use of the cluster for one test, started if needed. Take it in the `#[test]`

@@ -9,7 +9,7 @@
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -69,39 +69,15 @@ pub fn second_node() -> &'static Node {
                 "e2e: started the second node {NODE_NAME} in {:.1?}",
                 started.elapsed()
             );
-            stop_at_exit();
+            crate::process::stop_at_exit(
+                "the second node",
+                &script(),
+                LOCK_FILE,
+                "E2E_KEEP_SECOND_NODE",
+            );
         }
         Node::new(URI, NODE_NAME)
     })
-}
-
-/// Leaves a watchdog that stops the node once this process is gone: it waits for EOF on a pipe
-/// whose write end only this process holds, which the kernel closes at exit (even after a
-/// panic or a kill). `setsid` keeps it out of the test's process group, so a Ctrl-C that ends
-/// the tests does not end the watchdog too. `E2E_KEEP_SECOND_NODE=1` leaves the node running
-/// (handy when running the node tests again and again).
-fn stop_at_exit() {
-    static WATCHDOG: OnceLock<Mutex<Child>> = OnceLock::new();
-    if std::env::var_os("E2E_KEEP_SECOND_NODE").is_some_and(|v| v == "1") {
-        return;
-    }
-    let command = format!(
-        "cat >/dev/null; exec flock -o {LOCK_FILE} bash '{}' stop >/dev/null 2>&1",
-        script()
-    );
-    match Command::new("setsid")
-        .args(["sh", "-c", &command])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        // Kept for the life of the process: dropping it would close the pipe now.
-        Ok(child) => {
-            let _ = WATCHDOG.set(Mutex::new(child));
-        }
-        Err(e) => eprintln!("e2e: no watchdog to stop the second node at exit: {e}"),
-    }
 }
 
 /// Exclusive use of the second node for one test: held for the whole test, so that tests which

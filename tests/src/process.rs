@@ -153,6 +153,35 @@ impl Drop for ChildProcess {
     }
 }
 
+/// Leaves a watchdog that runs `bash <script> stop` (under `flock -o <lock_file>`, so never
+/// beside a test holding the node) once this process is gone: it waits for EOF on a pipe whose
+/// write end only this process holds, which the kernel closes at exit (even after a panic or a
+/// kill). `setsid` keeps it out of the test's process group, so a Ctrl-C that ends the tests
+/// does not end the watchdog too. `keep_var=1` in the environment leaves the node running
+/// (handy when running its tests again and again); `what` names it in messages.
+pub fn stop_at_exit(what: &str, script: &str, lock_file: &str, keep_var: &str) {
+    static WATCHDOGS: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+    if std::env::var_os(keep_var).is_some_and(|v| v == "1") {
+        return;
+    }
+    let command =
+        format!("cat >/dev/null; exec flock -o {lock_file} bash '{script}' stop >/dev/null 2>&1");
+    match Command::new("setsid")
+        .args(["sh", "-c", &command])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        // Kept for the life of the process: dropping it would close the pipe now.
+        Ok(child) => WATCHDOGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child),
+        Err(e) => eprintln!("e2e: no watchdog to stop {what} at exit: {e}"),
+    }
+}
+
 /// A Python 3 interpreter that can `import pika` (1.x): `python3`, else `/usr/bin/python3`
 /// (Debian's python3-pika reaches only that one). Panics with the fix when there is none.
 pub fn python() -> &'static str {

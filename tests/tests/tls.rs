@@ -8,7 +8,7 @@
 //! running for the next run). Every case runs on tokio and on smol.
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -557,26 +557,7 @@ fn start_node() {
         return;
     }
     eprintln!("e2e: started {NODE_NAME} in {:.1?}", started.elapsed());
-    if std::env::var_os("E2E_KEEP_TLS_NODE").is_some_and(|v| v == "1") {
-        return;
-    }
-    static WATCHDOG: OnceLock<Mutex<Child>> = OnceLock::new();
-    let command = format!(
-        "cat >/dev/null; exec flock -o {LOCK_FILE} bash '{}' stop >/dev/null 2>&1",
-        script()
-    );
-    match Command::new("setsid")
-        .args(["sh", "-c", &command])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => {
-            let _ = WATCHDOG.set(Mutex::new(child));
-        }
-        Err(e) => eprintln!("e2e: no watchdog to stop the TLS node at exit: {e}"),
-    }
+    e2e_tests::process::stop_at_exit(NODE_NAME, &script(), LOCK_FILE, "E2E_KEEP_TLS_NODE");
 }
 
 /// How many `verify_none` warnings the driver logged so far.
