@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, DropReason, HandlerError, ReplyMode, Request, RpcClient, RpcReply,
-    RpcServer, ServerConfig, ServerEvent, UnixMillis, REPLY_TOO_LARGE,
+    CallId, CallRequest, DropReason, HandlerError, ReplyMode, Request, Response, RpcClient,
+    RpcReply, RpcServer, ServerConfig, ServerEvent, UnixMillis, ERROR_HEADER, REJECTED_HEADER,
+    REPLY_TOO_LARGE,
 };
 use amqp_rpc_core::types::{AMQPValue, FieldTable, ShortString};
 use amqp_rpc_core::{BasicProperties, ConnectionConfig, RpcError};
@@ -119,6 +120,10 @@ impl Sim {
     }
 
     fn reply(&mut self, req: Request, result: Result<Bytes, HandlerError>) {
+        self.reply_with(req, result.map(Response::from));
+    }
+
+    fn reply_with(&mut self, req: Request, result: Result<Response, HandlerError>) {
         let now = self.now;
         self.server.m.reply(now, req.token, result);
         self.settle();
@@ -224,6 +229,79 @@ fn oversized_reply_header_becomes_reply_too_large() {
     assert_eq!(sim.broker.unacked(sim.server.conn), 0);
     assert_eq!(sim.broker.queue_len(Q), 0);
     assert_eq!(sim.server.m.stats().replies_too_large, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reply properties set by a handler
+// ---------------------------------------------------------------------------------------------
+
+/// A handler's content type, content encoding and headers reach the caller with the body, but
+/// the protocol's properties stay the server's: the reply keeps the request's correlation id
+/// (a [`Response`] has no field for it), and error headers a handler puts on a successful
+/// reply are dropped, so that the caller does not read it as an error reply.
+#[test]
+fn reply_properties_reach_the_caller_but_not_the_protocol_ones() {
+    let mut sim = Sim::default();
+    let id = sim.call("q", 5000);
+    let req = sim.take().unwrap();
+    let sent = req.properties.correlation_id().clone();
+    let response = Response::new("{\"n\":1}")
+        .with_content_type(ShortString::from("application/json"))
+        .with_content_encoding(ShortString::from("identity"))
+        .with_header(
+            ShortString::from("x-app"),
+            AMQPValue::LongString("v1".into()),
+        )
+        .with_header(
+            ShortString::from(ERROR_HEADER),
+            AMQPValue::LongString("forged".into()),
+        )
+        .with_header(ShortString::from(REJECTED_HEADER), AMQPValue::Boolean(true));
+    sim.reply_with(req, Ok(response));
+    let reply = match sim.result(id) {
+        Some(Ok(reply)) => reply.clone(),
+        other => panic!("expected a reply, got {other:?}"),
+    };
+    assert_eq!(&reply.body[..], b"{\"n\":1}");
+    let props = &reply.properties;
+    assert_eq!(
+        props.content_type().as_ref().map(ShortString::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        props.content_encoding().as_ref().map(ShortString::as_str),
+        Some("identity")
+    );
+    assert_eq!(
+        props.correlation_id(),
+        &sent,
+        "the request's correlation id"
+    );
+    let headers = props.headers().as_ref().unwrap().inner();
+    assert_eq!(
+        headers.get("x-app"),
+        Some(&AMQPValue::LongString("v1".into()))
+    );
+    assert!(!headers.contains_key(ERROR_HEADER));
+    assert!(!headers.contains_key(REJECTED_HEADER));
+    let stats = sim.server.m.stats();
+    assert_eq!((stats.replied_ok, stats.replied_error), (1, 0));
+}
+
+/// A reply given as bytes goes out as before: no content type, no headers.
+#[test]
+fn a_bytes_reply_carries_no_extra_properties() {
+    let mut sim = Sim::default();
+    let id = sim.call("q", 5000);
+    let req = sim.take().unwrap();
+    sim.reply(req, Ok(Bytes::from("plain")));
+    let reply = match sim.result(id) {
+        Some(Ok(reply)) => reply.clone(),
+        other => panic!("expected a reply, got {other:?}"),
+    };
+    assert_eq!(&reply.body[..], b"plain");
+    assert_eq!(reply.properties.content_type(), &None);
+    assert_eq!(reply.properties.headers(), &None);
 }
 
 fn with_delivery_count(count: i64) -> BasicProperties {

@@ -34,7 +34,8 @@
 //!
 //! A **reply** is published to the default exchange with routing key = the request's `reply_to`
 //! and the request's `correlation_id`. A successful reply carries the result in its body and no
-//! `x-rpc-error` header. An **error reply** carries:
+//! `x-rpc-error` or `x-rpc-rejected` header; its handler may give it a `content_type`, a
+//! `content_encoding` and other headers ([`Response`]). An **error reply** carries:
 //! - header `x-rpc-error` (long string): a machine-readable code, e.g. `invalid_request`,
 //!   `handler_failed`, or one the server itself sends: `handler_panicked` (the handler
 //!   panicked), `deadline_exceeded` (the handler was still running at the caller's deadline and
@@ -55,6 +56,7 @@
 mod client;
 mod correlation;
 mod decide;
+mod response;
 mod server;
 
 pub use client::{
@@ -62,6 +64,7 @@ pub use client::{
 };
 pub use correlation::CorrelationKey;
 pub use decide::DropReason;
+pub use response::Response;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,
     ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, INVALID_REQUEST, IO_ERROR, REPLY_TOO_LARGE,

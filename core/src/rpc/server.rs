@@ -9,6 +9,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 
 use super::decide::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
     BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
@@ -545,12 +546,17 @@ impl RpcServer {
     /// ack is void (the broker has requeued that request), but the reply is still published
     /// on the current channel when one is usable, since it goes to `reply_to` through the
     /// default exchange and does not depend on the delivery's channel.
+    ///
+    /// A successful result is anything that becomes a [`Response`] (`Bytes`, `String`, ...);
+    /// a `Response` also sets the reply's content type, content encoding and headers, but
+    /// never its correlation id or error headers (see [`Response`]).
     pub fn reply(
         &mut self,
         now: Instant,
         mut token: ReplyToken,
-        result: Result<Bytes, HandlerError>,
+        result: Result<impl Into<Response>, HandlerError>,
     ) {
+        let result = result.map(Into::into);
         token.on_drop = None;
         let facts = token.facts.clone();
         drop(token);
@@ -723,7 +729,7 @@ impl RpcServer {
                             code: "request_too_large".into(),
                             message,
                         };
-                        self.reply(now, token, Err(error));
+                        self.reply(now, token, Err::<Response, _>(error));
                     }
                     None => {
                         self.stats.dropped_no_reply_to += 1;
@@ -1006,10 +1012,10 @@ impl RpcServer {
         &mut self,
         channel: ChannelId,
         facts: &TokenFacts,
-        result: Result<Bytes, HandlerError>,
+        result: Result<Response, HandlerError>,
     ) {
+        let is_error = result.is_err();
         let (properties, body) = reply_message(facts, result);
-        let is_error = properties.headers().is_some();
         let reply_to = facts.reply_to.as_str();
         match self
             .conn
@@ -1138,16 +1144,49 @@ fn correlation_id(properties: &BasicProperties) -> Option<String> {
 }
 
 /// The reply's properties and body: the result, or an error reply in the documented format.
+/// The correlation id and the error headers are the server's, whatever the handler set.
 fn reply_message(
     facts: &TokenFacts,
-    result: Result<Bytes, HandlerError>,
+    result: Result<Response, HandlerError>,
 ) -> (BasicProperties, Bytes) {
     let mut properties = BasicProperties::default();
     if let Some(id) = &facts.correlation_id {
         properties = properties.with_correlation_id(id.clone());
     }
     match result {
-        Ok(body) => (properties, body),
+        Ok(response) => {
+            let Response {
+                body,
+                content_type,
+                content_encoding,
+                headers,
+            } = response;
+            if let Some(content_type) = content_type {
+                properties = properties.with_content_type(content_type);
+            }
+            if let Some(content_encoding) = content_encoding {
+                properties = properties.with_content_encoding(content_encoding);
+            }
+            // A success reply with an error header would read as an error reply. FieldTable
+            // has no remove: rebuild it in the rare case there is something to drop.
+            let headers = if headers.contains_key(ERROR_HEADER)
+                || headers.contains_key(REJECTED_HEADER)
+            {
+                let kept: std::collections::BTreeMap<_, _> = headers
+                    .inner()
+                    .iter()
+                    .filter(|(name, _)| !matches!(name.as_str(), ERROR_HEADER | REJECTED_HEADER))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                FieldTable::from(kept)
+            } else {
+                headers
+            };
+            if !headers.inner().is_empty() {
+                properties = properties.with_headers(headers);
+            }
+            (properties, body)
+        }
         Err(error) => {
             let (code, message, rejected) = match error {
                 HandlerError::Rejected { code, message } => (code, message, true),
