@@ -79,12 +79,31 @@ pub enum CallError {
     Closed,
     /// The request is malformed (a name longer than 255 bytes). Never sent.
     Invalid(UsageError),
+    /// The request's payload could not be encoded (`Client::call_json` with a value that has
+    /// no JSON form, e.g. a map whose keys are not strings). Never sent.
+    Encode {
+        /// Why, from the encoder.
+        message: String,
+    },
+    /// A reply came, but not in the form the caller expects (`Client::call_json`): its content
+    /// type says another format, or its body does not decode into the reply's type. The
+    /// server ran the request.
+    Decode {
+        /// The reply's content type, if it had one.
+        content_type: Option<String>,
+        /// Why, from the decoder.
+        message: String,
+    },
 }
 
 impl CallError {
     /// Whether a server may have run the request.
     pub fn may_have_run(&self) -> bool {
-        matches!(self, CallError::Rpc(e) if e.may_have_run())
+        match self {
+            CallError::Rpc(e) => e.may_have_run(),
+            CallError::Decode { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -97,6 +116,15 @@ impl fmt::Display for CallError {
             }
             CallError::Closed => f.write_str("client is closed"),
             CallError::Invalid(e) => write!(f, "invalid request: {e}"),
+            CallError::Encode { message } => write!(f, "request not encodable: {message}"),
+            CallError::Decode {
+                content_type,
+                message,
+            } => write!(
+                f,
+                "reply not decodable (content type {}): {message}",
+                content_type.as_deref().unwrap_or("none")
+            ),
         }
     }
 }
@@ -276,6 +304,11 @@ impl<R: Runtime> Client<R> {
         guard.disarm();
         metrics::call_duration(telemetry::call_outcome(&result), started);
         result
+    }
+
+    /// The timeout of [`Client::call`] ([`ClientOptions::default_timeout`]).
+    pub fn default_timeout(&self) -> Duration {
+        self.default_timeout
     }
 
     /// The connection's state now.

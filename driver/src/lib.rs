@@ -8,6 +8,8 @@ mod addresses;
 mod cli;
 mod client;
 mod io_loop;
+#[cfg(feature = "json")]
+pub mod json;
 pub mod metrics;
 mod options;
 mod reconnect;
@@ -29,8 +31,10 @@ use futures_io::{AsyncRead, AsyncWrite};
 
 pub use addresses::{AddressFailure, Addresses};
 pub use amqp_rpc_core::rpc::{
-    CallRequest, ClientStats, HandlerError, QueueKind, ReplyMode, RpcReply, ServerStats,
+    CallRequest, ClientStats, HandlerError, QueueKind, ReplyMode, Response, RpcReply, ServerStats,
 };
+/// AMQP field types, for a [`Response`]'s headers and content type.
+pub use amqp_rpc_core::types;
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
 pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};

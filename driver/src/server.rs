@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
-    HandlerError, ReplyToken, RpcServer, ServerConfig, ServerEvent, ServerStats, DEADLINE_EXCEEDED,
-    HANDLER_PANICKED,
+    HandlerError, ReplyToken, Response, RpcServer, ServerConfig, ServerEvent, ServerStats,
+    DEADLINE_EXCEEDED, HANDLER_PANICKED,
 };
 use amqp_rpc_core::ConnectionError;
 use bytes::Bytes;
@@ -80,9 +80,9 @@ pub struct Request {
 }
 
 /// A handler's answer, boxed so that async and blocking handlers share one worker path.
-type Answer = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+type Answer = Pin<Box<dyn Future<Output = Result<Response, HandlerError>> + Send>>;
 /// A handler as the workers run it.
-type Run = Arc<dyn Fn(Request) -> Answer + Send + Sync>;
+pub(crate) type Run = Arc<dyn Fn(Request) -> Answer + Send + Sync>;
 
 /// What [`Server::serve`] returns once shut down.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +94,7 @@ pub struct ServerReport {
 enum Command {
     Done {
         token: ReplyToken,
-        result: Result<Bytes, HandlerError>,
+        result: Result<Response, HandlerError>,
     },
     Shutdown,
 }
@@ -183,12 +183,21 @@ impl<R: Runtime> Server<R> {
     /// `handler_panicked`; one still running at the request's deadline is dropped and answers
     /// `deadline_exceeded`. A handler that blocks its thread still holds up the runtime's
     /// worker it runs on: use [`Server::serve_blocking`] for blocking code.
-    pub async fn serve<H, F>(self, handler: H) -> Result<ServerReport, ConnectError>
+    ///
+    /// A handler answers anything that becomes a [`Response`]: bytes (`Bytes`, `Vec<u8>`,
+    /// `String`, `&'static str`) for a bare reply, or a `Response` to also set the reply's
+    /// content type, content encoding and headers. The reply's correlation id and error
+    /// headers (`x-rpc-error`, `x-rpc-rejected`) are the server's: a handler cannot set them
+    /// (see [`Response`]); an error reply is an `Err(HandlerError)`.
+    pub async fn serve<H, F, T>(self, handler: H) -> Result<ServerReport, ConnectError>
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
-        F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+        F: Future<Output = Result<T, HandlerError>> + Send + 'static,
+        T: Into<Response>,
     {
-        let run: Run = Arc::new(move |request| -> Answer { Box::pin(handler(request)) });
+        let run: Run = Arc::new(move |request| -> Answer {
+            Box::pin(handler(request).map(|result| result.map(Into::into)))
+        });
         self.run(run).await
     }
 
@@ -198,9 +207,10 @@ impl<R: Runtime> Server<R> {
     /// running at the request's deadline cannot be stopped: its caller gets
     /// `deadline_exceeded` and its worker slot is freed at once, and its result is discarded
     /// when it ends.
-    pub async fn serve_blocking<H>(self, handler: H) -> Result<ServerReport, ConnectError>
+    pub async fn serve_blocking<H, T>(self, handler: H) -> Result<ServerReport, ConnectError>
     where
-        H: Fn(Request) -> Result<Bytes, HandlerError> + Send + Sync + 'static,
+        H: Fn(Request) -> Result<T, HandlerError> + Send + Sync + 'static,
+        T: Into<Response>,
     {
         let handler = Arc::new(handler);
         let run: Run = Arc::new(move |request| -> Answer {
@@ -208,7 +218,7 @@ impl<R: Runtime> Server<R> {
             let (tx, rx) = oneshot::channel();
             R::spawn_blocking(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler(request)))
-                    .unwrap_or_else(|_| Err(panicked()));
+                    .map_or_else(|_| Err(panicked()), |result| result.map(Into::into));
                 // The receiver is gone when the request was abandoned at its deadline.
                 let _ = tx.send(result);
             });
@@ -219,7 +229,7 @@ impl<R: Runtime> Server<R> {
         self.run(run).await
     }
 
-    async fn run(self, run: Run) -> Result<ServerReport, ConnectError> {
+    pub(crate) async fn run(self, run: Run) -> Result<ServerReport, ConnectError> {
         let Server {
             options,
             commands,
@@ -271,7 +281,7 @@ fn panicked() -> HandlerError {
 
 /// Runs one request to its answer: the handler, caught if it panics, bounded by the request's
 /// deadline.
-async fn answer<R: Runtime>(run: Run, request: Request) -> Result<Bytes, HandlerError> {
+async fn answer<R: Runtime>(run: Run, request: Request) -> Result<Response, HandlerError> {
     let deadline = request.deadline;
     // The call that makes the future may panic too, before any future exists.
     let work = match std::panic::catch_unwind(AssertUnwindSafe(|| run(request))) {

@@ -7,9 +7,8 @@
 //! (or with one that filters these out) a span costs an atomic load of the callsite's interest.
 
 use amqp_rpc_core::connection::BasicProperties;
-use amqp_rpc_core::rpc::{HandlerError, ReplyMode, RpcReply, DIRECT_REPLY_TO};
+use amqp_rpc_core::rpc::{HandlerError, ReplyMode, Response, RpcReply, DIRECT_REPLY_TO};
 use amqp_rpc_core::RpcError;
-use bytes::Bytes;
 use tracing::field::Empty;
 use tracing::Span;
 
@@ -107,6 +106,8 @@ pub(crate) fn call_outcome(result: &Result<RpcReply, CallError>) -> &'static str
         Err(CallError::TooManyCalls { .. }) => "too_many_calls",
         Err(CallError::Closed) => "closed",
         Err(CallError::Invalid(_)) => "invalid",
+        Err(CallError::Encode { .. }) => "encode",
+        Err(CallError::Decode { .. }) => "decode",
     }
 }
 
@@ -148,12 +149,15 @@ fn new_request_span(queue: &str, properties: &BasicProperties) -> Span {
 
 /// Records a handler's answer in its request's span, with an event: `reply`, or `error reply`
 /// with its code. Returns the outcome: `ok`, `rejected` or `failed`.
-pub(crate) fn request_answered(span: &Span, result: &Result<Bytes, HandlerError>) -> &'static str {
+pub(crate) fn request_answered(
+    span: &Span,
+    result: &Result<Response, HandlerError>,
+) -> &'static str {
     match result {
-        Ok(body) => {
+        Ok(response) => {
             span.record("outcome", "ok");
             span.record("otel.status_code", "OK");
-            tracing::debug!(parent: span, bytes = body.len(), "reply");
+            tracing::debug!(parent: span, bytes = response.body.len(), "reply");
             "ok"
         }
         Err(error) => {

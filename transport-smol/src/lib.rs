@@ -23,11 +23,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+/// Typed JSON payloads: `Client::call_json`, `Server::serve_json` and their pieces.
+#[cfg(feature = "json")]
+pub use amqp_rpc_driver::json;
+/// AMQP field types, for a [`Response`]'s headers and content type.
+pub use amqp_rpc_driver::types;
 pub use amqp_rpc_driver::{
     fib, fib_handler, AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions,
     ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
-    ReplyMode, Request, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig,
-    TlsError, Verify, DEFAULT_URI,
+    ReplyMode, Request, Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport,
+    TlsConfig, TlsError, Verify, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types

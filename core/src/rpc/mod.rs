@@ -56,6 +56,8 @@
 mod client;
 mod correlation;
 mod decide;
+#[cfg(feature = "json")]
+mod json;
 mod response;
 mod server;
 
@@ -64,6 +66,8 @@ pub use client::{
 };
 pub use correlation::CorrelationKey;
 pub use decide::DropReason;
+#[cfg(feature = "json")]
+pub use json::INVALID_JSON;
 pub use response::Response;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,
