@@ -237,6 +237,33 @@ impl TestServer {
         H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
     {
+        Self::try_start_with::<R, _, _>(options, move |server| server.serve(handler)).await
+    }
+
+    /// Like [`TestServer::start`], for any way of serving: `serve` gets the server and returns
+    /// the future that serves (e.g. `|server| server.serve_json(handler)`).
+    pub async fn start_with<R, S, Fut>(options: ServerOptions, serve: S) -> Self
+    where
+        R: TestRuntime,
+        S: FnOnce(Server<R>) -> Fut,
+        Fut: Future<Output = Result<ServerReport, ConnectError>> + Send + 'static,
+    {
+        match Self::try_start_with::<R, S, Fut>(options, serve).await {
+            Ok(server) => server,
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    }
+
+    /// Like [`TestServer::start_with`], but returns the error the serving ended with.
+    pub async fn try_start_with<R, S, Fut>(
+        options: ServerOptions,
+        serve: S,
+    ) -> Result<Self, ConnectError>
+    where
+        R: TestRuntime,
+        S: FnOnce(Server<R>) -> Fut,
+        Fut: Future<Output = Result<ServerReport, ConnectError>> + Send + 'static,
+    {
         let queue = options.rpc.queue.clone();
         let (ready_tx, mut ready) = mpsc::unbounded();
         let server = Server::<R>::new(options).on_ready(move || {
@@ -244,8 +271,9 @@ impl TestServer {
         });
         let handle = server.handle();
         let (done_tx, mut done) = oneshot::channel();
+        let serving = serve(server);
         R::spawn(async move {
-            let _ = done_tx.send(server.serve(handler).await);
+            let _ = done_tx.send(serving.await);
         });
         let what = format!("server of {queue} starting on {}", R::NAME);
         let started = within::<R, _>(READY_LIMIT, &what, select(ready.next(), &mut done)).await;
