@@ -5,7 +5,6 @@
 #![deny(missing_docs)]
 
 mod addresses;
-mod cli;
 mod client;
 mod io_loop;
 pub mod metrics;
@@ -32,7 +31,6 @@ pub use amqp_rpc_core::rpc::{
     CallRequest, ClientStats, HandlerError, QueueKind, ReplyMode, RpcReply, ServerStats,
 };
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
-pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};
 pub use options::{ConnectError, ConnectOptions, AMQPS_PORT, AMQP_PORT, DEFAULT_URI};
 pub use reconnect::Backoff;
