@@ -1,11 +1,16 @@
 //! What the programs' command lines share: the broker and queue flags, the seconds flags, and
 //! turning clap's verdict into an exit code.
+//!
+//! Every flag that takes a number accepts a leading `-`, so that `--timeout -1` is refused as
+//! a bad value of `--timeout` rather than as an unknown flag `-1`.
 
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use amqp_rpc_driver::DEFAULT_URI;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 /// The queue the tutorial's programs use.
 pub const DEFAULT_QUEUE: &str = "rpc_queue";
@@ -45,11 +50,30 @@ pub fn seconds(value: &str) -> Result<Duration, String> {
 /// returns exit code 0; on a bad command line prints clap's message (which names the flag) and
 /// returns exit code 2, as the programs always have.
 pub fn parse_or_exit_code<T: Parser>() -> Result<T, ExitCode> {
-    T::try_parse().map_err(|e| {
+    parse_from(std::env::args_os()).map_err(|e| {
         // If stdout or stderr is gone there is nobody to tell.
         let _ = e.print();
         ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
     })
+}
+
+/// Parses `T` from `argv` (the program's path first). The program calls itself by its file's
+/// name (`smol-server --version` prints `smol-server 0.1.0`): one argument struct serves the
+/// bins of every transport.
+pub fn parse_from<T: Parser>(
+    argv: impl IntoIterator<Item = impl Into<OsString>>,
+) -> Result<T, clap::Error> {
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let mut command = T::command();
+    if let Some(name) = argv
+        .first()
+        .and_then(|program| Path::new(program).file_name())
+        .and_then(|name| name.to_str())
+    {
+        command = command.name(name.to_owned());
+    }
+    let matches = command.try_get_matches_from(argv)?;
+    T::from_arg_matches(&matches)
 }
 
 #[cfg(test)]
@@ -64,6 +88,19 @@ mod tests {
         }
         assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(seconds("10"), Ok(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn the_program_calls_itself_by_its_name() {
+        let e = parse_from::<crate::ServerArgs>(["/x/target/debug/smol-server", "--version"])
+            .expect_err("version");
+        assert_eq!(e.exit_code(), 0);
+        assert_eq!(
+            e.to_string(),
+            format!("smol-server {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        let e = parse_from::<crate::BenchArgs>(["bench", "--help"]).expect_err("help");
+        assert!(e.to_string().contains("Usage: bench [OPTIONS]"), "{e}");
     }
 
     /// `AMQP_URL` stands in for a missing `--uri`, never shows in `--help` (it may hold a

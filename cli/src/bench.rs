@@ -24,19 +24,34 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Calls to make in all.
-    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20_000,
+        allow_negative_numbers = true
+    )]
     pub calls: u64,
     /// Calls in flight at once (0 counts as 1).
-    #[arg(long, value_name = "C", default_value_t = 64)]
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 64,
+        allow_negative_numbers = true
+    )]
     pub concurrency: u64,
     /// Where replies come back.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = ReplyModeArg::Exclusive)]
     pub reply_mode: ReplyModeArg,
     /// Each call asks for fib(n).
-    #[arg(long, value_name = "N", default_value_t = 30)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 30,
+        allow_negative_numbers = true
+    )]
     pub n: u32,
     /// The server's process id, to report its CPU time per call too (Linux).
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", allow_negative_numbers = true)]
     pub server_pid: Option<u32>,
     /// Seconds each call may take.
     #[arg(

@@ -25,11 +25,16 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Requests handled at once (0 counts as 1).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub workers: usize,
     /// Requests the broker delivers ahead of acknowledgements (basic.qos); default: --workers.
     /// 0 counts as 1.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub prefetch: Option<u16>,
     /// Declare a missing request queue durable with x-queue-type: quorum (replicated on a
     /// majority of a cluster's nodes) instead of classic.
