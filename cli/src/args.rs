@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amqp_rpc_driver::DEFAULT_URI;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 
 /// The queue the tutorial's programs use.
 pub const DEFAULT_QUEUE: &str = "rpc_queue";
