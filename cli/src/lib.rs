@@ -6,9 +6,9 @@
 //! their programs; a library user of a transport sets `default-features = false` and gets none
 //! of it (no clap, no tracing-subscriber).
 //!
-//! One file per program ([`server`], [`client`], [`bench`]), each with its clap arguments; the
+//! One file per program ([`mod@server`], [`mod@client`], [`mod@bench`]), each with its clap arguments; the
 //! flags they share in [`args`]; the Fibonacci service that the programs, the tests and the
-//! examples all use in [`fib`].
+//! examples all use in [`mod@fib`].
 #![deny(missing_docs)]
 
 pub mod args;
