@@ -5,7 +5,6 @@
 #![deny(missing_docs)]
 
 mod addresses;
-mod cli;
 mod client;
 mod io_loop;
 #[cfg(feature = "json")]
@@ -36,7 +35,6 @@ pub use amqp_rpc_core::rpc::{
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_core::types;
 pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
-pub use cli::{bench_main, client_main, fib, fib_handler, server_main};
 pub use client::{CallError, Client, ClientOptions};
 pub use options::{ConnectError, ConnectOptions, AMQPS_PORT, AMQP_PORT, DEFAULT_URI};
 pub use reconnect::Backoff;

@@ -63,8 +63,9 @@ impl Backoff {
             .powi(i32::try_from(attempt.min(64)).unwrap_or(64));
         let base = self.initial.as_secs_f64() * exp;
         let capped = base.min(self.max.as_secs_f64());
-        // Uniform in [1 - jitter, 1]; randomness from a v4 UUID, which the core already uses.
-        let unit = (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0;
+        // Uniform in [1 - jitter, 1]. A small non-cryptographic RNG (fastrand, thread-local,
+        // seeded per thread) is all that spreading clients apart needs.
+        let unit = fastrand::f64();
         let jitter = self.jitter.clamp(0.0, 1.0);
         // `max` may be `Duration::MAX`, whose seconds an f64 rounds up past what a `Duration`
         // holds: such a delay is `max` itself.
@@ -366,6 +367,15 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    /// The jitter is random: clients cut off together spread out rather than come back in step.
+    #[test]
+    fn jitter_spreads_the_delays() {
+        let b = Backoff::default();
+        let delays: std::collections::HashSet<Duration> =
+            (0..50).filter_map(|_| b.delay(3)).collect();
+        assert!(delays.len() > 10, "{delays:?}");
     }
 
     /// Issue 10 case 6: every address a name resolves to is tried in turn, and the first that

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib, CallError, CallRequest, Client, ClientOptions, ReplyMode};
+use amqp_rpc_cli::fib;
+use amqp_rpc_driver::{CallError, CallRequest, Client, ClientOptions, ReplyMode};
 use bytes::Bytes;
 
 use crate::rt::{spawn, within, TestRuntime};

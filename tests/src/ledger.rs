@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use amqp_rpc_driver::{fib, CallError, CallRequest, Client, RpcError, RpcReply, Runtime};
+use amqp_rpc_cli::fib;
+use amqp_rpc_driver::{CallError, CallRequest, Client, RpcError, RpcReply, Runtime};
 
 use crate::broker::Node;
 use crate::rt::{blocking, sleep, spawn, timeout, Task};

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::{fib, fib_handler};
 use amqp_rpc_driver::{
-    fib, fib_handler, Backoff, ClientOptions, ConnectError, ConnectOptions, HandlerError,
-    ReplyMode, Request, Runtime, Server, ServerHandle, ServerOptions, ServerReport,
+    Backoff, ClientOptions, ConnectError, ConnectOptions, HandlerError, ReplyMode, Request,
+    Runtime, Server, ServerHandle, ServerOptions, ServerReport,
 };
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};

@@ -8,9 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{
-    fib_handler, CallError, CallRequest, Client, ConnectError, ConnectionError, ConnectionState,
-    ReplyMode, RpcError, UsageError,
+    CallError, CallRequest, Client, ConnectError, ConnectionError, ConnectionState, ReplyMode,
+    RpcError, UsageError,
 };
 use e2e_tests::broker::{Node, QueueGuard};
 use e2e_tests::calls::{call, connect_with, expect_fib, CALL_TIMEOUT};

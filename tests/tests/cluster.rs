@@ -150,7 +150,7 @@ async fn every_address_down_fails_naming_each<R: TestRuntime>() {
     let error = within::<R, _>(
         Duration::from_secs(10),
         "a server on three closed ports",
-        TestServer::try_start::<R, _, _>(options, amqp_rpc_driver::fib_handler),
+        TestServer::try_start::<R, _, _>(options, amqp_rpc_cli::fib_handler),
     )
     .await
     .expect_err("nothing listens there");
@@ -182,7 +182,7 @@ async fn credentials_differ_per_address<R: TestRuntime>() {
     let queue = QueueGuard::new("per-address");
     let server = TestServer::start::<R, _, _>(
         e2e_tests::servers::server_options(queue.name()),
-        amqp_rpc_driver::fib_handler,
+        amqp_rpc_cli::fib_handler,
     )
     .await;
     e2e_tests::calls::expect_fib(client.call(queue.name(), "20").await, 20);

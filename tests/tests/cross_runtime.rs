@@ -6,7 +6,8 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib_handler, CallError, ReplyMode, RpcError, ServerHandle};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::{CallError, ReplyMode, RpcError, ServerHandle};
 use e2e_tests::broker::QueueGuard;
 use e2e_tests::calls::{call, concurrent_calls, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::rt::{init_logging, within, Smol, TestRuntime, Tokio, CASE_LIMIT};

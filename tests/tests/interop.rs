@@ -8,7 +8,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib, fib_handler, QueueKind, ReplyMode};
+use amqp_rpc_cli::{fib, fib_handler};
+use amqp_rpc_driver::{QueueKind, ReplyMode};
 use e2e_tests::broker::{declare_queue, uri, QueueGuard};
 use e2e_tests::calls::{call, concurrent_calls, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::e2e_tests;

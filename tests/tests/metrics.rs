@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::metrics::{
     CLIENT_CALLS, CLIENT_CALL_DURATION, CLIENT_IN_FLIGHT, SERVER_HANDLER_DURATION,
     SERVER_IN_FLIGHT, SERVER_RECEIVED, SERVER_REQUESTS,
 };
-use amqp_rpc_driver::{fib_handler, CallError, ReplyMode, RpcError};
+use amqp_rpc_driver::{CallError, ReplyMode, RpcError};
 use e2e_tests::broker::{unique_name, QueueGuard};
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::rt::{run, sleep, timeout, Smol, TestRuntime, Tokio};

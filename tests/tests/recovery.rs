@@ -8,9 +8,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{
-    fib_handler, Backoff, CallError, CallRequest, Client, ConnectionState, ReplyMode, Request,
-    RpcError,
+    Backoff, CallError, CallRequest, Client, ConnectionState, ReplyMode, Request, RpcError,
 };
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::calls::{call, connect_with, expect_fib, CALL_TIMEOUT};

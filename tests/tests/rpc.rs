@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{
-    fib_handler, Backoff, CallError, CallRequest, Client, ConnectError, ConnectionError, QueueKind,
-    ReplyMode, Request, RpcError,
+    Backoff, CallError, CallRequest, Client, ConnectError, ConnectionError, QueueKind, ReplyMode,
+    Request, RpcError,
 };
 use bytes::Bytes;
 use e2e_tests::broker::{

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{
-    fib_handler, Backoff, CallError, CallRequest, HandlerError, QueueKind, Request, RpcError,
-    Server, ServerHandle, ServerReport,
+    Backoff, CallError, CallRequest, HandlerError, QueueKind, Request, RpcError, Server,
+    ServerHandle, ServerReport,
 };
 use bytes::Bytes;
 use e2e_tests::broker::{

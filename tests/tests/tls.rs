@@ -12,9 +12,10 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{
-    fib_handler, CallError, CallRequest, Client, ClientOptions, ConnectError, ConnectionError,
-    ReplyMode, RpcError, TlsError,
+    CallError, CallRequest, Client, ClientOptions, ConnectError, ConnectionError, ReplyMode,
+    RpcError, TlsError,
 };
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::calls::{call, concurrent_calls, connect_with, expect_fib, CALL_TIMEOUT};

@@ -6,7 +6,8 @@
 use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib_handler, ReplyMode};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::ReplyMode;
 use e2e_tests::broker::QueueGuard;
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::rt::{run, sleep, timeout, Smol, TestRuntime, Tokio};

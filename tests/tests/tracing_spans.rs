@@ -8,7 +8,8 @@ use std::fmt;
 use std::sync::{Mutex, Once, PoisonError};
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib_handler, CallError, ReplyMode, RpcError};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::{CallError, ReplyMode, RpcError};
 use e2e_tests::broker::{unique_name, QueueGuard};
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::rt::{run, sleep, timeout, Smol, TestRuntime, Tokio};

@@ -14,6 +14,15 @@
 //!
 //! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Smol`]; the tokio
 //! transport binds the same types to tokio, so code moves between them unchanged.
+//!
+//! # Features
+//!
+//! - `cli` (default): builds the programs `smol-server`, `smol-client` and `smol-bench` (the crate
+//!   `amqp-rpc-cli`, with clap and tracing-subscriber). A library user needs none of it:
+//!
+//! ```toml
+//! transport-smol = { version = "0.1", default-features = false }
+//! ```
 #![deny(missing_docs)]
 
 use std::future::Future;
@@ -29,10 +38,10 @@ pub use amqp_rpc_driver::json;
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_driver::types;
 pub use amqp_rpc_driver::{
-    fib, fib_handler, AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions,
-    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
-    ReplyMode, Request, Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport,
-    TlsConfig, TlsError, Verify, DEFAULT_URI,
+    AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions, ConnectError,
+    ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request,
+    Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError,
+    Verify, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types

@@ -8,11 +8,12 @@
 
 use std::time::Duration;
 
+use amqp_rpc_cli::fib_handler;
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
-use transport_tokio::{fib_handler, Client, Server, ServerOptions, DEFAULT_URI};
+use transport_tokio::{Client, Server, ServerOptions, DEFAULT_URI};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

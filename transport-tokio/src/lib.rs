@@ -11,6 +11,15 @@
 //!
 //! The types are the runtime-neutral ones of `amqp-rpc-driver`, bound to [`Tokio`]; the smol
 //! transport binds the same types to its runtime, so code moves between them unchanged.
+//!
+//! # Features
+//!
+//! - `cli` (default): builds the programs `server`, `client` and `bench` (the crate
+//!   `amqp-rpc-cli`, with clap and tracing-subscriber). A library user needs none of it:
+//!
+//! ```toml
+//! transport-tokio = { version = "0.1", default-features = false }
+//! ```
 #![deny(missing_docs)]
 
 use std::future::Future;
@@ -27,10 +36,10 @@ pub use amqp_rpc_driver::json;
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_driver::types;
 pub use amqp_rpc_driver::{
-    fib, fib_handler, AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions,
-    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
-    ReplyMode, Request, Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport,
-    TlsConfig, TlsError, Verify, DEFAULT_URI,
+    AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions, ConnectError,
+    ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request,
+    Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError,
+    Verify, DEFAULT_URI,
 };
 
 /// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types

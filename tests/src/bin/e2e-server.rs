@@ -10,7 +10,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_rpc_driver::{fib_handler, QueueKind, Request, Server};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::{QueueKind, Request, Server};
 use e2e_tests::rt::{sleep, Smol, TestRuntime, Tokio};
 use e2e_tests::servers::{server_options, HandlerFuture};
 

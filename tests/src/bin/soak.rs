@@ -56,7 +56,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use amqp_rpc_driver::{fib_handler, CallRequest, Client, ReplyMode, Server};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::{CallRequest, Client, ReplyMode, Server};
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::faults::Proxy;
 use e2e_tests::ledger::{assert_queue_drained, rss_kib, Class, Ledger, Summary};

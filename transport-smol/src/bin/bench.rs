@@ -3,5 +3,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    smol::block_on(amqp_rpc_driver::bench_main::<transport_smol::Smol>())
+    smol::block_on(amqp_rpc_cli::bench_main::<transport_smol::Smol>())
 }

@@ -2,5 +2,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    smol::block_on(amqp_rpc_driver::client_main::<transport_smol::Smol>())
+    smol::block_on(amqp_rpc_cli::client_main::<transport_smol::Smol>())
 }

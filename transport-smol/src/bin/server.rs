@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    smol::block_on(amqp_rpc_driver::server_main::<transport_smol::Smol>(
+    smol::block_on(amqp_rpc_cli::server_main::<transport_smol::Smol>(
         transport_smol::shutdown_signal(),
     ))
 }

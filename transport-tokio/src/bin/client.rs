@@ -3,5 +3,5 @@ use std::process::ExitCode;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    amqp_rpc_driver::client_main::<transport_tokio::Tokio>().await
+    amqp_rpc_cli::client_main::<transport_tokio::Tokio>().await
 }

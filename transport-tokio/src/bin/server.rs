@@ -3,5 +3,5 @@ use std::process::ExitCode;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    amqp_rpc_driver::server_main::<transport_tokio::Tokio>(transport_tokio::shutdown_signal()).await
+    amqp_rpc_cli::server_main::<transport_tokio::Tokio>(transport_tokio::shutdown_signal()).await
 }

@@ -1,0 +1,293 @@
+//! The `bench` program: calls/s and latency against whatever server consumes the queue.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqp_rpc_driver::{CallRequest, Client, ClientOptions, ConnectError, ReplyMode, Runtime};
+use bytes::Bytes;
+use clap::Parser;
+use futures_channel::oneshot;
+
+use crate::args::{parse_or_exit_code, seconds, BrokerArgs};
+use crate::cpu::process_cpu_time;
+use crate::fib::fib;
+
+/// Measures calls/s, latency and CPU per call against the server consuming the queue.
+///
+/// Exits 1 when a call failed or got a wrong answer. Logs: RUST_LOG=info.
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(version, args_override_self = true)]
+pub struct BenchArgs {
+    /// The broker and the request queue.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Calls to make in all.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20_000,
+        allow_negative_numbers = true
+    )]
+    pub calls: u64,
+    /// Calls in flight at once (0 counts as 1).
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 64,
+        allow_negative_numbers = true
+    )]
+    pub concurrency: u64,
+    /// Where replies come back.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ReplyModeArg::Exclusive)]
+    pub reply_mode: ReplyModeArg,
+    /// Each call asks for fib(n).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 30,
+        allow_negative_numbers = true
+    )]
+    pub n: u32,
+    /// The server's process id, to report its CPU time per call too (Linux).
+    #[arg(long, value_name = "PID", allow_negative_numbers = true)]
+    pub server_pid: Option<u32>,
+    /// Seconds each call may take.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "30",
+        value_parser = seconds,
+        allow_negative_numbers = true
+    )]
+    pub timeout: Duration,
+    /// One JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--reply-mode`: the client's [`ReplyMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplyModeArg {
+    /// An exclusive, server-named reply queue per connection.
+    Exclusive,
+    /// RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`).
+    Direct,
+}
+
+impl From<ReplyModeArg> for ReplyMode {
+    fn from(mode: ReplyModeArg) -> Self {
+        match mode {
+            ReplyModeArg::Exclusive => ReplyMode::ExclusiveQueue,
+            ReplyModeArg::Direct => ReplyMode::DirectReplyTo,
+        }
+    }
+}
+
+impl ReplyModeArg {
+    /// The flag's spelling, as the report prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplyModeArg::Exclusive => "exclusive",
+            ReplyModeArg::Direct => "direct",
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The client's options: the broker and reply mode the flags say.
+    pub fn options(&self) -> Result<ClientOptions, ConnectError> {
+        let mut options = ClientOptions::from_uris(&self.broker.uris)?;
+        options.rpc.reply_mode = self.reply_mode.into();
+        Ok(options)
+    }
+}
+
+/// The `bench` program on runtime `R`: parses the command line ([`BenchArgs`]), makes one
+/// warm-up call, then `--calls` calls from `--concurrency` tasks, and prints the figures. Exit
+/// codes: 0 when every call got the right answer, 1 otherwise, 2 for a bad command line.
+pub async fn bench_main<R: Runtime>() -> ExitCode {
+    crate::logging::init();
+    let args: BenchArgs = match parse_or_exit_code() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let options = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench: --uri: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (calls, n, timeout) = (args.calls, args.n, args.timeout);
+    let concurrency = args.concurrency.max(1);
+    let queue = args.broker.queue.clone();
+    let expected = fib(n).map(|v| v.to_string());
+    let client = match Client::<R>::connect_with(options).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Warm up: the first call waits for the queue's consumer count.
+    if let Err(e) = client
+        .call_with(CallRequest::new(queue.clone(), n.to_string(), timeout))
+        .await
+    {
+        eprintln!("bench: warm-up call failed: {e}");
+        return ExitCode::FAILURE;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_start = process_cpu_time(None);
+    let server_cpu_start = args.server_pid.map(|p| process_cpu_time(Some(p)));
+    let started = Instant::now();
+    let mut joins = Vec::new();
+    for _ in 0..concurrency {
+        let (tx, rx) = oneshot::channel::<Vec<u32>>();
+        joins.push(rx);
+        let (client, next, errors, queue, expected) = (
+            client.clone(),
+            next.clone(),
+            errors.clone(),
+            queue.clone(),
+            expected.clone(),
+        );
+        let body = Bytes::from(n.to_string());
+        R::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let t = Instant::now();
+                let result = client
+                    .call_with(CallRequest::new(queue.clone(), body.clone(), timeout))
+                    .await;
+                let ok = matches!((&result, &expected), (Ok(r), Some(e)) if r.body == e.as_bytes());
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            let _ = tx.send(latencies);
+        });
+    }
+    let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or(0));
+    for rx in joins {
+        latencies.extend(rx.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu_time(None).saturating_sub(cpu_start);
+    let server_cpu = args
+        .server_pid
+        .zip(server_cpu_start)
+        .map(|(p, s)| process_cpu_time(Some(p)).saturating_sub(s));
+    client.close().await;
+    latencies.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i.min(latencies.len() - 1)]
+    };
+    let done = latencies.len() as f64;
+    let rate = done / elapsed.as_secs_f64();
+    let cpu_per_call = cpu.as_secs_f64() * 1e6 / done.max(1.0);
+    let server_cpu_per_call = server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0));
+    let errors = errors.load(Ordering::Relaxed);
+    let mode_name = args.reply_mode.name();
+    if args.json {
+        let server = server_cpu_per_call.map_or("null".to_owned(), |v| format!("{v:.1}"));
+        println!(
+            "{{\"calls\":{},\"concurrency\":{concurrency},\"reply_mode\":\"{mode_name}\",\"calls_per_sec\":{rate:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{errors},\"client_cpu_us_per_call\":{cpu_per_call:.1},\"server_cpu_us_per_call\":{server}}}",
+            latencies.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    } else {
+        println!("calls        {}", latencies.len());
+        println!("concurrency  {concurrency}");
+        println!("reply mode   {mode_name}");
+        println!("calls/s      {rate:.0}");
+        println!("p50          {} µs", pct(0.5));
+        println!("p99          {} µs", pct(0.99));
+        println!("max          {} µs", pct(1.0));
+        println!("errors       {errors}");
+        println!("client CPU   {cpu_per_call:.1} µs/call");
+        if let Some(s) = server_cpu_per_call {
+            println!("server CPU   {s:.1} µs/call");
+        }
+    }
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        BenchArgs::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_as_scripts_bench_sh_gives_them() {
+        let args = parse(&[
+            "--queue",
+            "bench-q",
+            "--calls",
+            "2000",
+            "--concurrency",
+            "64",
+            "--reply-mode",
+            "direct",
+            "--server-pid",
+            "4242",
+            "--json",
+            "--n",
+            "20",
+            "--timeout",
+            "5",
+        ])
+        .expect("parses");
+        assert_eq!(args.broker.queue, "bench-q");
+        assert_eq!((args.calls, args.concurrency, args.n), (2000, 64, 20));
+        assert_eq!(args.server_pid, Some(4242));
+        assert_eq!(args.timeout, Duration::from_secs(5));
+        assert!(args.json);
+        assert_eq!(
+            args.options().expect("valid").rpc.reply_mode,
+            ReplyMode::DirectReplyTo
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&[]).expect("parses");
+        assert_eq!((args.calls, args.concurrency, args.n), (20_000, 64, 30));
+        assert_eq!(args.reply_mode, ReplyModeArg::Exclusive);
+        assert_eq!(args.timeout, Duration::from_secs(30));
+        assert_eq!(args.server_pid, None);
+        assert!(!args.json);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_by_name() {
+        for (args, flag) in [
+            (&["--reply-mode", "fanout"][..], "--reply-mode"),
+            (&["--server-pid", "me"], "--server-pid"),
+            (&["--calls", "-5"], "--calls"),
+            (&["--timeout", "-1"], "--timeout"),
+            (&["--n", "x"], "--n"),
+        ] {
+            let e = parse(args).expect_err("refused");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().contains(flag), "{args:?}: {e}");
+        }
+    }
+}
