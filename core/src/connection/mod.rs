@@ -6,6 +6,8 @@
 
 mod channel;
 mod config;
+mod confirms;
+mod content;
 mod handshake;
 mod heartbeat;
 
@@ -21,14 +23,12 @@ use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 
 use crate::codec::{self, Frame, FrameDecoder, FRAME_MIN_SIZE};
-use crate::error::{ChannelError, ConnectionError, FrameError, Initiator, UsageError};
+use crate::error::{ChannelError, ConnectionError, FrameError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 pub use amq_protocol::protocol::BasicProperties;
 
-use channel::{
-    Channel, ChannelState, CompleteContent, Confirms, ContentMethod, ContentProgress, Expect,
-    PartialContent,
-};
+use channel::{Channel, ChannelStep, Expect, Violation};
+use confirms::Confirms;
 use handshake::HandshakeStep;
 use heartbeat::{Heartbeat, HeartbeatAction};
 
@@ -465,7 +465,7 @@ impl Connection {
                     id,
                     AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
                 )?;
-                self.channels.insert(id, Channel::new());
+                self.channels.insert(id, Channel::new(id));
                 return Ok(id);
             }
         }
@@ -483,11 +483,7 @@ impl Connection {
         };
         self.send_method(channel, AMQPClass::Channel(chan::AMQPMethod::Close(close)))?;
         if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.state = ChannelState::Closing;
-            ch.expected.push_back(Expect::CloseOk);
-            // The rest of a message being received is discarded with it; close-ok must not
-            // count as "a method in the middle of content".
-            ch.content = None;
+            ch.start_close();
         }
         Ok(())
     }
@@ -747,47 +743,28 @@ impl Connection {
             Frame::Method { channel, method } if channel.is_zero() => {
                 self.handle_connection_method(now, *method)
             }
-            Frame::Method { channel, method } => self.on_channel(now, channel, |conn, ch| {
-                conn.handle_channel_method(now, ch, *method)
-            }),
-            Frame::Header { channel, header } => self.on_channel(now, channel, |conn, ch| {
-                let max = conn.config.max_body_size;
-                let progress = match conn.channels.get_mut(&ch) {
-                    // A closing channel discards content (spec §1.5.2.5): a delivery the broker
-                    // sent before it saw our channel.close.
-                    Some(c) if c.state == ChannelState::Closing => return,
-                    Some(Channel {
-                        content: Some(content),
-                        ..
-                    }) => content.on_header(header.body_size, header.properties, max),
-                    _ => Err(FrameError::Unexpected {
-                        what: "content header without a content method",
-                    }),
-                };
-                conn.content_progress(now, ch, progress);
-            }),
-            Frame::Body { channel, payload } => self.on_channel(now, channel, |conn, ch| {
-                let progress = match conn.channels.get_mut(&ch) {
-                    Some(c) if c.state == ChannelState::Closing => return,
-                    Some(Channel {
-                        content: Some(content),
-                        ..
-                    }) => content.on_body(payload),
-                    _ => Err(FrameError::Unexpected {
-                        what: "content body without a content method",
-                    }),
-                };
-                conn.content_progress(now, ch, progress);
-            }),
+            Frame::Method { channel, method } => {
+                self.on_channel(now, channel, |ch| ch.on_method(*method))
+            }
+            Frame::Header { channel, header } => {
+                let max = self.config.max_body_size;
+                self.on_channel(now, channel, |ch| {
+                    ch.on_header(header.body_size, header.properties, max)
+                })
+            }
+            Frame::Body { channel, payload } => {
+                self.on_channel(now, channel, |ch| ch.on_body(payload))
+            }
         }
     }
 
-    /// Runs `f` for a frame on a non-zero channel, after the checks every such frame needs.
+    /// Hands a frame on a non-zero channel to its [`Channel`], after the checks every such
+    /// frame needs, and applies what the channel says happened.
     fn on_channel(
         &mut self,
         now: Instant,
         channel: ChannelId,
-        f: impl FnOnce(&mut Self, ChannelId),
+        f: impl FnOnce(&mut Channel) -> ChannelStep,
     ) {
         match self.state {
             State::Open => {}
@@ -802,13 +779,40 @@ impl Connection {
                 )
             }
         }
-        match self.channels.get(&channel) {
-            Some(_) => f(self, channel),
-            None => self.protocol_error(
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return self.protocol_error(
                 now,
                 ReplyCode::CHANNEL_ERROR,
                 format!("frame on {channel}, which is not open"),
-            ),
+            );
+        };
+        let step = f(ch);
+        self.apply_channel_step(now, channel, step);
+    }
+
+    /// Applies what a frame did to a channel: sends, events, or a hard error.
+    fn apply_channel_step(&mut self, now: Instant, channel: ChannelId, step: ChannelStep) {
+        match step {
+            ChannelStep::Nothing => {}
+            ChannelStep::Report(event) => self.events.push_back(event),
+            ChannelStep::ReportAll(events) => self.events.extend(events),
+            ChannelStep::Answer { method, event } => {
+                self.send_method_unchecked(channel, method);
+                self.events.push_back(event);
+            }
+            ChannelStep::Closed { error, close_ok } => {
+                if close_ok {
+                    self.send_method_unchecked(
+                        channel,
+                        AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+                    );
+                }
+                self.close_channel_state(channel, error);
+            }
+            ChannelStep::Violation(Violation::Protocol { code, text }) => {
+                self.protocol_error(now, code, text)
+            }
+            ChannelStep::Violation(Violation::Frame(error)) => self.frame_error(now, error),
         }
     }
 
@@ -822,33 +826,7 @@ impl Connection {
             );
         };
         if let State::Closing { reported, .. } = self.state {
-            match method {
-                M::CloseOk(_) => self.finish_close(reported),
-                M::Close(close) => {
-                    self.send_method_unchecked(
-                        ChannelId::CONNECTION,
-                        AMQPClass::Connection(M::CloseOk(connection::CloseOk {})),
-                    );
-                    if !reported {
-                        self.report_closed(ConnectionError::ClosedByServer {
-                            code: ReplyCode(close.reply_code),
-                            text: close.reply_text.to_string(),
-                        });
-                    }
-                    self.state = State::Closed;
-                }
-                // Blocked while our close was on its way: the broker stopped reading, so it
-                // will not see the close, and waiting out the close timeout for a close-ok that
-                // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
-                M::Blocked(_) => {
-                    self.state = State::Closing {
-                        deadline: now,
-                        reported,
-                    }
-                }
-                _ => {}
-            }
-            return;
+            return self.on_connection_method_while_closing(now, method, reported);
         }
         match (self.state, method) {
             (State::Handshake(HandshakeStep::AwaitStart), M::Start(start)) => {
@@ -899,6 +877,43 @@ impl Connection {
                 ReplyCode::UNEXPECTED_FRAME,
                 "unexpected connection method",
             ),
+        }
+    }
+
+    /// While our `connection.close` is on its way, only close and close-ok matter
+    /// (spec §1.4.2.9).
+    fn on_connection_method_while_closing(
+        &mut self,
+        now: Instant,
+        method: connection::AMQPMethod,
+        reported: bool,
+    ) {
+        use connection::AMQPMethod as M;
+        match method {
+            M::CloseOk(_) => self.finish_close(reported),
+            M::Close(close) => {
+                self.send_method_unchecked(
+                    ChannelId::CONNECTION,
+                    AMQPClass::Connection(M::CloseOk(connection::CloseOk {})),
+                );
+                if !reported {
+                    self.report_closed(ConnectionError::ClosedByServer {
+                        code: ReplyCode(close.reply_code),
+                        text: close.reply_text.to_string(),
+                    });
+                }
+                self.state = State::Closed;
+            }
+            // Blocked while our close was on its way: the broker stopped reading, so it
+            // will not see the close, and waiting out the close timeout for a close-ok that
+            // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
+            M::Blocked(_) => {
+                self.state = State::Closing {
+                    deadline: now,
+                    reported,
+                }
+            }
+            _ => {}
         }
     }
 
@@ -1002,337 +1017,18 @@ impl Connection {
         self.state = State::Handshake(HandshakeStep::AwaitOpenOk);
     }
 
-    fn handle_channel_method(&mut self, now: Instant, channel: ChannelId, method: AMQPClass) {
-        let Some(ch) = self.channels.get_mut(&channel) else {
-            return;
-        };
-        if ch.content.is_some() {
-            return self.frame_error(
-                now,
-                FrameError::Unexpected {
-                    what: "method frame in the middle of content",
-                },
-            );
-        }
-        if ch.state == ChannelState::Closing {
-            // Only close and close-ok matter now (spec §1.5.2.5).
-            match method {
-                AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)) => {
-                    self.close_channel_state(
-                        channel,
-                        ChannelError {
-                            channel,
-                            initiator: Initiator::Client,
-                            code: ReplyCode::REPLY_SUCCESS,
-                            text: "closed by application".into(),
-                        },
-                    );
-                }
-                AMQPClass::Channel(chan::AMQPMethod::Close(close)) => {
-                    self.on_channel_close(channel, close)
-                }
-                _ => {}
-            }
-            return;
-        }
-        match method {
-            AMQPClass::Channel(chan::AMQPMethod::OpenOk(_)) => {
-                if self.expect(now, channel, |e| e == Expect::OpenOk).is_some() {
-                    if let Some(ch) = self.channels.get_mut(&channel) {
-                        ch.state = ChannelState::Open;
-                    }
-                    self.events.push_back(Event::ChannelOpened(channel));
-                }
-            }
-            AMQPClass::Channel(chan::AMQPMethod::Close(close)) => {
-                self.on_channel_close(channel, close)
-            }
-            AMQPClass::Channel(chan::AMQPMethod::Flow(flow)) => {
-                let ok = chan::FlowOk {
-                    active: flow.active,
-                };
-                self.send_method_unchecked(
-                    channel,
-                    AMQPClass::Channel(chan::AMQPMethod::FlowOk(ok)),
-                );
-                self.events.push_back(Event::Flow {
-                    channel,
-                    active: flow.active,
-                });
-            }
-            AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::QosOk(_)),
-                Reply::QosOk,
-            ),
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::DeclareOk(_)),
-                Reply::QueueDeclared {
-                    queue: ok.queue.to_string(),
-                    message_count: ok.message_count,
-                    consumer_count: ok.consumer_count,
-                },
-            ),
-            AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::ExchangeDeclareOk(_)),
-                Reply::ExchangeExists,
-            ),
-            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::DeleteOk(_)),
-                Reply::QueueDeleted {
-                    message_count: ok.message_count,
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::ConsumeOk(_)),
-                Reply::ConsumeOk {
-                    consumer_tag: ok.consumer_tag.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::CancelOk(_)),
-                Reply::CancelOk {
-                    consumer_tag: ok.consumer_tag.to_string(),
-                },
-            ),
-            AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::SelectOk(_)),
-                Reply::ConfirmSelected,
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => self.start_content(
-                channel,
-                ContentMethod::Deliver {
-                    consumer_tag: d.consumer_tag.to_string(),
-                    delivery_tag: DeliveryTag(d.delivery_tag),
-                    redelivered: d.redelivered,
-                    exchange: d.exchange.to_string(),
-                    routing_key: d.routing_key.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Return(r)) => self.start_content(
-                channel,
-                ContentMethod::Return {
-                    reply_code: ReplyCode(r.reply_code),
-                    reply_text: r.reply_text.to_string(),
-                    exchange: r.exchange.to_string(),
-                    routing_key: r.routing_key.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                self.on_confirm(now, channel, ack.delivery_tag, ack.multiple, true)
-            }
-            AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
-                self.on_confirm(now, channel, nack.delivery_tag, nack.multiple, false)
-            }
-            AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
-                if !cancel.nowait {
-                    let ok = basic::CancelOk {
-                        consumer_tag: cancel.consumer_tag.clone(),
-                    };
-                    self.send_method_unchecked(
-                        channel,
-                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)),
-                    );
-                }
-                self.events.push_back(Event::ConsumerCancelled {
-                    channel,
-                    consumer_tag: cancel.consumer_tag.to_string(),
-                });
-            }
-            _ => self.protocol_error(
-                now,
-                ReplyCode::COMMAND_INVALID,
-                format!("unexpected method on {channel}"),
-            ),
-        }
-    }
-
-    fn start_content(&mut self, channel: ChannelId, method: ContentMethod) {
-        if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.content = Some(PartialContent::new(method));
-        }
-    }
-
-    fn content_progress(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        progress: Result<ContentProgress, FrameError>,
-    ) {
-        let progress = match progress {
-            Ok(p) => p,
-            Err(e) => return self.frame_error(now, e),
-        };
-        let finished = match progress {
-            ContentProgress::Partial => false,
-            ContentProgress::TooLarge {
-                delivery_tag,
-                body_size,
-                properties,
-            } => {
-                self.events.push_back(Event::ContentTooLarge {
-                    channel,
-                    delivery_tag,
-                    body_size,
-                    properties,
-                });
-                false
-            }
-            ContentProgress::SkippedComplete => true,
-            ContentProgress::Complete(CompleteContent {
-                method,
-                properties,
-                body,
-            }) => {
-                self.events.push_back(match method {
-                    ContentMethod::Deliver {
-                        consumer_tag,
-                        delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                    } => Event::Delivery(Delivery {
-                        channel,
-                        consumer_tag,
-                        delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                        properties,
-                        body,
-                    }),
-                    ContentMethod::Return {
-                        reply_code,
-                        reply_text,
-                        exchange,
-                        routing_key,
-                    } => Event::Returned(Returned {
-                        channel,
-                        reply_code,
-                        reply_text,
-                        exchange,
-                        routing_key,
-                        properties,
-                        body,
-                    }),
-                });
-                true
-            }
-        };
-        if finished {
-            if let Some(ch) = self.channels.get_mut(&channel) {
-                ch.content = None;
-            }
-        }
-    }
-
-    fn on_confirm(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        tag: u64,
-        multiple: bool,
-        acked: bool,
-    ) {
-        let Some(confirms) = self
-            .channels
-            .get_mut(&channel)
-            .and_then(|c| c.confirms.as_mut())
-        else {
-            return self.protocol_error(
-                now,
-                ReplyCode::COMMAND_INVALID,
-                format!("publisher confirm on {channel}, which is not in confirm mode"),
-            );
-        };
-        for seq in confirms.settle(tag, multiple) {
-            self.events.push_back(Event::PublishConfirmed {
-                channel,
-                seq,
-                acked,
-            });
-        }
-    }
-
-    fn on_channel_close(&mut self, channel: ChannelId, close: chan::Close) {
-        self.send_method_unchecked(
-            channel,
-            AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
-        );
-        self.close_channel_state(
-            channel,
-            ChannelError {
-                channel,
-                initiator: Initiator::Server,
-                code: ReplyCode(close.reply_code),
-                text: close.reply_text.to_string(),
-            },
-        );
-    }
-
     /// Forgets a channel, failing every request still waiting on it.
     fn close_channel_state(&mut self, channel: ChannelId, error: ChannelError) {
         let Some(ch) = self.channels.remove(&channel) else {
             return;
         };
-        for request in ch.expected.iter().filter_map(|e| e.request()) {
+        for request in ch.waiting_requests() {
             self.events.push_back(Event::Failed {
                 request,
                 error: error.clone(),
             });
         }
         self.events.push_back(Event::ChannelClosed(error));
-    }
-
-    /// Pops the front of `channel`'s reply FIFO if `matches` accepts it; otherwise the server
-    /// answered out of order, which is a hard error.
-    fn expect(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        matches: impl Fn(Expect) -> bool,
-    ) -> Option<Expect> {
-        let ch = self.channels.get_mut(&channel)?;
-        match ch.expected.front() {
-            Some(&e) if matches(e) => ch.expected.pop_front(),
-            _ => {
-                self.protocol_error(
-                    now,
-                    ReplyCode::COMMAND_INVALID,
-                    format!("unexpected reply on {channel}"),
-                );
-                None
-            }
-        }
-    }
-
-    fn complete(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        matches: impl Fn(Expect) -> bool,
-        reply: Reply,
-    ) {
-        if let Some(request) = self.expect(now, channel, matches).and_then(Expect::request) {
-            self.events.push_back(Event::Completed {
-                request,
-                channel,
-                reply,
-            });
-        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1376,7 +1072,7 @@ impl Connection {
         self.next_request += 1;
         let request = RequestId(self.next_request);
         if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.expected.push_back(expect(request));
+            ch.expect(expect(request));
         }
         Ok(request)
     }
