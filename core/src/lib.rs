@@ -8,6 +8,7 @@ pub mod error;
 pub mod ids;
 pub mod machine;
 pub mod rpc;
+mod timers;
 
 pub use connection::{
     BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Credentials, Delivery, Event,

@@ -25,12 +25,13 @@ use bytes::{Bytes, BytesMut};
 use crate::codec::{self, Frame, FrameDecoder, FRAME_MIN_SIZE};
 use crate::error::{ChannelError, ConnectionError, FrameError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+use crate::timers::TimerTable;
 pub use amq_protocol::protocol::BasicProperties;
 
 use channel::{Channel, ChannelStep, Expect, Violation};
 use confirms::Confirms;
 use handshake::HandshakeStep;
-use heartbeat::{Heartbeat, HeartbeatAction};
+use heartbeat::Heartbeat;
 
 /// Something that happened on the connection. Drain them with [`Connection::poll_event`] after
 /// every input or command.
@@ -217,13 +218,26 @@ pub struct ConsumeOptions {
 enum State {
     Handshake(HandshakeStep),
     Open,
-    /// `connection.close` sent; waiting for close-ok until the deadline. `reported` says whether
-    /// [`Event::Closed`] went out already (it has when the close is an error of ours).
+    /// `connection.close` sent; waiting for close-ok until [`Timer::Close`]. `reported` says
+    /// whether [`Event::Closed`] went out already (it has when the close is an error of ours).
     Closing {
-        deadline: Instant,
         reported: bool,
     },
     Closed,
+}
+
+/// The connection's timers. When several are due at once, `handle_timeout` serves the first in
+/// this order, and that one ends the others (all but `SendHeartbeat` close the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// Our `connection.close` waits no longer for close-ok.
+    Close,
+    /// The handshake must be done by then.
+    Handshake,
+    /// Nothing was read for two heartbeat intervals.
+    PeerDead,
+    /// Nothing was written for half a heartbeat interval.
+    SendHeartbeat,
 }
 
 /// A client connection: the handshake, heartbeats, channels and the close handshake.
@@ -240,7 +254,7 @@ pub struct Connection {
     next_request: u64,
     tune: Tune,
     heartbeat: Heartbeat,
-    handshake_deadline: Instant,
+    timers: TimerTable<Timer>,
     blocked: bool,
     error: Option<ConnectionError>,
     server_properties: FieldTable,
@@ -257,8 +271,13 @@ impl Connection {
             frame_max: codec::PRE_TUNE_FRAME_MAX,
             heartbeat: std::time::Duration::ZERO,
         };
+        let mut timers = TimerTable::new();
+        timers.set(
+            Timer::Handshake,
+            config::deadline_after(now, config.handshake_timeout),
+        );
         Self {
-            handshake_deadline: config::deadline_after(now, config.handshake_timeout),
+            timers,
             config,
             state: State::Handshake(HandshakeStep::AwaitStart),
             decoder: FrameDecoder::new(),
@@ -269,7 +288,7 @@ impl Connection {
             next_channel: 0,
             next_request: 0,
             tune,
-            heartbeat: Heartbeat::new(now),
+            heartbeat: Heartbeat::default(),
             blocked: false,
             error: None,
             server_properties: FieldTable::default(),
@@ -291,7 +310,9 @@ impl Connection {
         {
             return;
         }
-        self.heartbeat.on_read(now);
+        if let Some(at) = self.heartbeat.dead_at(now) {
+            self.timers.extend(Timer::PeerDead, at);
+        }
         self.read_buf.extend_from_slice(bytes);
         while self.state != State::Closed {
             match self.decoder.decode(&mut self.read_buf) {
@@ -331,28 +352,27 @@ impl Connection {
 
     /// Runs the timers that are due at `now` (see [`Connection::poll_timeout`]).
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.state {
-            State::Closed => {}
-            State::Closing { deadline, reported } => {
-                if now >= deadline {
-                    self.finish_close(reported);
-                }
+        if self.timers.take_due(&Timer::Close, now) {
+            let reported = matches!(self.state, State::Closing { reported: true });
+            self.finish_close(reported);
+        } else if self.timers.take_due(&Timer::Handshake, now) {
+            self.fail(now, ConnectionError::HandshakeTimedOut, None);
+        } else if self.timers.take_due(&Timer::PeerDead, now) {
+            self.fail(now, ConnectionError::HeartbeatTimedOut, None);
+        } else if self.timers.take_due(&Timer::SendHeartbeat, now) {
+            codec::encode_heartbeat(&mut self.outbound);
+            // Counted as written now, so the timer does not fire again while the frame waits
+            // for the driver to take it.
+            if let Some(at) = self.heartbeat.send_at(now) {
+                self.timers.set(Timer::SendHeartbeat, at);
             }
-            State::Handshake(_) if now >= self.handshake_deadline => {
-                self.fail(now, ConnectionError::HandshakeTimedOut, None);
-            }
-            State::Handshake(_) | State::Open => match self.heartbeat.action(now) {
-                HeartbeatAction::None => {}
-                HeartbeatAction::Send => {
-                    codec::encode_heartbeat(&mut self.outbound);
-                    // Counted as written now, so the timer does not fire again while the frame
-                    // waits for the driver to take it.
-                    self.heartbeat.on_write(now);
-                }
-                HeartbeatAction::PeerDead => {
-                    self.fail(now, ConnectionError::HeartbeatTimedOut, None)
-                }
-            },
+        }
+    }
+
+    /// Restarts the send-heartbeat timer after a write at `now`.
+    fn wrote(&mut self, now: Instant) {
+        if let Some(at) = self.heartbeat.send_at(now) {
+            self.timers.extend(Timer::SendHeartbeat, at);
         }
     }
 
@@ -373,7 +393,7 @@ impl Connection {
         } else {
             buf.append(&mut self.outbound);
         }
-        self.heartbeat.on_write(now);
+        self.wrote(now);
         n
     }
 
@@ -384,15 +404,7 @@ impl Connection {
 
     /// When [`Connection::handle_timeout`] must be called next; `None` when no timer runs.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            State::Closed => None,
-            State::Closing { deadline, .. } => Some(deadline),
-            State::Handshake(_) => Some(match self.heartbeat.deadline() {
-                Some(hb) => hb.min(self.handshake_deadline),
-                None => self.handshake_deadline,
-            }),
-            State::Open => self.heartbeat.deadline(),
-        }
+        self.timers.next(None)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -716,7 +728,7 @@ impl Connection {
             State::Handshake(HandshakeStep::AwaitStart) => {
                 self.error = Some(ConnectionError::ClosedByApplication);
                 self.channels.clear();
-                self.state = State::Closed;
+                self.enter_closed();
                 self.events
                     .push_back(Event::Closed(ConnectionError::ClosedByApplication));
                 return Ok(());
@@ -840,6 +852,7 @@ impl Connection {
             (State::Handshake(HandshakeStep::AwaitTune), M::Tune(tune)) => self.on_tune(now, tune),
             (State::Handshake(HandshakeStep::AwaitOpenOk), M::OpenOk(_)) => {
                 self.state = State::Open;
+                self.timers.clear(&Timer::Handshake);
                 self.events.push_back(Event::Connected);
             }
             (_, M::Close(close)) => {
@@ -902,17 +915,12 @@ impl Connection {
                         text: close.reply_text.to_string(),
                     });
                 }
-                self.state = State::Closed;
+                self.enter_closed();
             }
             // Blocked while our close was on its way: the broker stopped reading, so it
             // will not see the close, and waiting out the close timeout for a close-ok that
             // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
-            M::Blocked(_) => {
-                self.state = State::Closing {
-                    deadline: now,
-                    reported,
-                }
-            }
+            M::Blocked(_) => self.timers.set(Timer::Close, now),
             _ => {}
         }
     }
@@ -990,7 +998,13 @@ impl Connection {
             AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
         );
         self.decoder.set_frame_max(negotiated.frame_max);
-        self.heartbeat.start(negotiated.heartbeat, now);
+        self.heartbeat = Heartbeat::new(negotiated.heartbeat);
+        if let Some(at) = self.heartbeat.send_at(now) {
+            self.timers.set(Timer::SendHeartbeat, at);
+        }
+        if let Some(at) = self.heartbeat.dead_at(now) {
+            self.timers.set(Timer::PeerDead, at);
+        }
         let vhost = match ShortString::try_new(self.config.vhost.clone()) {
             Ok(v) => v,
             Err(_) => {
@@ -1132,17 +1146,12 @@ impl Connection {
         match (self.state, close) {
             // The application's connection.close is already out, and a peer sends one close
             // only (spec §1.4.2.9): keep waiting for its close-ok, now reported.
-            (State::Closing { deadline, .. }, Some(_)) => {
-                self.state = State::Closing {
-                    deadline,
-                    reported: true,
-                }
-            }
+            (State::Closing { .. }, Some(_)) => self.state = State::Closing { reported: true },
             // Before connection.start the server would not understand a close.
             (state, Some((code, text))) if state != State::Handshake(HandshakeStep::AwaitStart) => {
                 self.send_connection_close(now, code, &text, true)
             }
-            _ => self.state = State::Closed,
+            _ => self.enter_closed(),
         }
     }
 
@@ -1172,10 +1181,11 @@ impl Connection {
         } else {
             self.config.close_timeout
         };
-        self.state = State::Closing {
-            deadline: config::deadline_after(now, wait),
-            reported,
-        };
+        // Only the close timer runs now: no heartbeat is sent or awaited while closing.
+        self.timers.clear_all();
+        self.timers
+            .set(Timer::Close, config::deadline_after(now, wait));
+        self.state = State::Closing { reported };
     }
 
     fn finish_close(&mut self, reported: bool) {
@@ -1186,7 +1196,12 @@ impl Connection {
                 .unwrap_or(ConnectionError::ClosedByApplication);
             self.report_closed(error);
         }
+        self.enter_closed();
+    }
+
+    fn enter_closed(&mut self) {
         self.state = State::Closed;
+        self.timers.clear_all();
     }
 
     /// Queues [`Event::Closed`]; every channel goes with the connection.

@@ -1,7 +1,7 @@
 //! The RPC client machine: calls out, replies matched by correlation id, every call ended
 //! exactly once.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -15,6 +15,7 @@ use crate::connection::{
 };
 use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
 use crate::ids::{ChannelId, ReplyCode, RequestId};
+use crate::timers::TimerTable;
 
 /// Identifies one call from [`RpcClient::call`] to its [`ClientEvent::CallEnded`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -214,8 +215,6 @@ struct QueueStatus {
     /// queue electing a new leader, or a server reconnecting, reads zero for a moment while its
     /// servers are fine. Calls wait (within their deadline) until the second look.
     confirming: bool,
-    /// When to take that second look; `None` once the probe for it is under way.
-    recheck_at: Option<Instant>,
 }
 
 /// How long after a zero count that followed a positive one the count is read again.
@@ -277,8 +276,8 @@ pub struct RpcClient {
     ids: CorrelationKey,
     next_call: u64,
     calls: HashMap<CallId, Call>,
-    /// Every pending call by deadline, for `poll_timeout` and `expire`.
-    deadlines: BTreeSet<(Instant, CallId)>,
+    /// Every pending call's deadline, and the second looks at zero consumer counts.
+    timers: TimerTable<Timer>,
     /// Calls waiting to be sent, oldest first.
     held: VecDeque<CallId>,
     recent: HashMap<CallId, Ended>,
@@ -291,6 +290,16 @@ pub struct RpcClient {
     /// Why the reply path's channel closed last while it was being armed: the broker's words,
     /// for the error the connection ends with when the client gives up.
     arm_error: Option<ChannelError>,
+}
+
+/// The client's timers (its connection keeps its own).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A call's deadline: it ends `TimedOut` (sent) or `Expired` (never sent).
+    Call(CallId),
+    /// The second look at this request queue's zero consumer count
+    /// (see `QueueStatus::confirming`).
+    Recheck(String),
 }
 
 /// Reply-path channel losses in a row, before it was armed, after which the client gives the
@@ -356,7 +365,7 @@ impl RpcClient {
             ids,
             next_call: 0,
             calls: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            timers: TimerTable::new(),
             held: VecDeque::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
@@ -388,8 +397,18 @@ impl RpcClient {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.conn.handle_timeout(now);
         self.pump(now);
-        self.recheck_zero_counts(now);
-        self.expire(now);
+        let mut waiting = Vec::new();
+        while let Some((timer, at)) = self.timers.pop_due(now) {
+            match timer {
+                Timer::Call(id) => self.expire(id),
+                Timer::Recheck(queue) if self.may_probe() => self.start_probe(Target::Queue(queue)),
+                // A recheck waits while another passive declare is under way (one at a time).
+                Timer::Recheck(queue) => waiting.push((queue, at)),
+            }
+        }
+        for (queue, at) in waiting {
+            self.timers.set(Timer::Recheck(queue), at);
+        }
     }
 
     /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`].
@@ -413,25 +432,11 @@ impl RpcClient {
     /// When [`RpcClient::handle_timeout`] must run next: the earliest of the connection's timer
     /// and every call's deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let calls = self.deadlines.first().map(|(at, _)| *at);
-        // A recheck waits while another passive declare is under way (one at a time).
-        let recheck = self
-            .probe
-            .in_flight
-            .is_none()
-            .then(|| {
-                self.probe
-                    .queues
-                    .values()
-                    .filter_map(|s| s.recheck_at)
-                    .min()
-            })
-            .flatten()
-            .filter(|_| self.conn.is_open());
-        [self.conn.poll_timeout(), calls, recheck]
-            .into_iter()
-            .flatten()
-            .min()
+        // A recheck that cannot run yet must not wake the driver.
+        let may_probe = self.may_probe();
+        self.timers.next_where(self.conn.poll_timeout(), |timer| {
+            may_probe || matches!(timer, Timer::Call(_))
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -532,7 +537,7 @@ impl RpcClient {
             sent_on: None,
             channel_losses: 0,
         };
-        self.deadlines.insert((call.deadline, id));
+        self.timers.set(Timer::Call(id), call.deadline);
         self.calls.insert(id, call);
         self.stats.calls_started += 1;
         self.held.push_back(id);
@@ -544,10 +549,10 @@ impl RpcClient {
     /// [`ClientEvent::CallEnded`] follows, and a reply that arrives later is counted as late
     /// ([`ClientStats::replies_late`]), never delivered. Returns whether the call was pending.
     pub fn cancel(&mut self, call: CallId) -> bool {
-        let Some(pending) = self.calls.remove(&call) else {
+        if self.calls.remove(&call).is_none() {
             return false;
-        };
-        self.deadlines.remove(&(pending.deadline, call));
+        }
+        self.timers.clear(&Timer::Call(call));
         // A held call leaves `held` at the next flush (`Gate::Gone`).
         self.stats.calls_cancelled += 1;
         self.remember(call, Ended::Otherwise);
@@ -818,9 +823,11 @@ impl RpcClient {
                         consumers: Consumers::Count(consumer_count),
                         checked_at: Some(now),
                         confirming,
-                        recheck_at: confirming.then(|| now.checked_add(ZERO_RECHECK)).flatten(),
                     };
                     self.set_queue_status(&queue, status);
+                    if let Some(at) = now.checked_add(ZERO_RECHECK).filter(|_| confirming) {
+                        self.timers.set(Timer::Recheck(queue), at);
+                    }
                 }
                 (Target::Exchange(exchange), Reply::ExchangeExists) => {
                     self.set_exchange_status(&exchange, Exists::Yes, now);
@@ -1043,8 +1050,13 @@ impl RpcClient {
         gate
     }
 
+    /// Whether a passive declare may start: one at a time, on an open connection.
+    fn may_probe(&self) -> bool {
+        self.probe.in_flight.is_none() && self.conn.is_open()
+    }
+
     fn start_probe(&mut self, target: Target) {
-        if self.probe.in_flight.is_some() || !self.conn.is_open() {
+        if !self.may_probe() {
             return;
         }
         let channel = match self.probe.channel {
@@ -1073,27 +1085,14 @@ impl RpcClient {
         }
     }
 
-    /// Takes the second look at a zero count whose time has come, one queue at a time.
-    fn recheck_zero_counts(&mut self, now: Instant) {
-        if self.probe.in_flight.is_some() || !self.conn.is_open() {
-            return;
-        }
-        let due = self
-            .probe
-            .queues
-            .iter_mut()
-            .find(|(_, s)| s.recheck_at.is_some_and(|at| at <= now));
-        if let Some((queue, status)) = due {
-            status.recheck_at = None;
-            let queue = queue.clone();
-            self.start_probe(Target::Queue(queue));
-        }
-    }
-
+    /// Replaces what is known of `queue`; a second look that was planned for it is off.
     fn set_queue_status(&mut self, queue: &str, status: QueueStatus) {
         if self.probe.queues.len() >= MAX_PROBED_QUEUES && !self.probe.queues.contains_key(queue) {
             self.probe.queues.clear();
+            self.timers
+                .clear_where(|timer| matches!(timer, Timer::Recheck(_)));
         }
+        self.timers.clear(&Timer::Recheck(queue.to_owned()));
         self.probe.queues.insert(queue.to_owned(), status);
     }
 
@@ -1217,30 +1216,25 @@ impl RpcClient {
         }
     }
 
-    /// Ends calls whose deadline is `now` or earlier.
-    fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, id)) = self.deadlines.first() {
-            if deadline > now {
-                break;
-            }
-            let sent = self.calls.get(&id).is_some_and(|c| c.published);
-            self.end(
-                id,
-                Err(if sent {
-                    RpcError::TimedOut
-                } else {
-                    RpcError::Expired
-                }),
-            );
-        }
+    /// Ends a call whose deadline passed.
+    fn expire(&mut self, id: CallId) {
+        let sent = self.calls.get(&id).is_some_and(|c| c.published);
+        self.end(
+            id,
+            Err(if sent {
+                RpcError::TimedOut
+            } else {
+                RpcError::Expired
+            }),
+        );
     }
 
     /// Ends a call: the one place a `CallEnded` event is made, so each call ends once.
     fn end(&mut self, id: CallId, result: Result<RpcReply, RpcError>) {
-        let Some(call) = self.calls.remove(&id) else {
+        if self.calls.remove(&id).is_none() {
             return;
-        };
-        self.deadlines.remove(&(call.deadline, id));
+        }
+        self.timers.clear(&Timer::Call(id));
         let answered = matches!(
             result,
             Ok(_) | Err(RpcError::Remote { .. } | RpcError::Rejected { .. })
