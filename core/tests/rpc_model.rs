@@ -541,7 +541,8 @@ impl Harness {
                     return;
                 }
                 let (req, request) = self.tokens.remove(pick % self.tokens.len());
-                drop(request);
+                let now = self.now;
+                self.server.m.abandon(now, request.token);
                 self.model.server.abandoned += 1;
                 // Requeued once, flagged redelivered, back in the server's buffer; unless its
                 // `expiration` (the caller's budget, counted from its publish) ran out: then the

@@ -1213,7 +1213,7 @@ fn abandoned_reply_token_is_reported_requeued_once() {
     sim.settle();
     let id = sim.call("poison", 1000);
     let req = sim.take(0).unwrap();
-    drop(req);
+    sim.servers[0].m.abandon(now, req.token);
     sim.settle();
     let events = server_events(&mut sim.servers[0].m);
     assert!(
@@ -1221,7 +1221,7 @@ fn abandoned_reply_token_is_reported_requeued_once() {
         "{events:?}"
     );
     let again = sim.take(0).expect("requeued");
-    drop(again);
+    sim.servers[0].m.abandon(now, again.token);
     sim.settle();
     let events = server_events(&mut sim.servers[0].m);
     assert!(
@@ -1375,6 +1375,47 @@ fn backpressure_releases_held_calls_as_bytes_drain() {
     }
 }
 
+/// `poll_transmit` only hands bytes over: held calls go out when the driver reports that what
+/// it took was written (`handle_transmitted`), not as a side effect of taking bytes.
+#[test]
+fn held_calls_go_out_when_the_driver_reports_room() {
+    let mut config = client_config(ReplyMode::DirectReplyTo);
+    config.outbound_high_water = 1;
+    let mut sim = Sim::new(config, 1, 50);
+    // A first call, so that the request queue's servers are known and calls go out at once.
+    let first = sim.call("first", 1000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(first)), b"re:first");
+    let now = sim.now;
+    let ids: Vec<CallId> = (0..3)
+        .map(|i| {
+            let request = CallRequest::new(Q, i.to_string(), Duration::from_secs(1));
+            sim.client.m.call(now, sim.wall(), request).unwrap()
+        })
+        .collect();
+    // The first fills the outbound buffer past its high-water mark; the others are held.
+    assert_eq!(sim.client.m.stats().requests_sent, 2);
+    let mut written = Vec::new();
+    assert!(sim.client.m.poll_transmit(now, &mut written) > 0);
+    assert_eq!(
+        sim.client.m.stats().requests_sent,
+        2,
+        "taking bytes sent nothing"
+    );
+    assert_eq!(sim.client.m.poll_transmit(now, &mut Vec::new()), 0);
+    // The driver wrote them: there is room, and the next held call goes out.
+    let conn = sim.client.conn;
+    sim.broker.feed(conn, now, &written);
+    sim.client.m.handle_transmitted(now);
+    assert_eq!(sim.client.m.stats().requests_sent, 3);
+    sim.settle();
+    assert_eq!(sim.client.m.stats().requests_sent, 4);
+    sim.serve_all(0);
+    for id in ids {
+        assert!(ok_body(sim.result(id)).starts_with(b"re:"));
+    }
+}
+
 /// A blocked connection holds new requests; they go out when the alarm clears, and those whose
 /// deadline passes meanwhile end `Expired` (never sent).
 #[test]
@@ -1504,7 +1545,7 @@ fn stale_token_abandoned_after_reconnect_touches_nothing() {
         1,
         "redelivered on the new connection"
     );
-    drop(old);
+    sim.servers[0].m.abandon(now, old.token);
     sim.settle();
     assert_eq!(
         sim.servers[0].m.buffered(),

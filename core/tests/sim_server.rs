@@ -366,7 +366,8 @@ fn request_whose_channel_keeps_dying_is_rejected_after_max_deliveries() {
         sim.settle();
         assert!(sim.server.m.is_serving(), "re-armed after run {run}");
         // The handler ends after its channel died: the token is stale.
-        drop(req);
+        let now = sim.now;
+        sim.server.m.abandon(now, req.token);
         sim.settle();
     }
     assert!(sim.take().is_none(), "the 4th delivery is not run");
@@ -394,7 +395,8 @@ fn abandoned_request_is_requeued_until_max_deliveries() {
     sim.call("x", 60_000);
     for _ in 0..3 {
         let req = sim.take().expect("delivered");
-        drop(req);
+        let now = sim.now;
+        sim.server.m.abandon(now, req.token);
         sim.settle();
     }
     assert!(sim.take().is_none());

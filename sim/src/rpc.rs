@@ -82,6 +82,8 @@ impl<M: Machine> Step for Wire<M> {
         }
         let mut moved = false;
         let mut buf = Vec::new();
+        // This wire's socket takes every byte at once: its write buffer is always empty.
+        self.m.handle_transmitted(now);
         if self.m.poll_transmit(now, &mut buf) > 0 {
             moved = true;
             broker.feed(self.conn, now, &buf);

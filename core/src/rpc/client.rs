@@ -411,17 +411,17 @@ impl RpcClient {
         }
     }
 
-    /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`].
+    /// The driver has written every byte [`RpcClient::poll_transmit`] gave it (its write buffer
+    /// is empty): calls held back for room ([`ClientConfig::outbound_high_water`]) go out now,
+    /// without waiting for input. Call it before every `poll_transmit` on an empty write
+    /// buffer, and drain events after it: a held call whose deadline passed ends here.
+    pub fn handle_transmitted(&mut self, now: Instant) {
+        self.flush_held(now);
+    }
+
+    /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`]. Only drains.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
-        let n = self.conn.poll_transmit(now, buf);
-        if !self.held.is_empty() {
-            // The driver is taking bytes, so outbound room is free now (whether or not the
-            // connection had any left): requests held for backpressure may go. Checking only
-            // when `n > 0` stalled them once the connection's buffer ran dry.
-            self.flush_held(now);
-            return n + self.conn.poll_transmit(now, buf);
-        }
-        n
+        self.conn.poll_transmit(now, buf)
     }
 
     /// The next event, if any.

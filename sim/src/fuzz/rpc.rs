@@ -198,7 +198,8 @@ impl Harness {
                     return;
                 }
                 let pick = usize::from(input.byte()) % self.tokens.len();
-                drop(self.tokens.remove(pick));
+                let r = self.tokens.remove(pick);
+                self.server.m.abandon(now, r.token);
             }
             8 => {
                 // A duplicate, or a forged reply with arbitrary correlation id and headers.
