@@ -1,4 +1,4 @@
-//! Named deadlines (ARCHITECTURE §4): every machine keeps its timers in one [`TimerTable`],
+//! Named deadlines (ARCHITECTURE §3): every machine keeps its timers in one [`TimerTable`],
 //! which alone computes the earliest deadline (`poll_timeout`) and says which timers are due
 //! (`handle_timeout`). The core never reads a clock: `now` is always an argument.
 

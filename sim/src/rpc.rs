@@ -25,9 +25,10 @@ pub fn sim_key() -> CorrelationKey {
 
 /// Connection settings for the simulation: heartbeats off (the broker tunes them off too).
 pub fn conn_config() -> ConnectionConfig {
-    ConnectionConfig {
-        heartbeat: Duration::ZERO,
-        ..ConnectionConfig::default()
+    {
+        let mut c = ConnectionConfig::default();
+        c.heartbeat = Duration::ZERO;
+        c
     }
 }
 
@@ -179,9 +180,10 @@ pub fn wall(base: Instant, now: Instant) -> UnixMillis {
 
 /// A client config for the simulation.
 pub fn client_config(mode: ReplyMode) -> ClientConfig {
-    ClientConfig {
-        reply_mode: mode,
-        ..ClientConfig::default()
+    {
+        let mut c = ClientConfig::default();
+        c.reply_mode = mode;
+        c
     }
 }
 
@@ -219,8 +221,7 @@ pub fn server_events(s: &mut RpcServer) -> Vec<ServerEvent> {
 
 /// A server config for `queue` with `prefetch`.
 pub fn server_config(queue: &str, prefetch: u16) -> ServerConfig {
-    ServerConfig {
-        prefetch,
-        ..ServerConfig::new(queue)
-    }
+    let mut config = ServerConfig::new(queue);
+    config.prefetch = prefetch;
+    config
 }

@@ -26,7 +26,7 @@ use crate::codec::{self, Frame, FrameDecoder, FRAME_MIN_SIZE};
 use crate::error::{ChannelError, ConnectionError, FrameError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 use crate::timers::TimerTable;
-pub use amq_protocol::protocol::BasicProperties;
+use amq_protocol::protocol::BasicProperties;
 
 use channel::{Channel, ChannelStep, Expect, Violation};
 use confirms::Confirms;
@@ -193,6 +193,7 @@ pub struct Returned {
 
 /// Flags of `queue.declare` (spec §1.7.2.1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueOptions {
     /// Only check that the queue exists (404 on the channel when it does not).
     pub passive: bool,
@@ -206,6 +207,7 @@ pub struct QueueOptions {
 
 /// Flags of `basic.consume` (spec §1.8.3.3).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumeOptions {
     /// The broker considers messages acknowledged once sent.
     pub no_ack: bool,

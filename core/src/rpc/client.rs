@@ -10,12 +10,12 @@ use bytes::Bytes;
 use super::correlation::CorrelationKey;
 use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
-    BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
-    Reply, Returned,
+    Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply, Returned,
 };
 use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
 use crate::ids::{ChannelId, ReplyCode, RequestId};
 use crate::timers::TimerTable;
+use crate::types::BasicProperties;
 
 /// Identifies one call from [`RpcClient::call`] to its [`ClientEvent::CallEnded`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,6 +35,7 @@ pub enum ReplyMode {
 
 /// RPC client settings.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Where replies come back.
     pub reply_mode: ReplyMode,
@@ -77,6 +78,7 @@ impl Default for ClientConfig {
 
 /// One call to make.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CallRequest {
     /// Exchange to publish to; empty for the default exchange.
     pub exchange: String,
@@ -147,6 +149,7 @@ pub enum ClientEvent {
 
 /// Counters for what the client saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientStats {
     /// Calls accepted by [`RpcClient::call`].
     pub calls_started: u64,

@@ -55,9 +55,9 @@
 
 mod client;
 mod correlation;
-mod decide;
 #[cfg(feature = "json")]
 mod json;
+mod policy;
 mod response;
 mod server;
 
@@ -65,9 +65,9 @@ pub use client::{
     CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
 };
 pub use correlation::CorrelationKey;
-pub use decide::DropReason;
 #[cfg(feature = "json")]
 pub use json::INVALID_JSON;
+pub use policy::DropReason;
 pub use response::Response;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 
-use super::decide::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
-    BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
-    Reply,
+    Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply,
 };
 use crate::error::{ConnectionError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+use crate::types::BasicProperties;
 
 /// The type of queue to declare when the request queue does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,6 +29,7 @@ pub enum QueueKind {
 
 /// RPC server settings.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The request queue.
     pub queue: String,
@@ -227,6 +228,7 @@ pub enum ServerEvent {
 
 /// Counters for what the server did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerStats {
     /// Deliveries received.
     pub received: u64,
