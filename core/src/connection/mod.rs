@@ -830,6 +830,7 @@ impl Connection {
         }
     }
 
+    // One arm per (state, method) pair the handshake and an open connection allow: one table.
     fn handle_connection_method(&mut self, now: Instant, method: AMQPClass) {
         use connection::AMQPMethod as M;
         let AMQPClass::Connection(method) = method else {

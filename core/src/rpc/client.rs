@@ -479,6 +479,7 @@ impl RpcClient {
     /// Starts a call. Returns its id at once; [`ClientEvent::CallEnded`] follows exactly once,
     /// at the latest at `now + request.timeout`. `wall` is the wall clock now, for the
     /// deadline header. Calls made before the client is ready wait, within their deadline.
+    // Long because every refusal must happen before anything is queued: checks, then one insert.
     pub fn call(
         &mut self,
         now: Instant,
@@ -637,6 +638,7 @@ impl RpcClient {
         self.flush_held(now);
     }
 
+    // One arm per connection event the client reacts to: it reads best as one table.
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Connected => {
@@ -813,6 +815,7 @@ impl RpcClient {
         }
     }
 
+    // Probe answers and the reply path's setup steps share this entry; split, each would re-match.
     fn on_completed(&mut self, now: Instant, channel: ChannelId, request: RequestId, reply: Reply) {
         if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
             match (target, reply) {
@@ -1111,6 +1114,7 @@ impl RpcClient {
         exchanges.insert(exchange.to_owned(), status);
     }
 
+    // Long because the request's properties are built field by field, as the wire format has them.
     fn send(&mut self, now: Instant, id: CallId) {
         let (Some(channel), Phase::Ready { reply_to, .. }) = (self.publish_channel(), &self.phase)
         else {

@@ -405,6 +405,7 @@ impl RpcServer {
     /// [`ServerConfig::clock_skew_tolerance`]), or delivered too often
     /// ([`ServerConfig::max_deliveries`]) are settled on the way, never returned; each raises
     /// [`ServerEvent::Dropped`].
+    // One loop over the buffer that settles each dropped request on the way, read in order.
     pub fn poll_request(&mut self, now: Instant, wall: UnixMillis) -> Option<Request> {
         while let Some(Buffered { delivery, received }) = self.buffer.pop_front() {
             let reply_to = delivery
@@ -659,6 +660,7 @@ impl RpcServer {
         }
     }
 
+    // One arm per connection event the server reacts to: it reads best as one table.
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Connected => self.check_queue(),
