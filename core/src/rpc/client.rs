@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
-use super::correlation::CorrelationKey;
+use super::correlation::{CallId, CorrelationKey};
 use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
     Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply, Returned,
@@ -16,10 +16,6 @@ use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
 use crate::ids::{ChannelId, ReplyCode, RequestId};
 use crate::timers::TimerTable;
 use crate::types::BasicProperties;
-
-/// Identifies one call from [`RpcClient::call`] to its [`ClientEvent::CallEnded`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CallId(pub u64);
 
 /// Where replies come back (ARCHITECTURE §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -62,9 +62,9 @@ mod response;
 mod server;
 
 pub use client::{
-    CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
+    CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
 };
-pub use correlation::CorrelationKey;
+pub use correlation::{CallId, CorrelationKey};
 #[cfg(feature = "json")]
 pub use json::INVALID_JSON;
 pub use policy::DropReason;
