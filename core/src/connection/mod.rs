@@ -1,9 +1,9 @@
 //! The AMQP 0-9-1 client connection machine.
 //!
-//! [`Connection`] owns the handshake, heartbeats, channels and the close handshake (ARCHITECTURE
-//! §3 gives the reading order of this folder). It never
-//! touches a socket or a clock: bytes and time come in through `handle_*`, bytes and events go
-//! out through `poll_*`. See the crate docs for the driving contract.
+//! [`Connection`] owns the handshake, heartbeats, channels and the close handshake
+//! (ARCHITECTURE §3 gives the reading order of this folder). It never touches a socket or a
+//! clock: bytes and time come in through `handle_*`, bytes and events go out through `poll_*`.
+//! See the crate docs for the driving contract.
 
 mod channel;
 mod commands;
