@@ -58,6 +58,7 @@ mod correlation;
 #[cfg(feature = "json")]
 mod json;
 mod policy;
+mod probe;
 mod response;
 mod server;
 
