@@ -25,11 +25,9 @@ pub fn sim_key() -> CorrelationKey {
 
 /// Connection settings for the simulation: heartbeats off (the broker tunes them off too).
 pub fn conn_config() -> ConnectionConfig {
-    {
-        let mut c = ConnectionConfig::default();
-        c.heartbeat = Duration::ZERO;
-        c
-    }
+    let mut config = ConnectionConfig::default();
+    config.heartbeat = Duration::ZERO;
+    config
 }
 
 /// A machine and its broker connection.
@@ -180,11 +178,9 @@ pub fn wall(base: Instant, now: Instant) -> UnixMillis {
 
 /// A client config for the simulation.
 pub fn client_config(mode: ReplyMode) -> ClientConfig {
-    {
-        let mut c = ClientConfig::default();
-        c.reply_mode = mode;
-        c
-    }
+    let mut config = ClientConfig::default();
+    config.reply_mode = mode;
+    config
 }
 
 /// Drains a client's events.
