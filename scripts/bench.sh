@@ -22,7 +22,8 @@
 # run a fraction of it), RUN_TIMEOUT (120 s per run), BENCH_OUT (target/bench: JSON lines and
 # tables are kept there too).
 #
-# Broker CPU is the utime+stime of the main node's beam.smp (/proc/<pid>/stat) across the
+# Broker CPU is the run time of the main node's beam.smp (the sum of its threads'
+# /proc/<pid>/task/*/schedstat, in ns; /proc/<pid>/stat's utime+stime count 10 ms ticks) across the
 # client's whole run (connect and warm-up included: < 1% of a run), divided by the calls. The
 # broker is shared: anything else it does in that window is counted too, hence the medians.
 set -euo pipefail
@@ -48,9 +49,9 @@ if [ "$mode" != matrix ]; then
   cp bench/amqprs/target/release/amqprs-server bench/amqprs/target/release/amqprs-bench "$bins/"
 fi
 
-clk_tck=$(getconf CLK_TCK)
-# utime + stime of a process, in clock ticks (fields 14 and 15; the name may hold spaces).
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# Nanoseconds a process's threads have run (the first field of each thread's schedstat):
+# finer than utime+stime of /proc/<pid>/stat (10 ms ticks), and the broker's threads live on.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
 broker_pid() {
   local pid
   pid=$(rabbitmqctl -q eval 'os:getpid().' 2>/dev/null | tr -d '"' || true)
@@ -91,16 +92,16 @@ run() {
   $(server_cmd "$impl" "$prefetch" "$sflags") --queue "$queue" >"$ready" 2>/dev/null &
   server=$!
   for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
-  b0=$(cpu_ticks "$broker")
+  b0=$(cpu_ns "$broker")
   # shellcheck disable=SC2086
   line=$(timeout "$run_timeout" $(client_cmd "$impl" "$cflags") --queue "$queue" --calls "$n" \
     --concurrency "$c" --server-pid "$server" --json || echo '{"failed":true}')
-  b1=$(cpu_ticks "$broker")
+  b1=$(cpu_ns "$broker")
   kill -INT "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
   rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
   local broker_us
-  broker_us=$(awk -v d=$((b1 - b0)) -v hz="$clk_tck" -v n="$n" 'BEGIN { printf "%.1f", d * 1e6 / hz / n }')
+  broker_us=$(awk -v d=$((b1 - b0)) -v n="$n" 'BEGIN { printf "%.1f", d / 1e3 / n }')
   echo "{\"label\":\"$label\",\"impl\":\"$impl\",\"prefetch\":$prefetch,\"load\":\"$(cut -d' ' -f1 /proc/loadavg)\",\"broker_cpu_us_per_call\":$broker_us,${line#\{}"
 }
 
