@@ -81,9 +81,10 @@ async fn run(args: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!(" [x] Awaiting RPC requests");
 
+    let acks = Arc::new(AtomicU64::new(0));
     let acker = args.has("multiple-ack").then(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(ack_batches(channel.clone(), rx));
+        tokio::spawn(ack_batches(channel.clone(), rx, acks.clone()));
         tx
     });
     let slots = Arc::new(Semaphore::new(workers));
@@ -105,7 +106,8 @@ async fn run(args: &Args) -> Result<(), String> {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (channel, acker, handled) = (channel.clone(), acker.clone(), handled.clone());
+        let (channel, acker, handled, acks) =
+            (channel.clone(), acker.clone(), handled.clone(), acks.clone());
         tokio::spawn(async move {
             let tag = deliver.delivery_tag();
             let reply = std::str::from_utf8(&body)
@@ -132,6 +134,7 @@ async fn run(args: &Args) -> Result<(), String> {
                 }
                 None => {
                     let _ = channel.basic_ack(BasicAckArguments::new(tag, false)).await;
+                    acks.fetch_add(1, Ordering::Relaxed);
                 }
             }
             handled.fetch_add(1, Ordering::Relaxed);
@@ -141,8 +144,9 @@ async fn run(args: &Args) -> Result<(), String> {
     let n = handled.load(Ordering::Relaxed);
     let cpu = process_cpu_time(None);
     eprintln!(
-        "amqprs-server: stopped after {:.1?}: {n} replies, CPU {cpu:.2?} ({:.1} µs per request)",
+        "amqprs-server: stopped after {:.1?}: {n} replies, {} basic.ack, CPU {cpu:.2?} ({:.1} µs per request)",
         started.elapsed(),
+        acks.load(Ordering::Relaxed),
         cpu.as_secs_f64() * 1e6 / n.max(1) as f64
     );
     let _ = channel.close().await;
@@ -150,14 +154,21 @@ async fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Acks finished requests with `multiple=true`: per wake-up, everything that finished since the
-/// last one, up to the first delivery tag still being handled.
-async fn ack_batches(channel: Channel, mut finished: mpsc::UnboundedReceiver<u64>) {
+/// Acks finished requests with `multiple=true`: per wake-up (after one yield, so that the
+/// handlers ready to run finish first), everything that finished since the last one, up to the
+/// first delivery tag still being handled.
+async fn ack_batches(
+    channel: Channel,
+    mut finished: mpsc::UnboundedReceiver<u64>,
+    acks: Arc<AtomicU64>,
+) {
     // Delivery tags start at 1 on each channel (AMQP 0-9-1 §1.8.3.13).
     let mut next_unacked = 1u64;
     let mut done = BTreeSet::new();
     while let Some(tag) = finished.recv().await {
         done.insert(tag);
+        // Let the other handlers that are ready finish first: their tags join this batch.
+        tokio::task::yield_now().await;
         while let Ok(tag) = finished.try_recv() {
             done.insert(tag);
         }
@@ -169,6 +180,7 @@ async fn ack_batches(channel: Channel, mut finished: mpsc::UnboundedReceiver<u64
             let _ = channel
                 .basic_ack(BasicAckArguments::new(next_unacked - 1, true))
                 .await;
+            acks.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
