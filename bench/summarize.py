@@ -154,14 +154,33 @@ def parse_strace(path):
     return counts
 
 
-def strace(label, impl, calls, client_path, server_path):
+def parse_perf(path):
+    """perf stat -x, output: count,unit,event,... per line; syscalls:sys_enter_NAME -> NAME.
+    raw_syscalls:sys_enter (every syscall) becomes "all"."""
+    counts = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) < 3 or not parts[0].isdigit():
+                    continue
+                event = parts[2]
+                name = "all" if event == "raw_syscalls:sys_enter" else event.split("sys_enter_")[-1]
+                counts[name] = int(parts[0])
+    except OSError:
+        pass
+    return counts
+
+
+def strace(label, impl, calls, client_path, server_path, parse=None, tool="strace"):
     calls = int(calls)
-    out = {"label": label, "impl": impl, "calls": calls}
+    out = {"label": label, "impl": impl, "calls": calls, "tool": tool}
     for side, path in (("client", client_path), ("server", server_path)):
-        c = parse_strace(path)
+        c = (parse or parse_strace)(path)
+        total = c.pop("all", None)
         per = lambda names: round(sum(v for k, v in c.items() if k in names) / calls, 2)
         out[side] = {
-            "syscalls_per_call": round(sum(c.values()) / calls, 2),
+            "syscalls_per_call": round((total if total is not None else sum(c.values())) / calls, 2),
             "socket_sends_per_call": per(SENDS),
             "write_per_call": per(PLAIN_WRITES),
             "reads_per_call": per(READS),
@@ -172,18 +191,22 @@ def strace(label, impl, calls, client_path, server_path):
     print(json.dumps(out))
 
 
+def perf(label, impl, calls, client_path, server_path):
+    strace(label, impl, calls, client_path, server_path, parse_perf, "perf")
+
+
 def syscalls(path):
     runs = []
     with open(path) as f:
         runs = [json.loads(l) for l in f if l.strip()]
     print()
-    print("| setting | impl | side | syscalls/call | socket sends/call | write(2)/call | "
+    print("| counted by | setting | impl | side | syscalls/call | socket sends/call | write(2)/call | "
           "reads/call | epoll waits/call | futex/call |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         for side in ("client", "server"):
             s = r[side]
-            print(f"| {SETTINGS.get(r['label'], r['label'])} | {IMPL_NAMES.get(r['impl'], r['impl'])} "
+            print(f"| {r.get('tool', 'strace')} | {SETTINGS.get(r['label'], r['label'])} | {IMPL_NAMES.get(r['impl'], r['impl'])} "
                   f"| {side} | {s['syscalls_per_call']} | {s['socket_sends_per_call']} | "
                   f"{s['write_per_call']} | "
                   f"{s['reads_per_call']} | {s['waits_per_call']} | {s['futex_per_call']} |")
@@ -196,5 +219,5 @@ def cpu_count():
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"compare": compare, "features": features, "strace": strace,
+    {"compare": compare, "features": features, "strace": strace, "perf": perf,
      "syscalls": syscalls}[cmd](*args)

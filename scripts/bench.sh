@@ -13,7 +13,8 @@
 #                                multiple acks), switched one at a time on the amqprs programs,
 #                                plus ours in both reply modes
 #   scripts/bench.sh syscalls    syscalls and socket writes/reads per call on the client and
-#                                the server (strace -c), ours (tokio) and amqprs
+#                                the server (strace -c, and perf stat's syscall tracepoints
+#                                where they can be read), ours (tokio) and amqprs
 #   scripts/bench.sh matrix      the former default: both transports x both reply modes x
 #                                C=1/64 x prefetch 64/1, one run each
 #   scripts/bench.sh all         compare, features and syscalls
@@ -148,34 +149,46 @@ features() {
   python3 bench/summarize.py features "$results" | tee "$out_dir/features.md"
 }
 
-# strace -c on both sides for a fixed number of calls: the client runs under strace, the
-# server is attached to once it is ready. strace slows both sides, which changes how much each
-# read or write batches: the counts are an upper bound for an unslowed run.
+# Syscalls per call on both sides for a fixed number of calls, counted twice: by strace -c
+# (every syscall by name; it slows both sides, which changes how much each read or write
+# batches) and, where the kernel lets perf read the syscall tracepoints, by perf stat (no
+# slowdown: the counts of an ordinary run). The client runs under the counter; the server is
+# attached to once it is ready.
 syscalls() {
-  command -v strace >/dev/null || timeout 300 apt-get install -y -qq strace >/dev/null
-  local results="$out_dir/syscalls.jsonl"
+  command -v strace >/dev/null || timeout 300 apt-get install -y -qq strace >/dev/null || true
+  local results="$out_dir/syscalls.jsonl" tools=()
+  command -v strace >/dev/null && tools+=(strace)
+  local events=raw_syscalls:sys_enter
+  for e in sendto sendmsg writev write recvfrom read epoll_wait futex; do
+    events="$events,syscalls:sys_enter_$e"
+  done
+  perf stat -x, -o /dev/null -e "$events" true 2>/dev/null && tools+=(perf)
   : >"$results"
-  for s in "c1-p1 1 1 $((calls / 10))" "c64-p64 64 64 $((calls / 2))"; do
-    # shellcheck disable=SC2086
-    set -- $s
-    for impl in tokio amqprs; do
-      local queue="bench-strace-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
-      # shellcheck disable=SC2046
-      $(server_cmd "$impl" "$3" "") --queue "$queue" >"$ready" 2>/dev/null &
-      server=$!
-      for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
-      strace -c -f -q -o "$work/server.strace" -p "$server" &
-      tracer=$!
-      sleep 0.5
-      # shellcheck disable=SC2046
-      timeout "$run_timeout" strace -c -f -q -o "$work/client.strace" \
-        $(client_cmd "$impl" "") --queue "$queue" --calls "$4" --concurrency "$2" --json >/dev/null || true
-      kill -INT "$tracer" 2>/dev/null || true
-      wait "$tracer" 2>/dev/null || true
-      kill -INT "$server" 2>/dev/null || true
-      wait "$server" 2>/dev/null || true
-      rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
-      python3 bench/summarize.py strace "$1" "$impl" "$4" "$work/client.strace" "$work/server.strace" | tee -a "$results"
+  for tool in "${tools[@]}"; do
+    for s in "c1-p1 1 1 $((calls / 10))" "c64-p64 64 64 $((calls / 2))"; do
+      # shellcheck disable=SC2086
+      set -- $s
+      for impl in tokio amqprs; do
+        local queue="bench-syscalls-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
+        local counter=(strace -c -f -q -o) server_counter
+        [ "$tool" = perf ] && counter=(perf stat -x, -e "$events" -o)
+        # shellcheck disable=SC2046
+        $(server_cmd "$impl" "$3" "") --queue "$queue" >"$ready" 2>/dev/null &
+        server=$!
+        for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+        "${counter[@]}" "$work/server.count" -p "$server" &
+        tracer=$!
+        sleep 0.5
+        # shellcheck disable=SC2046
+        timeout "$run_timeout" "${counter[@]}" "$work/client.count" \
+          $(client_cmd "$impl" "") --queue "$queue" --calls "$4" --concurrency "$2" --json >/dev/null || true
+        kill -INT "$tracer" 2>/dev/null || true
+        wait "$tracer" 2>/dev/null || true
+        kill -INT "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+        rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+        python3 bench/summarize.py "$tool" "$1" "$impl" "$4" "$work/client.count" "$work/server.count" | tee -a "$results"
+      done
     done
   done
   python3 bench/summarize.py syscalls "$results" | tee "$out_dir/syscalls.md"

@@ -30,9 +30,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, WriteContext};
 use amq_protocol::protocol::{basic, AMQPClass};
-use amqp_rpc_core::rpc::{
-    CallRequest, ClientEvent, ReplyMode, RpcClient, RpcServer, UnixMillis,
-};
+use amqp_rpc_core::rpc::{CallRequest, ClientEvent, ReplyMode, RpcClient, RpcServer, UnixMillis};
 use amqp_rpc_core::types::ShortString;
 use amqp_rpc_core::{BasicProperties, Connection, ConsumeOptions, Event};
 use amqp_rpc_sim::broker::Broker;
@@ -350,27 +348,31 @@ fn per_call(c: &mut Criterion) {
     let (mut conn, consumer, now) = consuming_connection();
     let properties = pair.request_properties.clone();
     let mut tag = 1u64;
-    group.bench_function("connection: decode one delivery into Event::Delivery", |b| {
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                tag += 1;
-                let bytes = delivery(&consumer, tag, &properties, REQUEST_BODY);
-                let t = Instant::now();
-                conn.handle_input(now, &bytes);
-                black_box(conn.poll_event().unwrap());
-                timed += t.elapsed();
-            }
-            timed
-        })
-    });
+    group.bench_function(
+        "connection: decode one delivery into Event::Delivery",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    tag += 1;
+                    let bytes = delivery(&consumer, tag, &properties, REQUEST_BODY);
+                    let t = Instant::now();
+                    conn.handle_input(now, &bytes);
+                    black_box(conn.poll_event().unwrap());
+                    timed += t.elapsed();
+                }
+                timed
+            })
+        },
+    );
 
     // amq-protocol alone on the same bytes: the request delivery the server decodes above and
     // the request frames the client wrote.
     let request_delivery = delivery(&consumer, 7, &properties, REQUEST_BODY);
-    group.bench_function("amq-protocol: parse_frame of one delivery (3 frames)", |b| {
-        b.iter(|| black_box(parse_all(black_box(&request_delivery))))
-    });
+    group.bench_function(
+        "amq-protocol: parse_frame of one delivery (3 frames)",
+        |b| b.iter(|| black_box(parse_all(black_box(&request_delivery)))),
+    );
     pair.send(&mut buf);
     let request_frames = parse_all(&buf);
     let reply = pair.reply_for(&buf);

@@ -32,7 +32,11 @@ impl Args {
 
     /// Refuses a flag not in `known`.
     pub fn check(&self, known: &[&str]) -> Result<(), String> {
-        match self.pairs.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+        match self
+            .pairs
+            .iter()
+            .find(|(k, _)| !known.contains(&k.as_str()))
+        {
             Some((k, _)) => Err(format!("unknown flag --{k}")),
             None => Ok(()),
         }
@@ -56,7 +60,9 @@ impl Args {
     pub fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
         match self.value(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("--{name}: not a number: {v}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: not a number: {v}")),
         }
     }
 
@@ -89,7 +95,10 @@ pub fn fib(n: u32) -> Option<u128> {
 
 /// CPU time (user + system) of process `pid` (this one when `None`), from /proc/<pid>/stat.
 pub fn process_cpu_time(pid: Option<u32>) -> Duration {
-    let path = pid.map_or_else(|| "/proc/self/stat".to_owned(), |p| format!("/proc/{p}/stat"));
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
     let Ok(stat) = std::fs::read_to_string(path) else {
         return Duration::ZERO;
     };

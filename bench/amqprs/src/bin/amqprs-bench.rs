@@ -29,9 +29,7 @@ use amqprs::channel::{
     BasicConsumeArguments, BasicPublishArguments, Channel, ConsumerMessage, QueueDeclareArguments,
 };
 use amqprs::connection::Connection;
-use amqprs::{
-    Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return,
-};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use amqprs_comparison::{fib, process_cpu_time, runtime, Args};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};

@@ -76,7 +76,11 @@ async fn run(args: &Args) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let (_tag, mut deliveries) = channel
-        .basic_consume_rx(BasicConsumeArguments::new(&queue, "").manual_ack(true).finish())
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "")
+                .manual_ack(true)
+                .finish(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     println!(" [x] Awaiting RPC requests");
@@ -106,15 +110,22 @@ async fn run(args: &Args) -> Result<(), String> {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (channel, acker, handled, acks) =
-            (channel.clone(), acker.clone(), handled.clone(), acks.clone());
+        let (channel, acker, handled, acks) = (
+            channel.clone(),
+            acker.clone(),
+            handled.clone(),
+            acks.clone(),
+        );
         tokio::spawn(async move {
             let tag = deliver.delivery_tag();
             let reply = std::str::from_utf8(&body)
                 .ok()
                 .and_then(|t| t.trim().parse::<u32>().ok())
                 .and_then(fib)
-                .map_or_else(|| "error: expected a number from 0 to 186".to_owned(), |v| v.to_string());
+                .map_or_else(
+                    || "error: expected a number from 0 to 186".to_owned(),
+                    |v| v.to_string(),
+                );
             if let Some(reply_to) = properties.reply_to() {
                 let mut reply_properties = BasicProperties::default();
                 if let Some(id) = properties.correlation_id() {
@@ -188,7 +199,10 @@ async fn ack_batches(
 /// Resolves on SIGINT or SIGTERM.
 async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
