@@ -41,12 +41,6 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
-def ratio(a, b):
-    if a is None or b in (None, 0):
-        return "-"
-    return f"{a / b:.2f}x"
-
-
 def grouped(runs, key):
     groups = OrderedDict()
     for run in runs:
@@ -92,6 +86,18 @@ def compare(path):
         ("client + server CPU µs/call", "own_cpu_us_per_call", 1),
         ("broker CPU µs/call", "broker_cpu_us_per_call", 1),
     ]
+    # The ratios are medians of per-round ratios: the k-th run of one implementation against
+    # the k-th run of the other in the same setting, which ran next to it (interleaved).
+    by_impl = grouped(runs, lambda r: (r["label"], r["impl"]))
+
+    def paired(label, key, a, b):
+        ra, rb = by_impl.get((label, a), []), by_impl.get((label, b), [])
+        value = lambda r: (r["client_cpu_us_per_call"] + (r.get("server_cpu_us_per_call") or 0)
+                           if key == "own_cpu_us_per_call" else r.get(key))
+        ratios = [value(x) / value(y) for x, y in zip(ra, rb)
+                  if value(x) is not None and value(y)]
+        return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
     print()
     print("| setting | measure | " + " | ".join(IMPL_NAMES[i] for i in IMPLS)
           + " | tokio / amqprs | smol / amqprs | tokio / amqprs (tutorial) |")
@@ -101,8 +107,9 @@ def compare(path):
             values = [table.get((label, i), {}).get(key) for i in IMPLS]
             cells = [fmt(v, digits) for v in values]
             print(f"| {name} | {title} | " + " | ".join(cells) + " | "
-                  + f"{ratio(values[0], values[2])} | {ratio(values[1], values[2])} | "
-                  + f"{ratio(values[0], values[3])} |")
+                  + f"{paired(label, key, 'tokio', 'amqprs')} | "
+                  + f"{paired(label, key, 'smol', 'amqprs')} | "
+                  + f"{paired(label, key, 'tokio', 'amqprs-plain')} |")
     loads = [float(r["load"]) for r in runs if "load" in r]
     if loads:
         print(f"\nmedians of {max(m['runs'] for m in table.values())} runs; 1-min load average "
