@@ -155,7 +155,10 @@ features() {
 # slowdown: the counts of an ordinary run). The client runs under the counter; the server is
 # attached to once it is ready.
 syscalls() {
-  command -v strace >/dev/null || timeout 300 apt-get install -y -qq strace >/dev/null || true
+  if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ]; then
+    timeout 300 apt-get update -qq >/dev/null || true
+    timeout 300 env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null || true
+  fi
   local results="$out_dir/syscalls.jsonl" tools=()
   command -v strace >/dev/null && tools+=(strace)
   local events=raw_syscalls:sys_enter
