@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, WriteContext};
 use amq_protocol::protocol::{basic, AMQPClass};
 use amqp_rpc_core::rpc::{CallRequest, ClientEvent, ReplyMode, RpcClient, RpcServer, UnixMillis};
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::types::ShortString;
-use amqp_rpc_core::{BasicProperties, Connection, ConsumeOptions, Event};
+use amqp_rpc_core::{Connection, ConsumeOptions, Event};
 use amqp_rpc_sim::broker::Broker;
 use amqp_rpc_sim::frames;
 use amqp_rpc_sim::rpc::{
@@ -275,10 +276,8 @@ fn consuming_connection() -> (Connection, Consumer, Instant) {
     settle(&mut broker, base, &mut [&mut conn]);
     let channel = conn.m.open_channel().unwrap();
     settle(&mut broker, base, &mut [&mut conn]);
-    let options = ConsumeOptions {
-        no_ack: true,
-        exclusive: false,
-    };
+    let mut options = ConsumeOptions::default();
+    options.no_ack = true;
     conn.m
         .consume(channel, Q, "", options, Default::default())
         .unwrap();
