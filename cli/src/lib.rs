@@ -17,6 +17,7 @@ pub mod client;
 pub mod cpu;
 pub mod fib;
 mod logging;
+pub mod prometheus;
 pub mod server;
 
 pub use bench::{bench_main, BenchArgs};
