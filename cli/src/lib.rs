@@ -16,6 +16,8 @@ pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod fib;
+pub mod latency;
+pub mod plot;
 mod logging;
 pub mod prometheus;
 pub mod server;
