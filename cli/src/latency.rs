@@ -37,8 +37,8 @@ impl Latencies {
     pub fn new() -> Self {
         // 1 µs .. an hour at 3 digits is a valid configuration: `new_with_bounds` only fails
         // for low < 1, high < 2 * low or digits > 5.
-        let histogram = Histogram::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_DIGITS)
-            .expect("valid bounds");
+        let histogram =
+            Histogram::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_DIGITS).expect("valid bounds");
         Self { histogram }
     }
 
@@ -159,7 +159,10 @@ impl Timeline {
             .map(|(i, window)| {
                 let calls: u64 = window.iter().sum();
                 let secs = window.len() as f64 * slot;
-                ((i * per_window + window.len()) as f64 * slot, calls as f64 / secs)
+                (
+                    (i * per_window + window.len()) as f64 * slot,
+                    calls as f64 / secs,
+                )
             })
             .collect()
     }

@@ -17,8 +17,8 @@ pub mod client;
 pub mod cpu;
 pub mod fib;
 pub mod latency;
-pub mod plot;
 mod logging;
+pub mod plot;
 pub mod prometheus;
 pub mod server;
 

@@ -75,7 +75,10 @@ where
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..ms(bins.last().map_or(upper, |b| b.1)), 0f64..highest * 1.1)?;
+        .build_cartesian_2d(
+            0f64..ms(bins.last().map_or(upper, |b| b.1)),
+            0f64..highest * 1.1,
+        )?;
     chart
         .configure_mesh()
         .x_desc("latency (ms)")
@@ -157,7 +160,11 @@ mod tests {
         write_svg(&path, &label, &latencies, &timeline).expect("written");
         let svg = std::fs::read_to_string(&path).expect("readable");
         let _ = std::fs::remove_file(&path);
-        assert!(svg.trim_start().starts_with("<svg"), "{}", &svg[..200.min(svg.len())]);
+        assert!(
+            svg.trim_start().starts_with("<svg"),
+            "{}",
+            &svg[..200.min(svg.len())]
+        );
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains(LATENCY_TITLE), "latency chart's title");
         assert!(svg.contains(RATE_TITLE), "rate chart's title");
@@ -172,7 +179,9 @@ mod tests {
     #[test]
     fn an_empty_run_still_draws() {
         let path = std::env::temp_dir().join(format!("bench-empty-{}.svg", std::process::id()));
-        let label = RunLabel { text: "0 calls".into() };
+        let label = RunLabel {
+            text: "0 calls".into(),
+        };
         write_svg(&path, &label, &Latencies::new(), &Timeline::default()).expect("written");
         let svg = std::fs::read_to_string(&path).expect("readable");
         let _ = std::fs::remove_file(&path);
@@ -184,7 +193,9 @@ mod tests {
         let path = Path::new("/nonexistent-dir/x/plot.svg");
         let e = write_svg(
             path,
-            &RunLabel { text: String::new() },
+            &RunLabel {
+                text: String::new(),
+            },
             &Latencies::new(),
             &Timeline::default(),
         )

@@ -51,10 +51,13 @@ pub fn serve_metrics(addr: SocketAddr) -> io::Result<SocketAddr> {
         .name("metrics-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                // A failed accept (the peer gone already, too many files) ends one scrape,
-                // not the endpoint.
-                if let Ok(stream) = stream {
-                    let _ = answer(stream, &handle);
+                match stream {
+                    Ok(stream) => {
+                        let _ = answer(stream, &handle);
+                    }
+                    // A failed accept (the peer gone already, out of file descriptors) ends one
+                    // scrape, not the endpoint; the pause keeps a lasting failure from spinning.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }
         })?;
