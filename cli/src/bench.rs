@@ -286,6 +286,7 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
                 "{} calls, concurrency {concurrency}, {mode_name} replies, {rate:.0} calls/s",
                 latencies.len()
             ),
+            run: elapsed,
         };
         if let Err(e) = write_svg(path, &label, &latencies, &timeline) {
             eprintln!("bench: --plot {e}");

@@ -111,30 +111,51 @@ impl Default for Latencies {
     }
 }
 
-/// Calls ended, counted by slot of [`Timeline::SLOT`] since the run started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Calls ended, counted by slot since the run started. Slots start at [`Timeline::FIRST_SLOT`]
+/// and double in width whenever a run outgrows [`Timeline::MAX_SLOTS`] of them, so a timeline
+/// stays small (32 KiB) however long the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeline {
+    slot: Duration,
     counts: Vec<u64>,
 }
 
 impl Timeline {
-    /// The width of a slot.
-    pub const SLOT: Duration = Duration::from_millis(100);
+    /// The width of a slot when the run starts.
+    pub const FIRST_SLOT: Duration = Duration::from_millis(10);
+    /// The most slots a timeline keeps.
+    pub const MAX_SLOTS: usize = 4096;
+
+    /// None yet.
+    pub fn new() -> Self {
+        Self {
+            slot: Self::FIRST_SLOT,
+            counts: Vec::new(),
+        }
+    }
 
     /// Counts a call that ended `at` after the start.
     pub fn record(&mut self, at: Duration) {
-        let slot = usize::try_from(at.as_millis() / Self::SLOT.as_millis()).unwrap_or(usize::MAX);
-        // A run is hours at most: 36 000 slots an hour. Past a day, count in the last slot
-        // rather than grow without bound.
-        let slot = slot.min(24 * 36_000);
-        if self.counts.len() <= slot {
-            self.counts.resize(slot + 1, 0);
+        let mut i = self.index(at);
+        while i >= Self::MAX_SLOTS {
+            self.coarsen();
+            i = self.index(at);
         }
-        self.counts[slot] += 1;
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
     }
 
-    /// Adds `other`'s calls to these.
+    /// Adds `other`'s calls to these (in the wider of the two slots).
     pub fn merge(&mut self, other: &Timeline) {
+        let mut other = other.clone();
+        while self.slot < other.slot {
+            self.coarsen();
+        }
+        while other.slot < self.slot {
+            other.coarsen();
+        }
         if self.counts.len() < other.counts.len() {
             self.counts.resize(other.counts.len(), 0);
         }
@@ -148,23 +169,48 @@ impl Timeline {
         self.counts.iter().sum()
     }
 
-    /// Calls/s over time, as (seconds since the start at the window's end, calls/s in the
-    /// window), in at most `points` windows of whole slots.
-    pub fn rates(&self, points: usize) -> Vec<(f64, f64)> {
+    /// The width of a slot now.
+    pub fn slot(&self) -> Duration {
+        self.slot
+    }
+
+    /// Calls/s over a run that lasted `run`, as (seconds since the start at the window's end,
+    /// calls/s in the window), in at most `points` windows of whole slots. The last window
+    /// ends with the run, not with its last slot.
+    pub fn rates(&self, points: usize, run: Duration) -> Vec<(f64, f64)> {
         let per_window = self.counts.len().div_ceil(points.max(1)).max(1);
-        let slot = Self::SLOT.as_secs_f64();
+        let slot = self.slot.as_secs_f64();
+        let run = run.as_secs_f64();
         self.counts
             .chunks(per_window)
             .enumerate()
             .map(|(i, window)| {
+                let start = (i * per_window) as f64 * slot;
+                let end = (start + window.len() as f64 * slot).min(run.max(start + 0.001));
                 let calls: u64 = window.iter().sum();
-                let secs = window.len() as f64 * slot;
-                (
-                    (i * per_window + window.len()) as f64 * slot,
-                    calls as f64 / secs,
-                )
+                (end, calls as f64 / (end - start))
             })
             .collect()
+    }
+
+    fn index(&self, at: Duration) -> usize {
+        usize::try_from(at.as_nanos() / self.slot.as_nanos()).unwrap_or(usize::MAX)
+    }
+
+    /// Doubles the slots' width, adding up pairs.
+    fn coarsen(&mut self) {
+        self.counts = self
+            .counts
+            .chunks(2)
+            .map(|pair| pair.iter().sum())
+            .collect();
+        self.slot *= 2;
+    }
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -236,24 +282,56 @@ mod tests {
 
     #[test]
     fn timeline_rates() {
-        let mut a = Timeline::default();
-        let mut b = Timeline::default();
+        let mut a = Timeline::new();
+        let mut b = Timeline::new();
         for ms in 0..1_000 {
             // 1 000 calls/s for a second, split over two tasks.
             if ms % 2 == 0 { &mut a } else { &mut b }.record(Duration::from_millis(ms));
         }
         a.merge(&b);
         assert_eq!(a.total(), 1_000);
-        let rates = a.rates(100);
+        let second = Duration::from_secs(1);
+        let rates = a.rates(10, second);
         assert_eq!(rates.len(), 10);
         for (i, (t, r)) in rates.iter().enumerate() {
             assert!((t - (i + 1) as f64 * 0.1).abs() < 1e-9, "{rates:?}");
             assert!((r - 1_000.0).abs() < 1e-6, "{rates:?}");
         }
-        // Fewer points: windows of whole slots.
-        let rates = a.rates(3);
+        // Windows of whole slots: 100 slots in 3 windows of 34, the last one shorter.
+        let rates = a.rates(3, second);
         assert_eq!(rates.len(), 3);
         assert!((rates[0].1 - 1_000.0).abs() < 1e-6, "{rates:?}");
         assert!((rates[2].0 - 1.0).abs() < 1e-9, "{rates:?}");
+        assert!((rates[2].1 - 1_000.0).abs() < 1e-6, "{rates:?}");
+    }
+
+    #[test]
+    fn the_last_window_ends_with_the_run() {
+        // 10 calls in the first 5 ms of a 10 ms slot: 2 000 calls/s, not 1 000.
+        let mut t = Timeline::new();
+        for us in 0..10 {
+            t.record(Duration::from_micros(us * 500));
+        }
+        let rates = t.rates(10, Duration::from_millis(5));
+        assert_eq!(rates.len(), 1);
+        assert!((rates[0].1 - 2_000.0).abs() < 1e-6, "{rates:?}");
+    }
+
+    #[test]
+    fn a_long_run_widens_the_slots_and_stays_bounded() {
+        let mut long = Timeline::new();
+        let mut short = Timeline::new();
+        for s in 0..3_600 {
+            long.record(Duration::from_secs(s));
+        }
+        short.record(Duration::ZERO);
+        assert!(long.counts.len() <= Timeline::MAX_SLOTS);
+        assert_eq!(long.slot(), Duration::from_millis(1_280));
+        // Merged both ways: the wider slots win, nothing is lost.
+        let mut a = short.clone();
+        a.merge(&long);
+        long.merge(&short);
+        assert_eq!(a, long);
+        assert_eq!(a.total(), 3_601);
     }
 }

@@ -3,6 +3,7 @@
 //! `<text>` for the viewer to render, so no font is needed to draw it.
 
 use std::path::Path;
+use std::time::Duration;
 
 use plotters::prelude::*;
 
@@ -18,13 +19,15 @@ const SIZE: (u32, u32) = (960, 800);
 /// Bars in the latency chart.
 const BINS: u32 = 80;
 /// Points in the calls/s chart at most.
-const POINTS: usize = 300;
+const POINTS: usize = 60;
 
 /// What the charts say about the run they show, in their subtitles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunLabel {
-    /// E.g. `20000 calls, concurrency 64, exclusive reply queue`.
+    /// E.g. `20000 calls, concurrency 64, exclusive replies`.
     pub text: String,
+    /// How long the run took.
+    pub run: Duration,
 }
 
 /// Writes the charts of `latencies` and `timeline` to `path` (an SVG file).
@@ -81,6 +84,7 @@ where
         )?;
     chart
         .configure_mesh()
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("latency (ms)")
         .y_desc("calls")
         .draw()?;
@@ -121,7 +125,7 @@ fn rate_chart<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let rates = timeline.rates(POINTS);
+    let rates = timeline.rates(POINTS, label.run);
     let end = rates.last().map_or(1.0, |r| r.0).max(0.1);
     let highest = rates.iter().map(|r| r.1).fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(area)
@@ -132,6 +136,7 @@ where
         .build_cartesian_2d(0f64..end, 0f64..highest * 1.1)?;
     chart
         .configure_mesh()
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("seconds since start")
         .y_desc("calls/s")
         .draw()?;
@@ -141,8 +146,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -156,6 +159,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("bench-plot-{}.svg", std::process::id()));
         let label = RunLabel {
             text: "5000 calls, concurrency 8 <&>".into(),
+            run: Duration::from_secs(2),
         };
         write_svg(&path, &label, &latencies, &timeline).expect("written");
         let svg = std::fs::read_to_string(&path).expect("readable");
@@ -181,6 +185,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("bench-empty-{}.svg", std::process::id()));
         let label = RunLabel {
             text: "0 calls".into(),
+            run: Duration::ZERO,
         };
         write_svg(&path, &label, &Latencies::new(), &Timeline::default()).expect("written");
         let svg = std::fs::read_to_string(&path).expect("readable");
@@ -195,6 +200,7 @@ mod tests {
             path,
             &RunLabel {
                 text: String::new(),
+                run: Duration::ZERO,
             },
             &Latencies::new(),
             &Timeline::default(),
