@@ -178,6 +178,8 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     let ended = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let progress = (!args.json && std::io::stderr().is_terminal()).then(|| progress_bar(calls));
+    // Without a bar, the calls share no counter for it.
+    let count_ended = progress.is_some();
     let cpu_start = process_cpu_time(None);
     let server_cpu_start = args.server_pid.map(|p| process_cpu_time(Some(p)));
     let started = Instant::now();
@@ -209,7 +211,9 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
                 let now = Instant::now();
                 latencies.record(now - t);
                 timeline.record(now - started);
-                ended.fetch_add(1, Ordering::Relaxed);
+                if count_ended {
+                    ended.fetch_add(1, Ordering::Relaxed);
+                }
             }
             let _ = tx.send((latencies, timeline));
         });

@@ -17,7 +17,7 @@ pub struct Latencies {
     histogram: Histogram<u64>,
 }
 
-/// The figures the bench reports, in µs (each within 0.1 % of the exact value; `max` exactly).
+/// The figures the bench reports, in µs, each within 0.1 % of the exact value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Percentiles {
     /// Median.
