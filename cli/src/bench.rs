@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib;
-use crate::latency::{Latencies, Timeline};
+use crate::latency::{Latencies, Percentiles, Timeline};
 use crate::plot::{write_svg, RunLabel};
 
 /// Measures calls/s, latency and CPU per call against the server consuming the queue.
@@ -130,6 +130,90 @@ impl BenchArgs {
         let mut options = ClientOptions::from_uris(&self.broker.uris)?;
         options.rpc.reply_mode = self.reply_mode.into();
         Ok(options)
+    }
+}
+
+/// What a run measured, as the bench prints it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Calls made (the warm-up call not counted).
+    pub calls: u64,
+    /// Calls in flight at once.
+    pub concurrency: u64,
+    /// Where replies came back.
+    pub reply_mode: ReplyModeArg,
+    /// Calls per second over the run.
+    pub calls_per_sec: f64,
+    /// The calls' latencies.
+    pub latency: Percentiles,
+    /// The mean latency, in µs.
+    pub mean_us: f64,
+    /// Calls that failed or got a wrong answer.
+    pub errors: u64,
+    /// This process's CPU time per call, in µs.
+    pub client_cpu_us_per_call: f64,
+    /// The server's CPU time per call, in µs, when `--server-pid` was given.
+    pub server_cpu_us_per_call: Option<f64>,
+    /// How long the run took.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// The `--json` line. The fields up to `server_cpu_us_per_call` are the ones scripts
+    /// (`scripts/bench.sh`, summaries of its output) read, in this order: new fields go after
+    /// them, and none is renamed.
+    pub fn json(&self) -> String {
+        let p = &self.latency;
+        let server = self
+            .server_cpu_us_per_call
+            .map_or("null".to_owned(), |v| format!("{v:.1}"));
+        format!(
+            "{{\"calls\":{},\"concurrency\":{},\"reply_mode\":\"{}\",\"calls_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{},\"client_cpu_us_per_call\":{:.1},\"server_cpu_us_per_call\":{server},\"p90_us\":{},\"p999_us\":{},\"mean_us\":{:.1},\"elapsed_s\":{:.3}}}",
+            self.calls,
+            self.concurrency,
+            self.reply_mode.name(),
+            self.calls_per_sec,
+            p.p50,
+            p.p99,
+            p.max,
+            self.errors,
+            self.client_cpu_us_per_call,
+            p.p90,
+            p.p999,
+            self.mean_us,
+            self.elapsed.as_secs_f64(),
+        )
+    }
+
+    /// The table a person reads, a line per figure.
+    pub fn table(&self) -> String {
+        let p = &self.latency;
+        let mut out = format!(
+            "calls        {}\nconcurrency  {}\nreply mode   {}\ncalls/s      {:.0}\nmean         {:.0} µs\n",
+            self.calls,
+            self.concurrency,
+            self.reply_mode.name(),
+            self.calls_per_sec,
+            self.mean_us
+        );
+        for (name, us) in [
+            ("p50", p.p50),
+            ("p90", p.p90),
+            ("p99", p.p99),
+            ("p99.9", p.p999),
+            ("max", p.max),
+        ] {
+            out.push_str(&format!("{name:<12} {us} µs\n"));
+        }
+        out.push_str(&format!("errors       {}\n", self.errors));
+        out.push_str(&format!(
+            "client CPU   {:.1} µs/call\n",
+            self.client_cpu_us_per_call
+        ));
+        if let Some(s) = self.server_cpu_us_per_call {
+            out.push_str(&format!("server CPU   {s:.1} µs/call\n"));
+        }
+        out
     }
 }
 
@@ -245,45 +329,25 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         bar.finish_and_clear();
     }
     client.close().await;
-    let p = latencies.percentiles();
     let done = latencies.len() as f64;
-    let rate = done / elapsed.as_secs_f64();
-    let cpu_per_call = cpu.as_secs_f64() * 1e6 / done.max(1.0);
-    let server_cpu_per_call = server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0));
-    let errors = errors.load(Ordering::Relaxed);
-    let mode_name = args.reply_mode.name();
-    let mean = latencies.mean();
+    let report = Report {
+        calls: latencies.len(),
+        concurrency,
+        reply_mode: args.reply_mode,
+        calls_per_sec: done / elapsed.as_secs_f64(),
+        latency: latencies.percentiles(),
+        mean_us: latencies.mean(),
+        errors: errors.load(Ordering::Relaxed),
+        client_cpu_us_per_call: cpu.as_secs_f64() * 1e6 / done.max(1.0),
+        server_cpu_us_per_call: server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0)),
+        elapsed,
+    };
     if args.json {
-        let server = server_cpu_per_call.map_or("null".to_owned(), |v| format!("{v:.1}"));
-        // The fields up to server_cpu_us_per_call are the ones scripts/bench.sh and
-        // bench/summarize.py read: new fields go after them, none is renamed.
-        println!(
-            "{{\"calls\":{},\"concurrency\":{concurrency},\"reply_mode\":\"{mode_name}\",\"calls_per_sec\":{rate:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{errors},\"client_cpu_us_per_call\":{cpu_per_call:.1},\"server_cpu_us_per_call\":{server},\"p90_us\":{},\"p999_us\":{},\"mean_us\":{mean:.1},\"elapsed_s\":{:.3}}}",
-            latencies.len(),
-            p.p50,
-            p.p99,
-            p.max,
-            p.p90,
-            p.p999,
-            elapsed.as_secs_f64(),
-        );
+        println!("{}", report.json());
     } else {
-        println!("calls        {}", latencies.len());
-        println!("concurrency  {concurrency}");
-        println!("reply mode   {mode_name}");
-        println!("calls/s      {rate:.0}");
-        println!("mean         {mean:.0} µs");
-        println!("p50          {} µs", p.p50);
-        println!("p90          {} µs", p.p90);
-        println!("p99          {} µs", p.p99);
-        println!("p99.9        {} µs", p.p999);
-        println!("max          {} µs", p.max);
-        println!("errors       {errors}");
-        println!("client CPU   {cpu_per_call:.1} µs/call");
-        if let Some(s) = server_cpu_per_call {
-            println!("server CPU   {s:.1} µs/call");
-        }
+        print!("{}", report.table());
     }
+    let (errors, rate, mode_name) = (report.errors, report.calls_per_sec, args.reply_mode.name());
     if let Some(path) = &args.plot {
         let label = RunLabel {
             text: format!(
@@ -350,6 +414,63 @@ mod tests {
             args.options().expect("valid").rpc.reply_mode,
             ReplyMode::DirectReplyTo
         );
+    }
+
+    fn report() -> Report {
+        Report {
+            calls: 20_000,
+            concurrency: 64,
+            reply_mode: ReplyModeArg::Direct,
+            calls_per_sec: 15_210.6,
+            latency: Percentiles {
+                p50: 3_500,
+                p90: 5_000,
+                p99: 12_000,
+                p999: 20_000,
+                max: 25_000,
+            },
+            mean_us: 3_700.25,
+            errors: 0,
+            client_cpu_us_per_call: 10.04,
+            server_cpu_us_per_call: Some(7.0),
+            elapsed: Duration::from_millis(1_315),
+        }
+    }
+
+    #[test]
+    fn json_keeps_the_fields_scripts_read_first_and_adds_after() {
+        assert_eq!(
+            report().json(),
+            concat!(
+                r#"{"calls":20000,"concurrency":64,"reply_mode":"direct","calls_per_sec":15211,"#,
+                r#""p50_us":3500,"p99_us":12000,"max_us":25000,"errors":0,"#,
+                r#""client_cpu_us_per_call":10.0,"server_cpu_us_per_call":7.0,"#,
+                r#""p90_us":5000,"p999_us":20000,"mean_us":3700.2,"elapsed_s":1.315}"#
+            )
+        );
+        let without_server = Report {
+            server_cpu_us_per_call: None,
+            ..report()
+        };
+        assert!(without_server
+            .json()
+            .contains(r#""server_cpu_us_per_call":null,"#));
+    }
+
+    #[test]
+    fn table_has_every_percentile() {
+        let table = report().table();
+        for line in [
+            "calls/s      15211\n",
+            "p50          3500 µs\n",
+            "p90          5000 µs\n",
+            "p99          12000 µs\n",
+            "p99.9        20000 µs\n",
+            "max          25000 µs\n",
+            "server CPU   7.0 µs/call\n",
+        ] {
+            assert!(table.contains(line), "{line:?} in\n{table}");
+        }
     }
 
     #[test]
