@@ -1,4 +1,4 @@
-//! The server program's `--metrics-addr`: the program (built here as the `cli-server` bin) runs
+//! The server program's `--metrics-addr`: the program (built here as the `cli-program` bin) runs
 //! against the real broker, a client makes calls, and a plain TCP scrape of `/metrics` during
 //! the run shows them in the Prometheus text: requests and deliveries counted, the handler
 //! histogram's count, the in-flight gauge.
@@ -27,13 +27,13 @@ const SHOWS_WITHIN: Duration = Duration::from_secs(10);
 async fn scrape_shows_the_calls<R: TestRuntime>() {
     let queue = QueueGuard::new("metrics-endpoint");
     let port = free_port();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cli-server"));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cli-program"));
     command
         .env("E2E_TRANSPORT", R::NAME)
         .env("RUST_LOG", "warn")
         .args(["--uri", &uri(), "--queue", queue.name(), "--workers", "4"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
-    let mut server = ChildProcess::spawn("cli-server", command);
+    let mut server = ChildProcess::spawn("server", command);
     server
         .wait_line::<R>("Awaiting RPC requests", Duration::from_secs(15))
         .await;
