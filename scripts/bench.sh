@@ -1,39 +1,219 @@
 #!/usr/bin/env bash
-# Runs the bench against the real broker for both transports, both reply modes, at concurrency
-# 1 and 64, with server prefetch 64 and 1 (the tutorial's setting), and prints one JSON line per
-# run. Each run starts its own server (same transport as the client) on a queue of its own.
-#   scripts/bench.sh                 # everything, 20,000 calls per run at concurrency 64
-#   CALLS=50000 scripts/bench.sh     # longer runs
+# The bench against the real broker (127.0.0.1:5672); the single command behind the README's
+# performance tables. Every run starts its own server on a queue of its own, runs a bounded
+# number of calls (each run under a time limit), and prints one JSON line; the modes that
+# compare print markdown tables of the medians at the end.
+#
+#   scripts/bench.sh [compare]   ours (tokio, smol) vs amqprs 2.x (bench/amqprs), interleaved,
+#                                medians of ROUNDS: C=1/prefetch 1, C=64/prefetch 1,
+#                                C=64/prefetch 64; calls/s, p50, p99, client, server and broker
+#                                CPU per call
+#   scripts/bench.sh features    broker CPU per call of each protocol choice at C=64/prefetch
+#                                64 (mandatory, expiration, x-rpc-deadline, direct reply-to,
+#                                multiple acks), switched one at a time on the amqprs programs,
+#                                plus ours in both reply modes
+#   scripts/bench.sh syscalls    syscalls and socket writes/reads per call on the client and
+#                                the server (strace -c, and perf stat's syscall tracepoints
+#                                where they can be read), ours (tokio) and amqprs
+#   scripts/bench.sh matrix      the former default: both transports x both reply modes x
+#                                C=1/64 x prefetch 64/1, one run each
+#   scripts/bench.sh all         compare, features and syscalls
+#
+# Environment: ROUNDS (3), CALLS (20000: calls per run at C=64/prefetch 64; the slower settings
+# run a fraction of it), RUN_TIMEOUT (120 s per run), BENCH_OUT (target/bench: JSON lines and
+# tables are kept there too).
+#
+# Broker CPU is the run time of the main node's beam.smp (the sum of its threads'
+# /proc/<pid>/task/*/schedstat, in ns; /proc/<pid>/stat's utime+stime count 10 ms ticks) across the
+# client's whole run (connect and warm-up included: < 1% of a run), divided by the calls. The
+# broker is shared: anything else it does in that window is counted too, hence the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode="${1:-compare}"
+rounds="${ROUNDS:-3}"
 calls="${CALLS:-20000}"
+run_timeout="${RUN_TIMEOUT:-120}"
+out_dir="${BENCH_OUT:-target/bench}"
+mkdir -p "$out_dir"
 bash scripts/ensure-rabbitmq.sh >/dev/null
 
-# The smol transport's programs are smol-server and smol-bench (no clash with tokio's in target/).
+# Builds, then copies the programs aside: a rebuild during the runs changes nothing measured.
 cargo build --release -q -p transport-tokio --bin server --bin bench
 cargo build --release -q -p transport-smol --bin smol-server --bin smol-bench
-bin_dir="${CARGO_TARGET_DIR:-target}/release"
-prefix() { [ "$1" = smol ] && echo smol- || true; }
+bins=$(mktemp -d)
+work=$(mktemp -d)
+trap 'rm -rf "$bins" "$work"' EXIT
+target="${CARGO_TARGET_DIR:-target}/release"
+cp "$target/server" "$target/bench" "$target/smol-server" "$target/smol-bench" "$bins/"
+if [ "$mode" != matrix ]; then
+  (cd bench/amqprs && cargo build --release -q --locked)
+  cp bench/amqprs/target/release/amqprs-server bench/amqprs/target/release/amqprs-bench "$bins/"
+fi
 
-run() { # transport reply-mode concurrency prefetch calls
-  local t=$1 mode=$2 c=$3 prefetch=$4 n=$5 queue="bench-$1-$$" p
-  p=$(prefix "$1")
-  "$bin_dir/${p}server" --queue "$queue" --prefetch "$prefetch" --workers "$prefetch" >/dev/null 2>&1 &
-  local server=$!
-  sleep 0.5
-  local line
-  line=$("$bin_dir/${p}bench" --queue "$queue" --calls "$n" --concurrency "$c" --reply-mode "$mode" \
-    --server-pid "$server" --json)
-  kill -INT "$server"
-  wait "$server" 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
-  echo "{\"transport\":\"$t\",\"prefetch\":$prefetch,${line#\{}"
+# Nanoseconds a process's threads have run (the first field of each thread's schedstat):
+# finer than utime+stime of /proc/<pid>/stat (10 ms ticks), and the broker's threads live on.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
+broker_pid() {
+  local pid
+  pid=$(rabbitmqctl -q eval 'os:getpid().' 2>/dev/null | tr -d '"' || true)
+  if [ -z "$pid" ] || [ ! -r "/proc/$pid/stat" ]; then
+    pid=$(pgrep -f "beam.smp.*rabbit@$(hostname -s)" | head -1 || true)
+  fi
+  [ -n "$pid" ] || pid=$(pgrep -o beam.smp)
+  echo "$pid"
+}
+broker=$(broker_pid)
+
+# Each implementation: the server and client commands (the client gets --queue, --calls,
+# --concurrency, --server-pid and --json appended).
+server_cmd() { # impl prefetch extra-server-flags
+  case $1 in
+    tokio) echo "$bins/server --prefetch $2 --workers $2 $3" ;;
+    smol) echo "$bins/smol-server --prefetch $2 --workers $2 $3" ;;
+    amqprs | amqprs-plain) echo "$bins/amqprs-server --prefetch $2 --workers $2 $3" ;;
+  esac
+}
+client_cmd() { # impl extra-client-flags
+  case $1 in
+    tokio) echo "$bins/bench $2" ;;
+    smol) echo "$bins/smol-bench $2" ;;
+    # amqprs sending what ours sends per request (mandatory, expiration, x-rpc-deadline) ...
+    amqprs) echo "$bins/amqprs-bench --like-ours $2" ;;
+    # ... and as the tutorial does (none of the three).
+    amqprs-plain) echo "$bins/amqprs-bench $2" ;;
+  esac
 }
 
-for t in tokio smol; do
-  for mode in exclusive direct; do
-    run "$t" "$mode" 1 64 $((calls / 5))
-    run "$t" "$mode" 64 64 "$calls"
+# One run: prints the client's JSON line with the run's facts and the broker's CPU added.
+#   run LABEL IMPL CONCURRENCY PREFETCH CALLS [SERVER_FLAGS] [CLIENT_FLAGS] [WRAP_CLIENT]
+run() {
+  local label=$1 impl=$2 c=$3 prefetch=$4 n=$5 sflags=${6:-} cflags=${7:-}
+  local queue="bench-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server line b0 b1
+  # shellcheck disable=SC2086 # the commands are word lists
+  $(server_cmd "$impl" "$prefetch" "$sflags") --queue "$queue" >"$ready" 2>/dev/null &
+  server=$!
+  for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+  b0=$(cpu_ns "$broker")
+  # shellcheck disable=SC2086
+  line=$(timeout "$run_timeout" $(client_cmd "$impl" "$cflags") --queue "$queue" --calls "$n" \
+    --concurrency "$c" --server-pid "$server" --json || echo '{"failed":true}')
+  b1=$(cpu_ns "$broker")
+  kill -INT "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+  local broker_us
+  broker_us=$(awk -v d=$((b1 - b0)) -v n="$n" 'BEGIN { printf "%.1f", d / 1e3 / n }')
+  echo "{\"label\":\"$label\",\"impl\":\"$impl\",\"prefetch\":$prefetch,\"load\":\"$(cut -d' ' -f1 /proc/loadavg)\",\"broker_cpu_us_per_call\":$broker_us,${line#\{}"
+}
+
+# The settings of the README's table: label concurrency prefetch calls.
+settings=(
+  "c1-p1 1 1 $((calls / 8))"
+  "c64-p1 64 1 $((calls / 4))"
+  "c64-p64 64 64 $calls"
+)
+
+compare() {
+  local results="$out_dir/compare.jsonl"
+  : >"$results"
+  for round in $(seq "$rounds"); do
+    for s in "${settings[@]}"; do
+      # shellcheck disable=SC2086
+      set -- $s
+      # Interleaved, so that a noisy moment hits each implementation alike.
+      for impl in tokio amqprs smol amqprs-plain; do
+        run "$1" "$impl" "$2" "$3" "$4" | tee -a "$results"
+      done
+    done
+    echo "compare: round $round of $rounds done" >&2
   done
-  run "$t" exclusive 64 1 $((calls / 2))
-done
+  python3 bench/summarize.py compare "$results" | tee "$out_dir/compare.md"
+}
+
+features() {
+  local results="$out_dir/features.jsonl" n=$calls
+  : >"$results"
+  for round in $(seq "$rounds"); do
+    # label impl server-flags client-flags: one choice switched at a time, on amqprs.
+    run "amqprs: none of the per-request options (tutorial)" amqprs-plain 64 64 "$n" | tee -a "$results"
+    run "amqprs: + mandatory" amqprs-plain 64 64 "$n" "" "--mandatory" | tee -a "$results"
+    run "amqprs: + expiration" amqprs-plain 64 64 "$n" "" "--expiration" | tee -a "$results"
+    run "amqprs: + x-rpc-deadline header" amqprs-plain 64 64 "$n" "" "--deadline-header" | tee -a "$results"
+    run "amqprs: + all three (as ours)" amqprs-plain 64 64 "$n" "" "--like-ours" | tee -a "$results"
+    run "amqprs: direct reply-to instead of a reply queue" amqprs-plain 64 64 "$n" "" "--reply-mode direct" | tee -a "$results"
+    run "amqprs: server acks with multiple=true per batch" amqprs-plain 64 64 "$n" "--multiple-ack" "" | tee -a "$results"
+    run "ours (tokio): exclusive reply queue" tokio 64 64 "$n" | tee -a "$results"
+    run "ours (tokio): direct reply-to" tokio 64 64 "$n" "" "--reply-mode direct" | tee -a "$results"
+    echo "features: round $round of $rounds done" >&2
+  done
+  python3 bench/summarize.py features "$results" | tee "$out_dir/features.md"
+}
+
+# Syscalls per call on both sides for a fixed number of calls, counted twice: by strace -c
+# (every syscall by name; it slows both sides, which changes how much each read or write
+# batches) and, where the kernel lets perf read the syscall tracepoints, by perf stat (no
+# slowdown: the counts of an ordinary run). The client runs under the counter; the server is
+# attached to once it is ready.
+syscalls() {
+  if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ]; then
+    timeout 300 apt-get update -qq >/dev/null || true
+    timeout 300 env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null || true
+  fi
+  local results="$out_dir/syscalls.jsonl" tools=()
+  command -v strace >/dev/null && tools+=(strace)
+  local events=raw_syscalls:sys_enter
+  for e in sendto sendmsg writev write recvfrom read epoll_wait futex; do
+    events="$events,syscalls:sys_enter_$e"
+  done
+  perf stat -x, -o /dev/null -e "$events" true 2>/dev/null && tools+=(perf)
+  : >"$results"
+  for tool in "${tools[@]}"; do
+    for s in "c1-p1 1 1 $((calls / 10))" "c64-p64 64 64 $((calls / 2))"; do
+      # shellcheck disable=SC2086
+      set -- $s
+      for impl in tokio amqprs; do
+        local queue="bench-syscalls-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
+        local counter=(strace -c -f -q -o) server_counter
+        [ "$tool" = perf ] && counter=(perf stat -x, -e "$events" -o)
+        # shellcheck disable=SC2046
+        $(server_cmd "$impl" "$3" "") --queue "$queue" >"$ready" 2>/dev/null &
+        server=$!
+        for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+        "${counter[@]}" "$work/server.count" -p "$server" &
+        tracer=$!
+        sleep 0.5
+        # shellcheck disable=SC2046
+        timeout "$run_timeout" "${counter[@]}" "$work/client.count" \
+          $(client_cmd "$impl" "") --queue "$queue" --calls "$4" --concurrency "$2" --json >/dev/null || true
+        kill -INT "$tracer" 2>/dev/null || true
+        wait "$tracer" 2>/dev/null || true
+        kill -INT "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+        rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+        python3 bench/summarize.py "$tool" "$1" "$impl" "$4" "$work/client.count" "$work/server.count" | tee -a "$results"
+      done
+    done
+  done
+  python3 bench/summarize.py syscalls "$results" | tee "$out_dir/syscalls.md"
+}
+
+# The former default: both transports x both reply modes, one run each.
+matrix() {
+  for t in tokio smol; do
+    for reply in exclusive direct; do
+      run "matrix" "$t" 1 64 $((calls / 5)) "" "--reply-mode $reply"
+      run "matrix" "$t" 64 64 "$calls" "" "--reply-mode $reply"
+    done
+    run "matrix" "$t" 64 1 $((calls / 2))
+  done
+}
+
+echo "bench: mode $mode, $rounds rounds, load $(cut -d' ' -f1-3 /proc/loadavg), broker pid $broker" >&2
+case $mode in
+  compare) compare ;;
+  features) features ;;
+  syscalls) syscalls ;;
+  matrix) matrix ;;
+  all) compare; features; syscalls ;;
+  *) echo "usage: scripts/bench.sh [compare|features|syscalls|matrix|all]" >&2; exit 2 ;;
+esac

@@ -160,6 +160,7 @@ fn run(addr: &str, n: &str) -> Result<String, Box<dyn std::error::Error>> {
         }
         // 2. Send everything that is ready, in one write.
         out.clear();
+        client.handle_transmitted(now());
         client.poll_transmit(now(), &mut out);
         stream.write_all(&out)?;
         stream.flush()?;

@@ -10,9 +10,10 @@ use crate::rpc::{ClientEvent, RpcClient, RpcServer, ServerEvent};
 ///
 /// Drive it like this (the crate docs show a whole loop):
 /// 1. after any input or command, drain its events ([`Machine::poll_event`]);
-/// 2. when the driver's write buffer is empty, refill it with [`Machine::poll_transmit`] — this
-///    is the backpressure: bytes the socket has not taken stay in the machine, where callers
-///    can see them;
+/// 2. when the driver's write buffer is empty, say so with [`Machine::handle_transmitted`]
+///    (then drain events again), and refill it with [`Machine::poll_transmit`] — this is the
+///    backpressure: bytes the socket has not taken stay in the machine, where callers can see
+///    them. `poll_transmit` only hands bytes over; it changes no other state;
 /// 3. re-arm the timer from [`Machine::poll_timeout`] last, and call
 ///    [`Machine::handle_timeout`] when it fires.
 pub trait Machine {
@@ -25,7 +26,13 @@ pub trait Machine {
     fn handle_eof(&mut self, now: Instant);
     /// The timer from [`Machine::poll_timeout`] fired (late is fine, early is harmless).
     fn handle_timeout(&mut self, now: Instant);
-    /// Appends bytes to send; returns how many.
+    /// The driver's write buffer is empty: every byte [`Machine::poll_transmit`] gave was
+    /// written. A machine that holds work back for room (the RPC client's held calls) queues
+    /// it now. The default does nothing.
+    fn handle_transmitted(&mut self, now: Instant) {
+        let _ = now;
+    }
+    /// Appends bytes to send; returns how many. Only drains: no other state changes.
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize;
     /// When to call [`Machine::handle_timeout`] next.
     fn poll_timeout(&self) -> Option<Instant>;
@@ -36,9 +43,14 @@ pub trait Machine {
 }
 
 macro_rules! impl_machine {
-    ($ty:ty, $event:ty, $conn:ident => $closed:expr) => {
+    ($ty:ty, $event:ty, $conn:ident => $closed:expr $(, $transmitted:ident)?) => {
         impl Machine for $ty {
             type Event = $event;
+            $(
+                fn $transmitted(&mut self, now: Instant) {
+                    <$ty>::$transmitted(self, now)
+                }
+            )?
 
             fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
                 <$ty>::handle_input(self, now, bytes)
@@ -67,5 +79,5 @@ macro_rules! impl_machine {
 }
 
 impl_machine!(Connection, Event, c => c.is_closed());
-impl_machine!(RpcClient, ClientEvent, c => c.connection().is_closed());
+impl_machine!(RpcClient, ClientEvent, c => c.connection().is_closed(), handle_transmitted);
 impl_machine!(RpcServer, ServerEvent, s => s.connection().is_closed());

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
-use amqp_rpc_core::BasicProperties;
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_sim::frames::{self, method};
 
 const FRAME_MAX: u32 = 131_072;

@@ -9,7 +9,8 @@ use amq_protocol::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use amqp_rpc_core::codec::{encode_content, encode_method, Frame, FrameDecoder};
-use amqp_rpc_core::{BasicProperties, ChannelId, FrameError};
+use amqp_rpc_core::types::BasicProperties;
+use amqp_rpc_core::{ChannelId, FrameError};
 use bytes::BytesMut;
 use proptest::collection::{btree_map, vec};
 use proptest::option;

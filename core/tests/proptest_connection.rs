@@ -6,9 +6,8 @@
 use std::time::Instant;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
-use amqp_rpc_core::{
-    BasicProperties, ChannelId, Connection, ConnectionConfig, ConsumeOptions, DeliveryTag, Event,
-};
+use amqp_rpc_core::types::BasicProperties;
+use amqp_rpc_core::{ChannelId, Connection, ConnectionConfig, ConsumeOptions, DeliveryTag, Event};
 use amqp_rpc_sim::frames::{self, method};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -143,9 +142,10 @@ fn feed(
 fn run(handshake: &[u8], session: &[u8], split: &Split, publishes: usize) -> (Vec<Event>, Vec<u8>) {
     let now = amqp_rpc_sim::t0();
     let mut conn = Connection::new(
-        ConnectionConfig {
-            max_body_size: 5000,
-            ..ConnectionConfig::default()
+        {
+            let mut c = ConnectionConfig::default();
+            c.max_body_size = 5000;
+            c
         },
         now,
     );

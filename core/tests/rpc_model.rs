@@ -19,11 +19,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
-    CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, HandlerError, ReplyMode, Request,
-    RpcClient, RpcServer, ServerConfig, ServerStats, ERROR_HEADER, REJECTED_HEADER,
+    CallId, CallRequest, ClientEvent, ClientStats, HandlerError, ReplyMode, Request, RpcClient,
+    RpcServer, ServerStats, ERROR_HEADER, REJECTED_HEADER,
 };
-use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
-use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
+use amqp_rpc_core::types::{AMQPValue, BasicProperties, FieldTable, LongString, ShortString};
+use amqp_rpc_core::{RpcError, UsageError};
 use bytes::Bytes;
 use proptest::prelude::*;
 
@@ -331,22 +331,18 @@ impl Harness {
         let mut broker = Broker::new();
         // Two deliveries at most: an abandoned request is requeued once, as the model says. The
         // clocks agree exactly here, so no skew tolerance: a request is dropped at its deadline.
-        let server_config = ServerConfig {
-            max_deliveries: 2,
-            clock_skew_tolerance: Duration::ZERO,
-            ..server_config(Q, 1000)
-        };
+        let mut server_config = server_config(Q, 1000);
+        server_config.max_deliveries = 2;
+        server_config.clock_skew_tolerance = Duration::ZERO;
         let mut server = Wire::new(
             RpcServer::new(server_config, conn_config(), base),
             &mut broker,
         );
         settle(&mut broker, base, &mut [&mut server]);
         assert!(server.m.is_serving());
-        let config = ClientConfig {
-            max_in_flight,
-            server_check: server_check.then_some(Duration::from_millis(1000)),
-            ..client_config(mode)
-        };
+        let mut config = client_config(mode);
+        config.max_in_flight = max_in_flight;
+        config.server_check = server_check.then_some(Duration::from_millis(1000));
         let mut client = Wire::new(
             RpcClient::new(config, conn_config(), sim_key(), base),
             &mut broker,
@@ -445,10 +441,8 @@ impl Harness {
                 timeout_ms,
                 idempotent,
             } => {
-                let request = CallRequest {
-                    idempotent,
-                    ..CallRequest::new(Q, "n", Duration::from_millis(timeout_ms))
-                };
+                let mut request = CallRequest::new(Q, "n", Duration::from_millis(timeout_ms));
+                request.idempotent = idempotent;
                 let result = self.client.m.call(now, wall(self.base, now), request);
                 if self.model.pending.len() >= self.max_in_flight {
                     assert_eq!(
@@ -541,7 +535,8 @@ impl Harness {
                     return;
                 }
                 let (req, request) = self.tokens.remove(pick % self.tokens.len());
-                drop(request);
+                let now = self.now;
+                self.server.m.abandon(now, request.token);
                 self.model.server.abandoned += 1;
                 // Requeued once, flagged redelivered, back in the server's buffer; unless its
                 // `expiration` (the caller's budget, counted from its publish) ran out: then the

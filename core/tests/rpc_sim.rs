@@ -10,8 +10,8 @@ use amqp_rpc_core::rpc::{
     CallId, CallRequest, ClientConfig, ClientEvent, HandlerError, ReplyMode, RpcClient, RpcReply,
     RpcServer, ServerEvent, DEADLINE_HEADER, DIRECT_REPLY_TO,
 };
-use amqp_rpc_core::types::{AMQPValue, ShortString};
-use amqp_rpc_core::{BasicProperties, RpcError, UsageError};
+use amqp_rpc_core::types::{AMQPValue, BasicProperties, ShortString};
+use amqp_rpc_core::{RpcError, UsageError};
 use bytes::Bytes;
 
 use amqp_rpc_sim::broker::Broker;
@@ -406,10 +406,8 @@ fn server_dies_between_reply_and_ack_then_reconnects() {
 #[test]
 fn unroutable_request_ends_not_routed() {
     for mode in MODES {
-        let config = ClientConfig {
-            server_check: None,
-            ..client_config(mode)
-        };
+        let mut config = client_config(mode);
+        config.server_check = None;
         let mut sim = Sim::new(config, 0, 1);
         let id = sim.call_with(CallRequest::new("nowhere", "x", Duration::from_secs(1)));
         let e = err(sim.result(id));
@@ -441,10 +439,8 @@ fn missing_queue_found_by_probe_ends_not_routed_unsent() {
 #[test]
 fn no_servers_fails_fast_and_refreshes_after_the_interval() {
     for mode in MODES {
-        let config = ClientConfig {
-            server_check: Some(Duration::from_millis(500)),
-            ..client_config(mode)
-        };
+        let mut config = client_config(mode);
+        config.server_check = Some(Duration::from_millis(500));
         let mut sim = Sim::new(config, 0, 1);
         let start = sim.now;
         let a = sim.call("a", 10_000);
@@ -507,10 +503,8 @@ fn no_servers_fails_fast_and_refreshes_after_the_interval() {
 #[test]
 fn a_momentary_zero_consumer_count_does_not_fail_calls() {
     for mode in MODES {
-        let config = ClientConfig {
-            server_check: Some(Duration::from_millis(100)),
-            ..client_config(mode)
-        };
+        let mut config = client_config(mode);
+        config.server_check = Some(Duration::from_millis(100));
         let mut sim = Sim::new(config, 1, 5);
         let first = sim.call("a", 1000);
         sim.serve_all(0);
@@ -645,9 +639,10 @@ fn expiration_and_deadline_header_carry_the_budget() {
                 _ => "amq.gen-",
             }));
         // A caller's own, lower expiration wins.
-        let _b = sim.call_with(CallRequest {
-            properties: BasicProperties::default().with_expiration(ShortString::from("700")),
-            ..CallRequest::new(Q, "b", Duration::from_secs(2))
+        let _b = sim.call_with({
+            let mut c = CallRequest::new(Q, "b", Duration::from_secs(2));
+            c.properties = BasicProperties::default().with_expiration(ShortString::from("700"));
+            c
         });
         let req = sim.take(0).unwrap();
         assert_eq!(
@@ -786,9 +781,10 @@ fn channel_loss_ends_sent_calls_and_rearms() {
 fn broker_cancel_of_the_reply_consumer_ends_waiting_calls_and_rearms() {
     let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 5);
     let waiting = sim.call("a", 60_000);
-    let idempotent = sim.call_with(CallRequest {
-        idempotent: true,
-        ..CallRequest::new(Q, "i", Duration::from_secs(60))
+    let idempotent = sim.call_with({
+        let mut c = CallRequest::new(Q, "i", Duration::from_secs(60));
+        c.idempotent = true;
+        c
     });
     let old = sim.broker.reply_addresses(sim.client.conn);
     assert_eq!(old.len(), 1);
@@ -817,9 +813,10 @@ fn a_call_to_a_missing_exchange_ends_alone() {
     for mode in MODES {
         let mut sim = Sim::with_mode(mode, 1, 64);
         let good: Vec<CallId> = (0..8).map(|i| sim.call(&i.to_string(), 5000)).collect();
-        let bad = sim.call_with(CallRequest {
-            exchange: "no-such-exchange".into(),
-            ..CallRequest::new(Q, "bad", Duration::from_secs(5))
+        let bad = sim.call_with({
+            let mut c = CallRequest::new(Q, "bad", Duration::from_secs(5));
+            c.exchange = "no-such-exchange".into();
+            c
         });
         let more: Vec<CallId> = (8..16).map(|i| sim.call(&i.to_string(), 5000)).collect();
         sim.serve_all(0);
@@ -845,15 +842,14 @@ fn a_call_to_a_missing_exchange_ends_alone() {
 #[test]
 fn a_refused_idempotent_call_is_not_resent_in_a_loop() {
     for mode in MODES {
-        let config = ClientConfig {
-            exchange_check: None,
-            ..client_config(mode)
-        };
+        let mut config = client_config(mode);
+        config.exchange_check = None;
         let mut sim = Sim::new(config, 1, 5);
-        let bad = sim.call_with(CallRequest {
-            exchange: "no-such-exchange".into(),
-            idempotent: true,
-            ..CallRequest::new(Q, "bad", Duration::from_secs(60))
+        let bad = sim.call_with({
+            let mut c = CallRequest::new(Q, "bad", Duration::from_secs(60));
+            c.exchange = "no-such-exchange".into();
+            c.idempotent = true;
+            c
         });
         sim.settle();
         assert_eq!(
@@ -911,10 +907,8 @@ fn calls_the_broker_would_refuse_are_refused_before_sending() {
 /// it, and its reply, when it comes, is counted as late and never delivered.
 #[test]
 fn a_cancelled_call_frees_its_slot_and_its_reply_is_late() {
-    let config = ClientConfig {
-        max_in_flight: 1,
-        ..client_config(ReplyMode::ExclusiveQueue)
-    };
+    let mut config = client_config(ReplyMode::ExclusiveQueue);
+    config.max_in_flight = 1;
     let mut sim = Sim::new(config, 1, 5);
     for _ in 0..10_000 {
         let id = sim.call("dropped", 60_000);
@@ -941,9 +935,10 @@ fn a_cancelled_call_frees_its_slot_and_its_reply_is_late() {
 fn idempotent_call_is_resent_after_reconnect() {
     for mode in MODES {
         let mut sim = Sim::with_mode(mode, 1, 5);
-        let id = sim.call_with(CallRequest {
-            idempotent: true,
-            ..CallRequest::new(Q, "x", Duration::from_secs(5))
+        let id = sim.call_with({
+            let mut c = CallRequest::new(Q, "x", Duration::from_secs(5));
+            c.idempotent = true;
+            c
         });
         let conn = sim.client.conn;
         sim.broker.drop_connection(conn);
@@ -1043,10 +1038,8 @@ fn late_duplicate_and_unknown_replies_are_counted_not_delivered() {
 /// The bound on calls in flight: a clear error at the call site, never an unbounded queue.
 #[test]
 fn calls_in_flight_are_bounded() {
-    let config = ClientConfig {
-        max_in_flight: 2,
-        ..client_config(ReplyMode::DirectReplyTo)
-    };
+    let mut config = client_config(ReplyMode::DirectReplyTo);
+    config.max_in_flight = 2;
     let mut sim = Sim::new(config, 1, 5);
     let a = sim.call("a", 1000);
     let _b = sim.call("b", 1000);
@@ -1202,10 +1195,8 @@ fn server_drops_request_expired_in_prefetch_buffer() {
 fn abandoned_reply_token_is_reported_requeued_once() {
     let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 0, 1);
     let now = sim.now;
-    let config = amqp_rpc_core::rpc::ServerConfig {
-        max_deliveries: 2,
-        ..server_config(Q, 1)
-    };
+    let mut config = server_config(Q, 1);
+    config.max_deliveries = 2;
     sim.servers.push(Wire::new(
         RpcServer::new(config, conn_config(), now),
         &mut sim.broker,
@@ -1213,7 +1204,7 @@ fn abandoned_reply_token_is_reported_requeued_once() {
     sim.settle();
     let id = sim.call("poison", 1000);
     let req = sim.take(0).unwrap();
-    drop(req);
+    sim.servers[0].m.abandon(now, req.token);
     sim.settle();
     let events = server_events(&mut sim.servers[0].m);
     assert!(
@@ -1221,7 +1212,7 @@ fn abandoned_reply_token_is_reported_requeued_once() {
         "{events:?}"
     );
     let again = sim.take(0).expect("requeued");
-    drop(again);
+    sim.servers[0].m.abandon(now, again.token);
     sim.settle();
     let events = server_events(&mut sim.servers[0].m);
     assert!(
@@ -1344,10 +1335,8 @@ fn huge_timeout_does_not_panic() {
 /// driver takes bytes, without needing any input from the broker.
 #[test]
 fn backpressure_releases_held_calls_as_bytes_drain() {
-    let config = ClientConfig {
-        outbound_high_water: 1,
-        ..client_config(ReplyMode::DirectReplyTo)
-    };
+    let mut config = client_config(ReplyMode::DirectReplyTo);
+    config.outbound_high_water = 1;
     let mut sim = Sim::new(config, 1, 50);
     let now = sim.now;
     let ids: Vec<CallId> = (0..5)
@@ -1369,6 +1358,47 @@ fn backpressure_releases_held_calls_as_bytes_drain() {
         "all went out without input"
     );
     assert_eq!(sim.servers[0].m.buffered(), 5);
+    sim.serve_all(0);
+    for id in ids {
+        assert!(ok_body(sim.result(id)).starts_with(b"re:"));
+    }
+}
+
+/// `poll_transmit` only hands bytes over: held calls go out when the driver reports that what
+/// it took was written (`handle_transmitted`), not as a side effect of taking bytes.
+#[test]
+fn held_calls_go_out_when_the_driver_reports_room() {
+    let mut config = client_config(ReplyMode::DirectReplyTo);
+    config.outbound_high_water = 1;
+    let mut sim = Sim::new(config, 1, 50);
+    // A first call, so that the request queue's servers are known and calls go out at once.
+    let first = sim.call("first", 1000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(first)), b"re:first");
+    let now = sim.now;
+    let ids: Vec<CallId> = (0..3)
+        .map(|i| {
+            let request = CallRequest::new(Q, i.to_string(), Duration::from_secs(1));
+            sim.client.m.call(now, sim.wall(), request).unwrap()
+        })
+        .collect();
+    // The first fills the outbound buffer past its high-water mark; the others are held.
+    assert_eq!(sim.client.m.stats().requests_sent, 2);
+    let mut written = Vec::new();
+    assert!(sim.client.m.poll_transmit(now, &mut written) > 0);
+    assert_eq!(
+        sim.client.m.stats().requests_sent,
+        2,
+        "taking bytes sent nothing"
+    );
+    assert_eq!(sim.client.m.poll_transmit(now, &mut Vec::new()), 0);
+    // The driver wrote them: there is room, and the next held call goes out.
+    let conn = sim.client.conn;
+    sim.broker.feed(conn, now, &written);
+    sim.client.m.handle_transmitted(now);
+    assert_eq!(sim.client.m.stats().requests_sent, 3);
+    sim.settle();
+    assert_eq!(sim.client.m.stats().requests_sent, 4);
     sim.serve_all(0);
     for id in ids {
         assert!(ok_body(sim.result(id)).starts_with(b"re:"));
@@ -1504,7 +1534,7 @@ fn stale_token_abandoned_after_reconnect_touches_nothing() {
         1,
         "redelivered on the new connection"
     );
-    drop(old);
+    sim.servers[0].m.abandon(now, old.token);
     sim.settle();
     assert_eq!(
         sim.servers[0].m.buffered(),

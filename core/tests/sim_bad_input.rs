@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use amq_protocol::types::FieldTable;
 use amqp_rpc_core::codec::MAX_TABLE_DEPTH;
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::{
-    BasicProperties, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions, Event,
-    FrameError, ReplyCode,
+    ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions, Event, FrameError, ReplyCode,
 };
 use amqp_rpc_sim::{frames, HandshakeScript, Sim};
 
@@ -193,9 +193,10 @@ fn tables_nested_10_000_deep_are_a_typed_error() {
     ));
     // 10,000 levels take 80 kB: raise the frame limit so that depth, not size, is what fails.
     let (mut sim_big, _) = Sim::connected_with(
-        ConnectionConfig {
-            frame_max: 1 << 20,
-            ..ConnectionConfig::default()
+        {
+            let mut c = ConnectionConfig::default();
+            c.frame_max = 1 << 20;
+            c
         },
         HandshakeScript {
             frame_max: 1 << 20,

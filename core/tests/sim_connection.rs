@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use amq_protocol::protocol::{basic, channel, confirm, connection, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::{
-    BasicProperties, ChannelError, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions,
-    Credentials, DeliveryTag, Event, Initiator, QueueOptions, Reply, ReplyCode, UsageError,
+    ChannelError, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions, Credentials,
+    DeliveryTag, Event, Initiator, QueueOptions, Reply, ReplyCode, UsageError,
 };
 use amqp_rpc_sim::{frames, Chunking, HandshakeScript, Sim};
 
@@ -26,13 +27,11 @@ fn secs(n: u64) -> Duration {
 
 #[test]
 fn handshake_negotiates_and_advertises() {
-    let cfg = ConnectionConfig {
-        credentials: Credentials::new("alice", "pw"),
-        vhost: "rpc".into(),
-        heartbeat: secs(30),
-        connection_name: Some("fib-client".into()),
-        ..config()
-    };
+    let mut cfg = config();
+    cfg.credentials = Credentials::new("alice", "pw");
+    cfg.vhost = "rpc".into();
+    cfg.heartbeat = secs(30);
+    cfg.connection_name = Some("fib-client".into());
     let (sim, t) = Sim::connected_with(cfg, HandshakeScript::default());
     assert_eq!(t.start_ok.mechanism.as_str(), "PLAIN");
     assert_eq!(t.start_ok.response.as_bytes(), b"\0alice\0pw");
@@ -130,9 +129,10 @@ fn commands_before_connected_are_refused() {
 
 #[test]
 fn wrong_credentials_close_with_403() {
-    let mut sim = Sim::new(ConnectionConfig {
-        credentials: Credentials::new("guest", "wrong"),
-        ..config()
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.credentials = Credentials::new("guest", "wrong");
+        c
     });
     sim.pump();
     sim.broker.send(0, frames::start("PLAIN AMQPLAIN"));
@@ -201,9 +201,10 @@ fn no_common_mechanism_is_reported_and_no_credentials_leave() {
 
 #[test]
 fn start_ok_too_large_for_the_pre_tune_frame_is_a_clear_error() {
-    let mut sim = Sim::new(ConnectionConfig {
-        credentials: Credentials::new("user", "p".repeat(9000)),
-        ..config()
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.credentials = Credentials::new("user", "p".repeat(9000));
+        c
     });
     sim.pump();
     sim.broker.send(0, frames::start("PLAIN AMQPLAIN"));
@@ -247,9 +248,10 @@ fn long_non_ascii_mechanism_list_does_not_panic() {
 
 #[test]
 fn handshake_times_out_when_the_server_is_silent() {
-    let mut sim = Sim::new(ConnectionConfig {
-        handshake_timeout: secs(10),
-        ..config()
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.handshake_timeout = secs(10);
+        c
     });
     sim.pump();
     sim.advance(Duration::from_millis(9_999));
@@ -265,9 +267,10 @@ fn handshake_times_out_when_the_server_is_silent() {
 
 #[test]
 fn handshake_times_out_when_the_server_stalls_after_tune() {
-    let mut sim = Sim::new(ConnectionConfig {
-        handshake_timeout: secs(10),
-        ..config()
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.handshake_timeout = secs(10);
+        c
     });
     sim.pump();
     sim.broker.send(0, frames::start("PLAIN"));
@@ -381,9 +384,10 @@ fn any_frame_counts_as_a_sign_of_life() {
 #[test]
 fn heartbeats_off_means_no_timer() {
     let (sim, _) = Sim::connected_with(
-        ConnectionConfig {
-            heartbeat: Duration::ZERO,
-            ..config()
+        {
+            let mut c = config();
+            c.heartbeat = Duration::ZERO;
+            c
         },
         HandshakeScript {
             heartbeat: 0,
@@ -506,9 +510,10 @@ fn channel_error_fails_its_requests_and_spares_the_connection() {
         .declare_queue(
             ch,
             "rpc_queue",
-            QueueOptions {
-                durable: true,
-                ..QueueOptions::default()
+            {
+                let mut c = QueueOptions::default();
+                c.durable = true;
+                c
             },
             FieldTable::default(),
         )
@@ -692,10 +697,8 @@ fn deliveries_are_reassembled_whatever_the_chunking() {
 
 #[test]
 fn oversized_content_is_skipped_and_reported() {
-    let cfg = ConnectionConfig {
-        max_body_size: 1000,
-        ..config()
-    };
+    let mut cfg = config();
+    cfg.max_body_size = 1000;
     let (mut sim, ch) = consuming(Chunking::Random(5), cfg);
     sim.broker.send_content(
         ch.0,
@@ -745,10 +748,8 @@ fn oversized_content_is_skipped_and_reported() {
 
 #[test]
 fn content_after_a_skipped_body_is_delivered() {
-    let cfg = ConnectionConfig {
-        max_body_size: 100,
-        ..config()
-    };
+    let mut cfg = config();
+    cfg.max_body_size = 100;
     let (mut sim, ch) = consuming(Chunking::Whole, cfg);
     sim.broker.send_content(
         ch.0,
@@ -947,11 +948,12 @@ fn blocked_while_closing_ends_the_close_at_once() {
 /// Durations too large for an `Instant` mean "never", not a panic.
 #[test]
 fn duration_max_timeouts_do_not_panic() {
-    let mut sim = Sim::connected(ConnectionConfig {
-        close_timeout: Duration::MAX,
-        handshake_timeout: Duration::MAX,
-        heartbeat: Duration::MAX,
-        ..config()
+    let mut sim = Sim::connected({
+        let mut c = config();
+        c.close_timeout = Duration::MAX;
+        c.handshake_timeout = Duration::MAX;
+        c.heartbeat = Duration::MAX;
+        c
     });
     let now = sim.now;
     sim.client.close(now).expect("open");
@@ -1024,9 +1026,10 @@ fn application_close_waits_for_close_ok() {
 
 #[test]
 fn application_close_gives_up_after_close_timeout() {
-    let mut sim = Sim::connected(ConnectionConfig {
-        close_timeout: secs(5),
-        ..config()
+    let mut sim = Sim::connected({
+        let mut c = config();
+        c.close_timeout = secs(5);
+        c
     });
     sim.client.close(sim.now).expect("close");
     sim.pump();

@@ -12,8 +12,8 @@ use amqp_rpc_core::rpc::{
     RpcReply, RpcServer, ServerConfig, ServerEvent, UnixMillis, ERROR_HEADER, REJECTED_HEADER,
     REPLY_TOO_LARGE,
 };
-use amqp_rpc_core::types::{AMQPValue, FieldTable, ShortString};
-use amqp_rpc_core::{BasicProperties, ConnectionConfig, RpcError};
+use amqp_rpc_core::types::{AMQPValue, BasicProperties, FieldTable, ShortString};
+use amqp_rpc_core::{ConnectionConfig, RpcError};
 use bytes::Bytes;
 
 use amqp_rpc_sim::broker::Broker;
@@ -177,14 +177,13 @@ impl Sim {
 /// another request in flight is answered normally.
 #[test]
 fn oversized_reply_body_becomes_reply_too_large() {
-    let conn = ConnectionConfig {
-        max_message_size: 1000,
-        ..conn_config()
-    };
+    let mut conn = conn_config();
+    conn.max_message_size = 1000;
     let mut sim = Sim::new(
-        ServerConfig {
-            prefetch: 2,
-            ..ServerConfig::new(Q)
+        {
+            let mut c = ServerConfig::new(Q);
+            c.prefetch = 2;
+            c
         },
         conn,
     );
@@ -351,9 +350,10 @@ fn request_over_the_broker_delivery_count_is_rejected() {
 #[test]
 fn request_whose_channel_keeps_dying_is_rejected_after_max_deliveries() {
     let mut sim = Sim::new(
-        ServerConfig {
-            max_deliveries: 3,
-            ..ServerConfig::new(Q)
+        {
+            let mut c = ServerConfig::new(Q);
+            c.max_deliveries = 3;
+            c
         },
         conn_config(),
     );
@@ -366,7 +366,8 @@ fn request_whose_channel_keeps_dying_is_rejected_after_max_deliveries() {
         sim.settle();
         assert!(sim.server.m.is_serving(), "re-armed after run {run}");
         // The handler ends after its channel died: the token is stale.
-        drop(req);
+        let now = sim.now;
+        sim.server.m.abandon(now, req.token);
         sim.settle();
     }
     assert!(sim.take().is_none(), "the 4th delivery is not run");
@@ -385,16 +386,18 @@ fn request_whose_channel_keeps_dying_is_rejected_after_max_deliveries() {
 #[test]
 fn abandoned_request_is_requeued_until_max_deliveries() {
     let mut sim = Sim::new(
-        ServerConfig {
-            max_deliveries: 3,
-            ..ServerConfig::new(Q)
+        {
+            let mut c = ServerConfig::new(Q);
+            c.max_deliveries = 3;
+            c
         },
         conn_config(),
     );
     sim.call("x", 60_000);
     for _ in 0..3 {
         let req = sim.take().expect("delivered");
-        drop(req);
+        let now = sim.now;
+        sim.server.m.abandon(now, req.token);
         sim.settle();
     }
     assert!(sim.take().is_none());
@@ -435,9 +438,10 @@ fn server_clock_ahead_within_tolerance_still_runs_requests() {
 #[test]
 fn clock_skew_tolerance_is_configurable() {
     let mut sim = Sim::new(
-        ServerConfig {
-            clock_skew_tolerance: Duration::from_secs(20),
-            ..ServerConfig::new(Q)
+        {
+            let mut c = ServerConfig::new(Q);
+            c.clock_skew_tolerance = Duration::from_secs(20);
+            c
         },
         conn_config(),
     );
@@ -454,9 +458,10 @@ fn clock_skew_tolerance_is_configurable() {
 #[test]
 fn server_clock_behind_drops_requests_by_their_relative_budget() {
     let mut sim = Sim::new(
-        ServerConfig {
-            prefetch: 2,
-            ..ServerConfig::new(Q)
+        {
+            let mut c = ServerConfig::new(Q);
+            c.prefetch = 2;
+            c
         },
         conn_config(),
     );

@@ -105,6 +105,11 @@ impl<R: Runtime> Loop<R> {
                 self.armed = None;
                 machine.handle_timeout(now);
             }
+            if stream.is_some() && self.written == self.write_buf.len() {
+                // Everything handed over was written: work held back for room may go now
+                // (its events are drained just below, its bytes taken further down).
+                machine.handle_transmitted(now);
+            }
             handler.on_wake(machine, now);
             if stream.is_none() && handler.finished(machine) {
                 return Exit::Finished;

@@ -10,9 +10,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{CallRequest, HandlerError, Response, RpcReply};
-use amqp_rpc_core::types::ShortString;
+use amqp_rpc_core::types::{BasicProperties, ShortString};
 use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -194,14 +194,13 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
         }
         Some(p) => decode(p).map_err(|e| format!("vhost: {e}"))?,
     };
+    let mut connection = ConnectionConfig::default();
+    connection.credentials = credentials;
+    connection.vhost = vhost;
     let mut options = ConnectOptions {
         host,
         port,
-        connection: ConnectionConfig {
-            credentials,
-            vhost,
-            ..ConnectionConfig::default()
-        },
+        connection,
         connect_timeout: Duration::from_secs(10),
         tls: tls.then(TlsConfig::default),
     };

@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{
     HandlerError, ReplyToken, Response, RpcServer, ServerConfig, ServerEvent, ServerStats,
     DEADLINE_EXCEEDED, HANDLER_PANICKED,
 };
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::ConnectionError;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};

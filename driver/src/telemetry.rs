@@ -6,8 +6,8 @@
 //! The driver never prints: it emits through the `tracing` facade, and without a subscriber
 //! (or with one that filters these out) a span costs an atomic load of the callsite's interest.
 
-use amqp_rpc_core::connection::BasicProperties;
 use amqp_rpc_core::rpc::{HandlerError, ReplyMode, Response, RpcReply, DIRECT_REPLY_TO};
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::RpcError;
 use tracing::field::Empty;
 use tracing::Span;

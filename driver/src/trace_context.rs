@@ -9,7 +9,7 @@
 //! installed.
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
-use amqp_rpc_core::connection::BasicProperties;
+use amqp_rpc_core::types::BasicProperties;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 use tracing::Span;

@@ -5,7 +5,7 @@
 use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::{basic, channel, confirm, connection, queue, AMQPClass};
 use amq_protocol::types::{FieldTable, LongString, ShortString};
-use amqp_rpc_core::BasicProperties;
+use amqp_rpc_core::types::BasicProperties;
 
 /// Encodes one frame with amq-protocol.
 pub fn encode(frame: &AMQPFrame) -> Vec<u8> {

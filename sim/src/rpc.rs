@@ -25,10 +25,9 @@ pub fn sim_key() -> CorrelationKey {
 
 /// Connection settings for the simulation: heartbeats off (the broker tunes them off too).
 pub fn conn_config() -> ConnectionConfig {
-    ConnectionConfig {
-        heartbeat: Duration::ZERO,
-        ..ConnectionConfig::default()
-    }
+    let mut config = ConnectionConfig::default();
+    config.heartbeat = Duration::ZERO;
+    config
 }
 
 /// A machine and its broker connection.
@@ -82,6 +81,8 @@ impl<M: Machine> Step for Wire<M> {
         }
         let mut moved = false;
         let mut buf = Vec::new();
+        // This wire's socket takes every byte at once: its write buffer is always empty.
+        self.m.handle_transmitted(now);
         if self.m.poll_transmit(now, &mut buf) > 0 {
             moved = true;
             broker.feed(self.conn, now, &buf);
@@ -177,10 +178,9 @@ pub fn wall(base: Instant, now: Instant) -> UnixMillis {
 
 /// A client config for the simulation.
 pub fn client_config(mode: ReplyMode) -> ClientConfig {
-    ClientConfig {
-        reply_mode: mode,
-        ..ClientConfig::default()
-    }
+    let mut config = ClientConfig::default();
+    config.reply_mode = mode;
+    config
 }
 
 /// Drains a client's events.
@@ -217,8 +217,7 @@ pub fn server_events(s: &mut RpcServer) -> Vec<ServerEvent> {
 
 /// A server config for `queue` with `prefetch`.
 pub fn server_config(queue: &str, prefetch: u16) -> ServerConfig {
-    ServerConfig {
-        prefetch,
-        ..ServerConfig::new(queue)
-    }
+    let mut config = ServerConfig::new(queue);
+    config.prefetch = prefetch;
+    config
 }

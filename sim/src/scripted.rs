@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use amq_protocol::frame::{parsing::parse_frame, AMQPFrame};
 use amq_protocol::protocol::{basic, connection, AMQPClass};
 use amq_protocol::types::FieldTable;
-use amqp_rpc_core::{
-    BasicProperties, ChannelId, Connection, ConnectionConfig, ConsumeOptions, Event, Machine,
-};
+use amqp_rpc_core::types::BasicProperties;
+use amqp_rpc_core::{ChannelId, Connection, ConnectionConfig, ConsumeOptions, Event, Machine};
 
 use crate::{frames, t0, xorshift};
 

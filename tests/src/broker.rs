@@ -103,10 +103,8 @@ impl Node {
 
     /// Messages ready and consumers of `name` on this node, or `None` when it does not exist.
     pub fn queue_status(&self, name: &str) -> Result<Option<QueueStatus>, String> {
-        let passive = QueueOptions {
-            passive: true,
-            ..QueueOptions::default()
-        };
+        let mut passive = QueueOptions::default();
+        passive.passive = true;
         let reply = admin_request(&self.uri, |conn, ch| {
             conn.declare_queue(ch, name, passive, FieldTable::default())
         })?;
@@ -330,9 +328,10 @@ fn declare_queue_at(uri: &str, name: &str, kind: QueueKind) -> Result<(), String
                 AMQPValue::LongString(LongString::from("quorum")),
             );
             (
-                QueueOptions {
-                    durable: true,
-                    ..QueueOptions::default()
+                {
+                    let mut c = QueueOptions::default();
+                    c.durable = true;
+                    c
                 },
                 args,
             )

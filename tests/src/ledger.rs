@@ -684,7 +684,7 @@ fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::rt::{Smol, TestRuntime};
-    use amqp_rpc_core::BasicProperties;
+    use amqp_rpc_core::types::BasicProperties;
 
     fn reply(body: &str) -> Result<RpcReply, CallError> {
         Ok(RpcReply {

@@ -123,10 +123,8 @@ async fn one_bad_call_among_many<R: TestRuntime>(mode: ReplyMode) {
         })
         .collect();
     let missing_exchange = format!("no-such-exchange-{}", uuid::Uuid::new_v4().simple());
-    let bad_exchange = CallRequest {
-        exchange: missing_exchange.clone(),
-        ..CallRequest::new(queue.name(), "5", Duration::from_secs(30))
-    };
+    let mut bad_exchange = CallRequest::new(queue.name(), "5", Duration::from_secs(30));
+    bad_exchange.exchange = missing_exchange.clone();
     let mut foreign_user = CallRequest::new(queue.name(), "5", Duration::from_secs(30));
     foreign_user.properties = foreign_user
         .properties

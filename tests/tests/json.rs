@@ -2,7 +2,7 @@
 //! real RabbitMQ, on both runtimes. `cargo test -p e2e-tests --test json`.
 
 use amqp_rpc_core::rpc::{ERROR_HEADER, REJECTED_HEADER};
-use amqp_rpc_core::BasicProperties;
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_driver::json::{CONTENT_TYPE, INVALID_JSON, UNSUPPORTED_CONTENT_TYPE};
 use amqp_rpc_driver::types::{AMQPValue, ShortString};
 use amqp_rpc_driver::{

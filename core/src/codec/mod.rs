@@ -106,6 +106,7 @@ impl FrameDecoder {
 
     /// Takes one frame off the front of `buf`: `Ok(Some(frame))`, `Ok(None)` when more bytes are
     /// needed, or a [`FrameError`] that the connection must treat as fatal.
+    // The frame layout (spec §4.2.3) checked in wire order, top to bottom: splitting would hide it.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         if buf.len() < 7 {
             // The server answers a protocol header it does not support with its own header

@@ -1,13 +1,21 @@
-//! Per-channel state: the FIFO of expected synchronous replies, content reassembly and
-//! publisher-confirm bookkeeping.
+//! Per-channel state and its transitions (spec §1.5.2): the FIFO of expected synchronous
+//! replies, the message being received, publisher confirms. A method or content frame on a
+//! channel returns a [`ChannelStep`] that says what happened; the connection applies it (sends,
+//! events, errors), since only it owns the outbound buffer and the event queue.
 
 use std::collections::VecDeque;
 
-use amq_protocol::protocol::BasicProperties;
-use bytes::{Bytes, BytesMut};
+use amq_protocol::protocol::{
+    basic, channel as chan, confirm, exchange, queue, AMQPClass, BasicProperties,
+};
+use bytes::Bytes;
 
-use crate::error::FrameError;
-use crate::ids::{DeliveryTag, ReplyCode, RequestId};
+use crate::error::{ChannelError, FrameError, Initiator};
+use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+
+use super::confirms::Confirms;
+use super::content::{ContentMethod, ContentProgress, PartialContent};
+use super::{Event, Reply};
 
 /// Where a channel is in its life (spec §1.5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,241 +60,67 @@ impl Expect {
     }
 }
 
-/// The method that announced content, waiting for its header and body.
-#[derive(Debug, Clone)]
-pub(crate) enum ContentMethod {
-    Deliver {
-        consumer_tag: String,
-        delivery_tag: DeliveryTag,
-        redelivered: bool,
-        exchange: String,
-        routing_key: String,
-    },
-    Return {
-        reply_code: ReplyCode,
-        reply_text: String,
-        exchange: String,
-        routing_key: String,
-    },
-}
-
-impl ContentMethod {
-    pub(crate) fn delivery_tag(&self) -> Option<DeliveryTag> {
-        match self {
-            ContentMethod::Deliver { delivery_tag, .. } => Some(*delivery_tag),
-            ContentMethod::Return { .. } => None,
-        }
-    }
-}
-
-/// Body bytes collected so far. One frame stays a zero-copy slice of the read buffer; only a
-/// body split over several frames is copied into one buffer.
-#[derive(Debug, Clone, Default)]
-enum Body {
-    #[default]
-    Empty,
-    One(Bytes),
-    Many(BytesMut),
-    /// Too large to keep: we count the bytes and drop them.
-    Skipped(u64),
-}
-
-impl Body {
-    fn len(&self) -> u64 {
-        match self {
-            Body::Empty => 0,
-            Body::One(b) => b.len() as u64,
-            Body::Many(b) => b.len() as u64,
-            Body::Skipped(n) => *n,
-        }
-    }
-}
-
-/// Most bytes reserved for a multi-frame body before its frames arrive; beyond this the buffer
-/// grows with what actually comes.
-const INITIAL_BODY_CAPACITY: u64 = 1024 * 1024;
-
-/// A content-bearing method and what has arrived of its content.
-#[derive(Debug, Clone)]
-pub(crate) struct PartialContent {
-    pub(crate) method: ContentMethod,
-    header: Option<(u64, BasicProperties)>,
-    body: Body,
-}
-
-/// A message whose method, header and body have all arrived.
-#[derive(Debug)]
-pub(crate) struct CompleteContent {
-    pub(crate) method: ContentMethod,
-    pub(crate) properties: BasicProperties,
-    pub(crate) body: Bytes,
-}
-
-/// What a content frame did to the message being assembled.
-// Returned once per content frame and consumed at once: boxing the complete message would cost
-// an allocation per delivery to save a short-lived move.
+/// What a frame on a channel did, for the connection to apply.
+// Returned once per frame and applied at once: boxing the event would cost an allocation per
+// delivery to save a short-lived move.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub(crate) enum ContentProgress {
-    /// More frames to come.
-    Partial,
-    /// The message is complete.
-    Complete(CompleteContent),
-    /// The header announced more than `max_body_size`: the body will be skipped. Reported once.
-    TooLarge {
-        delivery_tag: Option<DeliveryTag>,
-        body_size: u64,
-        properties: Box<BasicProperties>,
+pub(crate) enum ChannelStep {
+    /// Nothing to report (a partial message, a frame discarded while closing).
+    Nothing,
+    /// Report this event.
+    Report(Event),
+    /// Report these events, in order (a confirm with `multiple` settles several publishes).
+    ReportAll(Vec<Event>),
+    /// Send `method` on the channel (a `*-ok` the broker waits for), then report `event`.
+    Answer {
+        /// The method to send back.
+        method: AMQPClass,
+        /// The event to report.
+        event: Event,
     },
-    /// The skipped body has fully arrived.
-    SkippedComplete,
+    /// The channel is gone: forget it and fail every request waiting on it. With `close_ok`,
+    /// the broker closed it and waits for our `channel.close-ok`.
+    Closed {
+        /// Why it closed.
+        error: ChannelError,
+        /// Whether to answer the broker's `channel.close`.
+        close_ok: bool,
+    },
+    /// The peer broke the protocol: a hard error for the whole connection.
+    Violation(Violation),
 }
 
-impl PartialContent {
-    pub(crate) fn new(method: ContentMethod) -> Self {
-        Self {
-            method,
-            header: None,
-            body: Body::Empty,
-        }
-    }
-
-    /// Takes the content header. `body_size` is checked against `max_body_size` before any
-    /// buffer is sized for it.
-    pub(crate) fn on_header(
-        &mut self,
-        body_size: u64,
-        properties: BasicProperties,
-        max_body_size: u64,
-    ) -> Result<ContentProgress, FrameError> {
-        if self.header.is_some() {
-            return Err(FrameError::Unexpected {
-                what: "second content header",
-            });
-        }
-        if body_size > max_body_size {
-            self.header = Some((body_size, BasicProperties::default()));
-            self.body = Body::Skipped(0);
-            return Ok(ContentProgress::TooLarge {
-                delivery_tag: self.method.delivery_tag(),
-                body_size,
-                properties: Box::new(properties),
-            });
-        }
-        self.header = Some((body_size, properties));
-        Ok(self.progress())
-    }
-
-    /// Takes one body frame.
-    pub(crate) fn on_body(&mut self, payload: Bytes) -> Result<ContentProgress, FrameError> {
-        let Some((body_size, _)) = &self.header else {
-            return Err(FrameError::Unexpected {
-                what: "content body before content header",
-            });
-        };
-        let body_size = *body_size;
-        if self.body.len() + payload.len() as u64 > body_size {
-            return Err(FrameError::Unexpected {
-                what: "content body longer than announced",
-            });
-        }
-        self.body = match std::mem::take(&mut self.body) {
-            Body::Empty if payload.len() as u64 == body_size => Body::One(payload),
-            Body::Empty => {
-                // Sized for what is announced (at most `max_body_size`, checked in `on_header`),
-                // but no more than a window up front: a peer that announces much and sends
-                // little must not make us reserve it all.
-                let capacity = body_size.min(INITIAL_BODY_CAPACITY);
-                let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
-                buf.extend_from_slice(&payload);
-                Body::Many(buf)
-            }
-            Body::One(first) => {
-                let mut buf = BytesMut::from(&first[..]);
-                buf.extend_from_slice(&payload);
-                Body::Many(buf)
-            }
-            Body::Many(mut buf) => {
-                buf.extend_from_slice(&payload);
-                Body::Many(buf)
-            }
-            Body::Skipped(n) => Body::Skipped(n + payload.len() as u64),
-        };
-        Ok(self.progress())
-    }
-
-    fn progress(&mut self) -> ContentProgress {
-        let Some((body_size, _)) = &self.header else {
-            return ContentProgress::Partial;
-        };
-        if self.body.len() < *body_size {
-            return ContentProgress::Partial;
-        }
-        let (_, properties) = self.header.take().unwrap_or_default();
-        let body = match std::mem::take(&mut self.body) {
-            Body::Empty => Bytes::new(),
-            Body::One(b) => b,
-            Body::Many(b) => b.freeze(),
-            Body::Skipped(_) => return ContentProgress::SkippedComplete,
-        };
-        ContentProgress::Complete(CompleteContent {
-            method: self.method.clone(),
-            properties,
-            body,
-        })
-    }
+/// How the peer broke the protocol on a channel.
+#[derive(Debug)]
+pub(crate) enum Violation {
+    /// A method that is not allowed here (spec §1.4.2.9 reply codes).
+    Protocol { code: ReplyCode, text: String },
+    /// Frames out of the order content requires (spec §4.2.6).
+    Frame(FrameError),
 }
 
-/// Publisher-confirm state of a channel in confirm mode (RabbitMQ "Publisher Confirms"):
-/// publishes are numbered from 1 after `confirm.select`; `basic.ack`/`basic.nack` from the broker
-/// settle one number, or every number up to it when `multiple` is set.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Confirms {
-    next_seq: u64,
-    /// Unsettled sequence numbers, ascending.
-    unsettled: VecDeque<u64>,
-}
-
-impl Confirms {
-    pub(crate) fn next(&mut self) -> DeliveryTag {
-        self.next_seq += 1;
-        self.unsettled.push_back(self.next_seq);
-        DeliveryTag(self.next_seq)
-    }
-
-    /// Removes and returns the sequence numbers a broker ack or nack settles.
-    pub(crate) fn settle(&mut self, tag: u64, multiple: bool) -> Vec<DeliveryTag> {
-        if multiple && tag == 0 {
-            // "If the multiple field is 1, and the delivery tag is zero, this indicates
-            // acknowledgement of all outstanding messages" (spec, basic.ack delivery-tag).
-            self.unsettled.drain(..).map(DeliveryTag).collect()
-        } else if multiple {
-            let n = self.unsettled.partition_point(|&s| s <= tag);
-            self.unsettled.drain(..n).map(DeliveryTag).collect()
-        } else {
-            match self.unsettled.binary_search(&tag) {
-                Ok(i) => {
-                    self.unsettled.remove(i);
-                    vec![DeliveryTag(tag)]
-                }
-                Err(_) => Vec::new(),
-            }
-        }
+impl ChannelStep {
+    fn protocol(code: ReplyCode, text: String) -> Self {
+        ChannelStep::Violation(Violation::Protocol { code, text })
     }
 }
 
 /// One open (or opening, or closing) channel.
 #[derive(Debug)]
 pub(crate) struct Channel {
-    pub(crate) state: ChannelState,
-    pub(crate) expected: VecDeque<Expect>,
-    pub(crate) content: Option<PartialContent>,
+    id: ChannelId,
+    state: ChannelState,
+    expected: VecDeque<Expect>,
+    content: Option<PartialContent>,
     pub(crate) confirms: Option<Confirms>,
 }
 
 impl Channel {
-    pub(crate) fn new() -> Self {
+    /// A channel whose `channel.open` just went out.
+    pub(crate) fn new(id: ChannelId) -> Self {
         Self {
+            id,
             state: ChannelState::Opening,
             expected: VecDeque::from([Expect::OpenOk]),
             content: None,
@@ -298,92 +132,260 @@ impl Channel {
     pub(crate) fn accepts_commands(&self) -> bool {
         self.state != ChannelState::Closing
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Queues the reply a synchronous request just sent waits for.
+    pub(crate) fn expect(&mut self, expect: Expect) {
+        self.expected.push_back(expect);
+    }
 
-    #[test]
-    fn confirms_settle_single_and_multiple() {
-        let mut c = Confirms::default();
-        for _ in 0..5 {
-            c.next();
+    /// The requests still waiting for a reply, which fail when the channel goes.
+    pub(crate) fn waiting_requests(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.expected.iter().filter_map(|e| e.request())
+    }
+
+    /// Our `channel.close` went out: wait for close-ok, discarding everything else.
+    pub(crate) fn start_close(&mut self) {
+        self.state = ChannelState::Closing;
+        self.expected.push_back(Expect::CloseOk);
+        // The rest of a message being received is discarded with it; close-ok must not count
+        // as "a method in the middle of content".
+        self.content = None;
+    }
+
+    /// Handles a method frame on this channel.
+    // One arm per method the broker may send on an open channel: it reads best as one table.
+    pub(crate) fn on_method(&mut self, method: AMQPClass) -> ChannelStep {
+        if self.content.is_some() {
+            return ChannelStep::Violation(Violation::Frame(FrameError::Unexpected {
+                what: "method frame in the middle of content",
+            }));
         }
-        assert_eq!(c.settle(2, false), vec![DeliveryTag(2)]);
-        assert_eq!(c.settle(2, false), vec![]);
-        assert_eq!(
-            c.settle(4, true),
-            vec![DeliveryTag(1), DeliveryTag(3), DeliveryTag(4)]
-        );
-        assert_eq!(c.settle(9, true), vec![DeliveryTag(5)]);
-    }
-
-    #[test]
-    fn multiple_with_tag_zero_settles_everything() {
-        let mut c = Confirms::default();
-        for _ in 0..3 {
-            c.next();
+        if self.state == ChannelState::Closing {
+            return self.on_method_while_closing(method);
         }
-        assert_eq!(c.settle(0, false), vec![]);
-        assert_eq!(
-            c.settle(0, true),
-            vec![DeliveryTag(1), DeliveryTag(2), DeliveryTag(3)]
-        );
-    }
-
-    fn deliver() -> ContentMethod {
-        ContentMethod::Deliver {
-            consumer_tag: "c".into(),
-            delivery_tag: DeliveryTag(1),
-            redelivered: false,
-            exchange: String::new(),
-            routing_key: "q".into(),
+        match method {
+            AMQPClass::Channel(chan::AMQPMethod::OpenOk(_)) => {
+                if let Err(violation) = self.pop_expected(|e| e == Expect::OpenOk) {
+                    return ChannelStep::Violation(violation);
+                }
+                self.state = ChannelState::Open;
+                ChannelStep::Report(Event::ChannelOpened(self.id))
+            }
+            AMQPClass::Channel(chan::AMQPMethod::Close(close)) => self.closed_by_server(close),
+            AMQPClass::Channel(chan::AMQPMethod::Flow(flow)) => ChannelStep::Answer {
+                method: AMQPClass::Channel(chan::AMQPMethod::FlowOk(chan::FlowOk {
+                    active: flow.active,
+                })),
+                event: Event::Flow {
+                    channel: self.id,
+                    active: flow.active,
+                },
+            },
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
+                self.start_content(ContentMethod::Deliver {
+                    consumer_tag: d.consumer_tag.to_string(),
+                    delivery_tag: DeliveryTag(d.delivery_tag),
+                    redelivered: d.redelivered,
+                    exchange: d.exchange.to_string(),
+                    routing_key: d.routing_key.to_string(),
+                })
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Return(r)) => {
+                self.start_content(ContentMethod::Return {
+                    reply_code: ReplyCode(r.reply_code),
+                    reply_text: r.reply_text.to_string(),
+                    exchange: r.exchange.to_string(),
+                    routing_key: r.routing_key.to_string(),
+                })
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
+                self.on_broker_confirm(ack.delivery_tag, ack.multiple, true)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
+                self.on_broker_confirm(nack.delivery_tag, nack.multiple, false)
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
+                let event = Event::ConsumerCancelled {
+                    channel: self.id,
+                    consumer_tag: cancel.consumer_tag.to_string(),
+                };
+                if cancel.nowait {
+                    return ChannelStep::Report(event);
+                }
+                let ok = basic::CancelOk {
+                    consumer_tag: cancel.consumer_tag,
+                };
+                ChannelStep::Answer {
+                    method: AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)),
+                    event,
+                }
+            }
+            other => self.on_reply(other),
         }
     }
 
-    #[test]
-    fn body_split_over_frames_is_joined() {
-        let mut p = PartialContent::new(deliver());
-        assert!(matches!(
-            p.on_header(6, BasicProperties::default(), 100),
-            Ok(ContentProgress::Partial)
-        ));
-        assert!(matches!(
-            p.on_body(Bytes::from_static(b"abc")),
-            Ok(ContentProgress::Partial)
-        ));
-        match p.on_body(Bytes::from_static(b"def")) {
-            Ok(ContentProgress::Complete(c)) => assert_eq!(&c.body[..], b"abcdef"),
-            other => panic!("{other:?}"),
+    /// Handles a content header frame.
+    pub(crate) fn on_header(
+        &mut self,
+        body_size: u64,
+        properties: BasicProperties,
+        max_body_size: u64,
+    ) -> ChannelStep {
+        let progress = match &mut self.content {
+            // A closing channel discards content (spec §1.5.2.5): a delivery the broker sent
+            // before it saw our channel.close.
+            _ if self.state == ChannelState::Closing => return ChannelStep::Nothing,
+            Some(content) => content.on_header(body_size, properties, max_body_size),
+            None => Err(FrameError::Unexpected {
+                what: "content header without a content method",
+            }),
+        };
+        self.content_progress(progress)
+    }
+
+    /// Handles a content body frame.
+    pub(crate) fn on_body(&mut self, payload: Bytes) -> ChannelStep {
+        let progress = match &mut self.content {
+            _ if self.state == ChannelState::Closing => return ChannelStep::Nothing,
+            Some(content) => content.on_body(payload),
+            None => Err(FrameError::Unexpected {
+                what: "content body without a content method",
+            }),
+        };
+        self.content_progress(progress)
+    }
+
+    /// Only close and close-ok matter while our close is on its way (spec §1.5.2.5).
+    fn on_method_while_closing(&mut self, method: AMQPClass) -> ChannelStep {
+        match method {
+            AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)) => ChannelStep::Closed {
+                error: ChannelError {
+                    channel: self.id,
+                    initiator: Initiator::Client,
+                    code: ReplyCode::REPLY_SUCCESS,
+                    text: "closed by application".into(),
+                },
+                close_ok: false,
+            },
+            AMQPClass::Channel(chan::AMQPMethod::Close(close)) => self.closed_by_server(close),
+            _ => ChannelStep::Nothing,
         }
     }
 
-    #[test]
-    fn oversized_body_is_skipped_not_buffered() {
-        let mut p = PartialContent::new(deliver());
-        assert!(matches!(
-            p.on_header(1000, BasicProperties::default(), 10),
-            Ok(ContentProgress::TooLarge {
-                delivery_tag: Some(DeliveryTag(1)),
-                body_size: 1000,
-                ..
-            })
-        ));
-        assert!(matches!(
-            p.on_body(Bytes::from(vec![0; 600])),
-            Ok(ContentProgress::Partial)
-        ));
-        assert!(matches!(
-            p.on_body(Bytes::from(vec![0; 400])),
-            Ok(ContentProgress::SkippedComplete)
-        ));
+    fn closed_by_server(&self, close: chan::Close) -> ChannelStep {
+        ChannelStep::Closed {
+            error: ChannelError {
+                channel: self.id,
+                initiator: Initiator::Server,
+                code: ReplyCode(close.reply_code),
+                text: close.reply_text.to_string(),
+            },
+            close_ok: true,
+        }
     }
 
-    #[test]
-    fn body_longer_than_announced_is_an_error() {
-        let mut p = PartialContent::new(deliver());
-        p.on_header(2, BasicProperties::default(), 100).ok();
-        assert!(p.on_body(Bytes::from_static(b"abc")).is_err());
+    /// A `*-ok` that answers a synchronous request of ours.
+    fn on_reply(&mut self, method: AMQPClass) -> ChannelStep {
+        let (matches, reply): (fn(Expect) -> bool, Reply) = match method {
+            AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => {
+                (|e| matches!(e, Expect::QosOk(_)), Reply::QosOk)
+            }
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => (
+                |e| matches!(e, Expect::DeclareOk(_)),
+                Reply::QueueDeclared {
+                    queue: ok.queue.to_string(),
+                    message_count: ok.message_count,
+                    consumer_count: ok.consumer_count,
+                },
+            ),
+            AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => (
+                |e| matches!(e, Expect::ExchangeDeclareOk(_)),
+                Reply::ExchangeExists,
+            ),
+            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => (
+                |e| matches!(e, Expect::DeleteOk(_)),
+                Reply::QueueDeleted {
+                    message_count: ok.message_count,
+                },
+            ),
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => (
+                |e| matches!(e, Expect::ConsumeOk(_)),
+                Reply::ConsumeOk {
+                    consumer_tag: ok.consumer_tag.to_string(),
+                },
+            ),
+            AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)) => (
+                |e| matches!(e, Expect::CancelOk(_)),
+                Reply::CancelOk {
+                    consumer_tag: ok.consumer_tag.to_string(),
+                },
+            ),
+            AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => {
+                (|e| matches!(e, Expect::SelectOk(_)), Reply::ConfirmSelected)
+            }
+            _ => {
+                return ChannelStep::protocol(
+                    ReplyCode::COMMAND_INVALID,
+                    format!("unexpected method on {}", self.id),
+                )
+            }
+        };
+        match self.pop_expected(matches).map(Expect::request) {
+            Ok(Some(request)) => ChannelStep::Report(Event::Completed {
+                request,
+                channel: self.id,
+                reply,
+            }),
+            Ok(None) => ChannelStep::Nothing,
+            Err(violation) => ChannelStep::Violation(violation),
+        }
+    }
+
+    /// Pops the front of the reply FIFO if `matches` accepts it; otherwise the server answered
+    /// out of order, which is a hard error.
+    fn pop_expected(&mut self, matches: impl Fn(Expect) -> bool) -> Result<Expect, Violation> {
+        match self.expected.front() {
+            Some(&e) if matches(e) => {
+                self.expected.pop_front();
+                Ok(e)
+            }
+            _ => Err(Violation::Protocol {
+                code: ReplyCode::COMMAND_INVALID,
+                text: format!("unexpected reply on {}", self.id),
+            }),
+        }
+    }
+
+    fn start_content(&mut self, method: ContentMethod) -> ChannelStep {
+        self.content = Some(PartialContent::new(method));
+        ChannelStep::Nothing
+    }
+
+    fn content_progress(&mut self, progress: Result<ContentProgress, FrameError>) -> ChannelStep {
+        let progress = match progress {
+            Ok(p) => p,
+            Err(e) => return ChannelStep::Violation(Violation::Frame(e)),
+        };
+        let (event, finished) = progress.into_event(self.id);
+        if finished {
+            self.content = None;
+        }
+        event.map_or(ChannelStep::Nothing, ChannelStep::Report)
+    }
+
+    /// A broker `basic.ack` or `basic.nack` (RabbitMQ "Publisher Confirms").
+    fn on_broker_confirm(&mut self, tag: u64, multiple: bool, acked: bool) -> ChannelStep {
+        match self.confirms.as_mut() {
+            Some(confirms) => {
+                ChannelStep::ReportAll(confirms.on_broker_confirm(self.id, tag, multiple, acked))
+            }
+            None => ChannelStep::protocol(
+                ReplyCode::COMMAND_INVALID,
+                format!(
+                    "publisher confirm on {}, which is not in confirm mode",
+                    self.id
+                ),
+            ),
+        }
     }
 }

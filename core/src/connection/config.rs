@@ -93,6 +93,7 @@ impl fmt::Display for SaslMechanism {
 /// Connection settings. The tune values are the client's proposals; the negotiated values are
 /// in [`crate::Connection::tune`] once connected.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConnectionConfig {
     /// User name and password (unused by [`SaslMechanism::External`]).
     pub credentials: Credentials,
@@ -153,6 +154,7 @@ pub(crate) fn deadline_after(now: Instant, after: Duration) -> Instant {
 
 /// The values both peers agreed on in `connection.tune` / `tune-ok` (spec §1.4.2.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Tune {
     /// Highest channel number usable.
     pub channel_max: u16,

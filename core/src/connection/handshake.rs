@@ -4,8 +4,16 @@
 use amq_protocol::protocol::connection::StartOk;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use super::config::{ConnectionConfig, Credentials, SaslMechanism};
+use std::time::Instant;
+
+use amq_protocol::protocol::{connection, AMQPClass};
+
+use super::config::{ConnectionConfig, Credentials, SaslMechanism, Tune};
+use super::heartbeat::Heartbeat;
+use super::{Connection, State, Timer};
+use crate::codec::FRAME_MIN_SIZE;
 use crate::error::ConnectionError;
+use crate::ids::{ChannelId, ReplyCode};
 
 /// Where the handshake is.
 // Each step awaits one server method; the names say which.
@@ -116,6 +124,116 @@ pub(crate) fn start_ok(config: &ConnectionConfig, mechanism: SaslMechanism) -> S
         mechanism: ShortString::from(mechanism.name()),
         response: auth_response(mechanism, &config.credentials),
         locale: ShortString::from("en_US"),
+    }
+}
+
+// -----------------------------------------------------------------------------------------------
+// The server's side of the handshake, as the connection applies it
+// -----------------------------------------------------------------------------------------------
+
+impl Connection {
+    pub(super) fn on_start(&mut self, now: Instant, start: connection::Start) {
+        if (start.version_major, start.version_minor) != (0, 9) {
+            return self.fail(
+                now,
+                ConnectionError::Protocol {
+                    code: ReplyCode::FRAME_ERROR,
+                    reason: format!(
+                        "server speaks AMQP {}-{}",
+                        start.version_major, start.version_minor
+                    ),
+                },
+                None,
+            );
+        }
+        // The server speaks AMQP 0-9-1 now that it sent start: from here on a failure is
+        // explained to it with a connection.close.
+        self.state = State::Handshake(HandshakeStep::AwaitTune);
+        let mechanism =
+            match choose_mechanism(start.mechanisms.as_bytes(), &self.config.auth_mechanisms) {
+                Ok(m) => m,
+                Err(e) => {
+                    // The credentials never left.
+                    let text = e.to_string();
+                    return self.fail(now, e, Some((ReplyCode::ACCESS_REFUSED, text)));
+                }
+            };
+        self.server_properties = start.server_properties;
+        let start_ok = start_ok(&self.config, mechanism);
+        let method = AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok));
+        if self.send_method(ChannelId::CONNECTION, method).is_err() {
+            // Credentials and connection name so long that start-ok exceeds the pre-tune frame
+            // size: say so now rather than let the handshake time out.
+            let reason =
+                "credentials or connection name too long for connection.start-ok".to_owned();
+            self.fail(
+                now,
+                ConnectionError::Protocol {
+                    code: ReplyCode::FRAME_ERROR,
+                    reason: reason.clone(),
+                },
+                Some((ReplyCode::FRAME_ERROR, reason)),
+            );
+        }
+    }
+
+    pub(super) fn on_tune(&mut self, now: Instant, tune: connection::Tune) {
+        let negotiated = Tune::negotiate(
+            &self.config,
+            tune.channel_max,
+            tune.frame_max,
+            tune.heartbeat,
+        );
+        if negotiated.frame_max < FRAME_MIN_SIZE {
+            return self.protocol_error(
+                now,
+                ReplyCode::SYNTAX_ERROR,
+                format!("server frame_max {} is below 4096", tune.frame_max),
+            );
+        }
+        self.tune = negotiated;
+        let heartbeat_secs = u16::try_from(negotiated.heartbeat.as_secs()).unwrap_or(u16::MAX);
+        let tune_ok = connection::TuneOk {
+            channel_max: negotiated.channel_max,
+            frame_max: negotiated.frame_max,
+            heartbeat: heartbeat_secs,
+        };
+        self.send_method_unchecked(
+            ChannelId::CONNECTION,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+        );
+        self.decoder.set_frame_max(negotiated.frame_max);
+        self.heartbeat = Heartbeat::new(negotiated.heartbeat);
+        if let Some(at) = self.heartbeat.send_at(now) {
+            self.timers.set(Timer::SendHeartbeat, at);
+        }
+        if let Some(at) = self.heartbeat.dead_at(now) {
+            self.timers.set(Timer::PeerDead, at);
+        }
+        let vhost = match ShortString::try_new(self.config.vhost.clone()) {
+            Ok(v) => v,
+            Err(_) => {
+                let reason = format!(
+                    "vhost name is {} bytes; at most 255",
+                    self.config.vhost.len()
+                );
+                return self.fail(
+                    now,
+                    ConnectionError::Protocol {
+                        code: ReplyCode::NOT_ALLOWED,
+                        reason: reason.clone(),
+                    },
+                    Some((ReplyCode::NOT_ALLOWED, reason)),
+                );
+            }
+        };
+        self.send_method_unchecked(
+            ChannelId::CONNECTION,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: vhost,
+            })),
+        );
+        self.state = State::Handshake(HandshakeStep::AwaitOpenOk);
     }
 }
 

@@ -1,229 +1,64 @@
 //! The AMQP 0-9-1 client connection machine.
 //!
-//! [`Connection`] owns the handshake, heartbeats, channels and the close handshake. It never
-//! touches a socket or a clock: bytes and time come in through `handle_*`, bytes and events go
-//! out through `poll_*`. See the crate docs for the driving contract.
+//! [`Connection`] owns the handshake, heartbeats, channels and the close handshake
+//! (ARCHITECTURE §3 gives the reading order of this folder). It never touches a socket or a
+//! clock: bytes and time come in through `handle_*`, bytes and events go out through `poll_*`.
+//! See the crate docs for the driving contract.
 
 mod channel;
+mod commands;
 mod config;
+mod confirms;
+mod content;
+mod event;
 mod handshake;
 mod heartbeat;
 
+pub use commands::{ConsumeOptions, QueueOptions};
 pub use config::{ConnectionConfig, Credentials, SaslMechanism, Tune};
+pub use event::{Delivery, Event, Reply, Returned};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{
-    basic, channel as chan, confirm, connection, exchange, queue, AMQPClass,
-};
+use amq_protocol::protocol::{channel as chan, connection, AMQPClass};
 use amq_protocol::types::{FieldTable, ShortString};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use crate::codec::{self, Frame, FrameDecoder, FRAME_MIN_SIZE};
-use crate::error::{ChannelError, ConnectionError, FrameError, Initiator, UsageError};
-use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
-pub use amq_protocol::protocol::BasicProperties;
+use crate::error::{ChannelError, ConnectionError, FrameError, UsageError};
+use crate::ids::{ChannelId, ReplyCode};
+use crate::timers::TimerTable;
 
-use channel::{
-    Channel, ChannelState, CompleteContent, Confirms, ContentMethod, ContentProgress, Expect,
-    PartialContent,
-};
+use channel::{Channel, ChannelStep, Violation};
 use handshake::HandshakeStep;
-use heartbeat::{Heartbeat, HeartbeatAction};
-
-/// Something that happened on the connection. Drain them with [`Connection::poll_event`] after
-/// every input or command.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum Event {
-    /// The handshake finished; commands are accepted from now on.
-    Connected,
-    /// `channel.open-ok` arrived.
-    ChannelOpened(ChannelId),
-    /// A channel closed. `error.code` is 200 and `error.initiator` is `Client` after a normal
-    /// [`Connection::close_channel`]; anything else is a soft error.
-    ChannelClosed(ChannelError),
-    /// A synchronous request finished.
-    Completed {
-        /// The request, as returned by the command.
-        request: RequestId,
-        /// The channel it ran on.
-        channel: ChannelId,
-        /// The server's answer.
-        reply: Reply,
-    },
-    /// A synchronous request failed because its channel closed first.
-    Failed {
-        /// The request, as returned by the command.
-        request: RequestId,
-        /// Why its channel closed.
-        error: ChannelError,
-    },
-    /// A message from a consumer (`basic.deliver` with its content).
-    Delivery(Delivery),
-    /// A mandatory publish that no queue took (`basic.return` with its content).
-    Returned(Returned),
-    /// The broker settled a publish on a channel in confirm mode. A `basic.ack` or `basic.nack`
-    /// with `multiple` set yields one event per publish it settles.
-    PublishConfirmed {
-        /// The channel in confirm mode.
-        channel: ChannelId,
-        /// The publish sequence number [`Connection::publish`] returned.
-        seq: DeliveryTag,
-        /// `true` for `basic.ack`, `false` for `basic.nack` (the broker lost it).
-        acked: bool,
-    },
-    /// The broker cancelled a consumer (its queue was deleted, or it failed over).
-    ConsumerCancelled {
-        /// The consumer's channel.
-        channel: ChannelId,
-        /// The consumer's tag.
-        consumer_tag: String,
-    },
-    /// A delivery or return whose body exceeds [`ConnectionConfig::max_body_size`]. Its body
-    /// is skipped as it arrives, never buffered; reject the delivery if it needs settling.
-    ContentTooLarge {
-        /// The channel it arrived on.
-        channel: ChannelId,
-        /// The delivery tag, for a delivery (returns have none).
-        delivery_tag: Option<DeliveryTag>,
-        /// The size the header announced.
-        body_size: u64,
-        /// The message's properties (they arrived; only the body is skipped), so that an RPC
-        /// server can still answer the caller.
-        properties: Box<BasicProperties>,
-    },
-    /// The broker asked to pause (`false`) or resume (`true`) publishing on a channel.
-    Flow {
-        /// The channel.
-        channel: ChannelId,
-        /// Whether publishing may go on.
-        active: bool,
-    },
-    /// The broker stopped reading from this connection (a resource alarm, RabbitMQ
-    /// "Blocked Connection Notifications"). Publishes will wait in the socket.
-    Blocked {
-        /// The broker's reason, e.g. "low on memory".
-        reason: String,
-    },
-    /// The resource alarm cleared.
-    Unblocked,
-    /// The connection is closed; always the last event. [`ConnectionError::ClosedByApplication`]
-    /// after [`Connection::close`].
-    Closed(ConnectionError),
-}
-
-/// The answer to a synchronous request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Reply {
-    /// `basic.qos-ok`.
-    QosOk,
-    /// `queue.declare-ok`.
-    QueueDeclared {
-        /// The queue's name (server-generated when the request named none).
-        queue: String,
-        /// Messages ready in the queue.
-        message_count: u32,
-        /// Consumers on the queue.
-        consumer_count: u32,
-    },
-    /// `exchange.declare-ok` to a passive declare: the exchange exists.
-    ExchangeExists,
-    /// `queue.delete-ok`.
-    QueueDeleted {
-        /// Messages deleted with the queue.
-        message_count: u32,
-    },
-    /// `basic.consume-ok`.
-    ConsumeOk {
-        /// The consumer's tag (server-generated when the request named none).
-        consumer_tag: String,
-    },
-    /// `basic.cancel-ok`.
-    CancelOk {
-        /// The cancelled consumer's tag.
-        consumer_tag: String,
-    },
-    /// `confirm.select-ok`: publishes on the channel are now confirmed.
-    ConfirmSelected,
-}
-
-/// A message delivered to a consumer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    /// The channel it arrived on; acks go back on the same channel.
-    pub channel: ChannelId,
-    /// The consumer it is for.
-    pub consumer_tag: String,
-    /// Its tag, for ack/nack/reject.
-    pub delivery_tag: DeliveryTag,
-    /// Whether the broker delivered it before (to this or another consumer).
-    pub redelivered: bool,
-    /// The exchange it was published to (empty for the default exchange).
-    pub exchange: String,
-    /// Its routing key.
-    pub routing_key: String,
-    /// Its properties.
-    pub properties: BasicProperties,
-    /// Its body.
-    pub body: Bytes,
-}
-
-/// A mandatory message that could not be routed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Returned {
-    /// The channel it was published on.
-    pub channel: ChannelId,
-    /// Why (312 NO_ROUTE when no queue is bound).
-    pub reply_code: ReplyCode,
-    /// The broker's text.
-    pub reply_text: String,
-    /// The exchange it was published to.
-    pub exchange: String,
-    /// Its routing key.
-    pub routing_key: String,
-    /// Its properties.
-    pub properties: BasicProperties,
-    /// Its body.
-    pub body: Bytes,
-}
-
-/// Flags of `queue.declare` (spec §1.7.2.1).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueOptions {
-    /// Only check that the queue exists (404 on the channel when it does not).
-    pub passive: bool,
-    /// Survive a broker restart.
-    pub durable: bool,
-    /// Used by this connection only, deleted when it closes.
-    pub exclusive: bool,
-    /// Deleted when its last consumer goes.
-    pub auto_delete: bool,
-}
-
-/// Flags of `basic.consume` (spec §1.8.3.3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConsumeOptions {
-    /// The broker considers messages acknowledged once sent.
-    pub no_ack: bool,
-    /// No other consumer may consume the queue.
-    pub exclusive: bool,
-}
+use heartbeat::Heartbeat;
 
 /// Connection life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Handshake(HandshakeStep),
     Open,
-    /// `connection.close` sent; waiting for close-ok until the deadline. `reported` says whether
-    /// [`Event::Closed`] went out already (it has when the close is an error of ours).
+    /// `connection.close` sent; waiting for close-ok until [`Timer::Close`]. `reported` says
+    /// whether [`Event::Closed`] went out already (it has when the close is an error of ours).
     Closing {
-        deadline: Instant,
         reported: bool,
     },
     Closed,
+}
+
+/// The connection's timers. When several are due at once, `handle_timeout` serves the first in
+/// this order, and that one ends the others (all but `SendHeartbeat` close the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// Our `connection.close` waits no longer for close-ok.
+    Close,
+    /// The handshake must be done by then.
+    Handshake,
+    /// Nothing was read for two heartbeat intervals.
+    PeerDead,
+    /// Nothing was written for half a heartbeat interval.
+    SendHeartbeat,
 }
 
 /// A client connection: the handshake, heartbeats, channels and the close handshake.
@@ -240,7 +75,7 @@ pub struct Connection {
     next_request: u64,
     tune: Tune,
     heartbeat: Heartbeat,
-    handshake_deadline: Instant,
+    timers: TimerTable<Timer>,
     blocked: bool,
     error: Option<ConnectionError>,
     server_properties: FieldTable,
@@ -257,8 +92,13 @@ impl Connection {
             frame_max: codec::PRE_TUNE_FRAME_MAX,
             heartbeat: std::time::Duration::ZERO,
         };
+        let mut timers = TimerTable::new();
+        timers.set(
+            Timer::Handshake,
+            config::deadline_after(now, config.handshake_timeout),
+        );
         Self {
-            handshake_deadline: config::deadline_after(now, config.handshake_timeout),
+            timers,
             config,
             state: State::Handshake(HandshakeStep::AwaitStart),
             decoder: FrameDecoder::new(),
@@ -269,7 +109,7 @@ impl Connection {
             next_channel: 0,
             next_request: 0,
             tune,
-            heartbeat: Heartbeat::new(now),
+            heartbeat: Heartbeat::default(),
             blocked: false,
             error: None,
             server_properties: FieldTable::default(),
@@ -291,7 +131,9 @@ impl Connection {
         {
             return;
         }
-        self.heartbeat.on_read(now);
+        if let Some(at) = self.heartbeat.dead_at(now) {
+            self.timers.extend(Timer::PeerDead, at);
+        }
         self.read_buf.extend_from_slice(bytes);
         while self.state != State::Closed {
             match self.decoder.decode(&mut self.read_buf) {
@@ -331,28 +173,27 @@ impl Connection {
 
     /// Runs the timers that are due at `now` (see [`Connection::poll_timeout`]).
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.state {
-            State::Closed => {}
-            State::Closing { deadline, reported } => {
-                if now >= deadline {
-                    self.finish_close(reported);
-                }
+        if self.timers.take_due(&Timer::Close, now) {
+            let reported = matches!(self.state, State::Closing { reported: true });
+            self.finish_close(reported);
+        } else if self.timers.take_due(&Timer::Handshake, now) {
+            self.fail(now, ConnectionError::HandshakeTimedOut, None);
+        } else if self.timers.take_due(&Timer::PeerDead, now) {
+            self.fail(now, ConnectionError::HeartbeatTimedOut, None);
+        } else if self.timers.take_due(&Timer::SendHeartbeat, now) {
+            codec::encode_heartbeat(&mut self.outbound);
+            // Counted as written now, so the timer does not fire again while the frame waits
+            // for the driver to take it.
+            if let Some(at) = self.heartbeat.send_at(now) {
+                self.timers.set(Timer::SendHeartbeat, at);
             }
-            State::Handshake(_) if now >= self.handshake_deadline => {
-                self.fail(now, ConnectionError::HandshakeTimedOut, None);
-            }
-            State::Handshake(_) | State::Open => match self.heartbeat.action(now) {
-                HeartbeatAction::None => {}
-                HeartbeatAction::Send => {
-                    codec::encode_heartbeat(&mut self.outbound);
-                    // Counted as written now, so the timer does not fire again while the frame
-                    // waits for the driver to take it.
-                    self.heartbeat.on_write(now);
-                }
-                HeartbeatAction::PeerDead => {
-                    self.fail(now, ConnectionError::HeartbeatTimedOut, None)
-                }
-            },
+        }
+    }
+
+    /// Restarts the send-heartbeat timer after a write at `now`.
+    fn wrote(&mut self, now: Instant) {
+        if let Some(at) = self.heartbeat.send_at(now) {
+            self.timers.extend(Timer::SendHeartbeat, at);
         }
     }
 
@@ -373,7 +214,7 @@ impl Connection {
         } else {
             buf.append(&mut self.outbound);
         }
-        self.heartbeat.on_write(now);
+        self.wrote(now);
         n
     }
 
@@ -384,15 +225,7 @@ impl Connection {
 
     /// When [`Connection::handle_timeout`] must be called next; `None` when no timer runs.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            State::Closed => None,
-            State::Closing { deadline, .. } => Some(deadline),
-            State::Handshake(_) => Some(match self.heartbeat.deadline() {
-                Some(hb) => hb.min(self.handshake_deadline),
-                None => self.handshake_deadline,
-            }),
-            State::Open => self.heartbeat.deadline(),
-        }
+        self.timers.next(None)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -443,301 +276,6 @@ impl Connection {
     }
 
     // -----------------------------------------------------------------------------------------
-    // Commands
-    // -----------------------------------------------------------------------------------------
-
-    /// Opens a channel. Commands may be sent on it at once (AMQP pipelines them behind
-    /// `channel.open`); [`Event::ChannelOpened`] follows.
-    pub fn open_channel(&mut self) -> Result<ChannelId, UsageError> {
-        self.check_open()?;
-        let max = self.tune.channel_max.max(1);
-        // Numbers go round rather than reusing the lowest free one, so that a late frame for a
-        // channel that just closed cannot land on its successor.
-        for _ in 0..max {
-            self.next_channel = if self.next_channel >= max {
-                1
-            } else {
-                self.next_channel + 1
-            };
-            let id = ChannelId(self.next_channel);
-            if !self.channels.contains_key(&id) {
-                self.send_method(
-                    id,
-                    AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
-                )?;
-                self.channels.insert(id, Channel::new());
-                return Ok(id);
-            }
-        }
-        Err(UsageError::NoFreeChannel)
-    }
-
-    /// Closes a channel normally (reply code 200). [`Event::ChannelClosed`] follows.
-    pub fn close_channel(&mut self, channel: ChannelId) -> Result<(), UsageError> {
-        self.channel_for_command(channel)?;
-        let close = chan::Close {
-            reply_code: ReplyCode::REPLY_SUCCESS.0,
-            reply_text: ShortString::from("bye"),
-            class_id: 0,
-            method_id: 0,
-        };
-        self.send_method(channel, AMQPClass::Channel(chan::AMQPMethod::Close(close)))?;
-        if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.state = ChannelState::Closing;
-            ch.expected.push_back(Expect::CloseOk);
-            // The rest of a message being received is discarded with it; close-ok must not
-            // count as "a method in the middle of content".
-            ch.content = None;
-        }
-        Ok(())
-    }
-
-    /// Sets the consumer prefetch window of `channel` (spec §1.8.3.1; RabbitMQ applies it per
-    /// consumer unless `global`).
-    pub fn qos(
-        &mut self,
-        channel: ChannelId,
-        prefetch_count: u16,
-        global: bool,
-    ) -> Result<RequestId, UsageError> {
-        let method = basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count,
-            global,
-        });
-        self.request(channel, AMQPClass::Basic(method), Expect::QosOk)
-    }
-
-    /// Declares a queue; an empty `name` asks the server for one. Replies
-    /// [`Reply::QueueDeclared`] with the message and consumer counts.
-    pub fn declare_queue(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        options: QueueOptions,
-        arguments: FieldTable,
-    ) -> Result<RequestId, UsageError> {
-        let method = queue::AMQPMethod::Declare(queue::Declare {
-            queue: short("queue name", name)?,
-            passive: options.passive,
-            durable: options.durable,
-            exclusive: options.exclusive,
-            auto_delete: options.auto_delete,
-            nowait: false,
-            arguments,
-        });
-        self.request(channel, AMQPClass::Queue(method), Expect::DeclareOk)
-    }
-
-    /// Asks whether an exchange exists (a passive `exchange.declare`, spec §1.5.2.1 `passive`).
-    /// Replies [`Reply::ExchangeExists`]; a missing exchange closes the channel with 404
-    /// NOT_FOUND, reported as [`Event::Failed`] and [`Event::ChannelClosed`].
-    pub fn check_exchange(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-    ) -> Result<RequestId, UsageError> {
-        let method = exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: short("exchange name", name)?,
-            // Ignored by a passive declare; "direct" is the type every broker knows.
-            kind: ShortString::from("direct"),
-            passive: true,
-            durable: false,
-            auto_delete: false,
-            internal: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        });
-        self.request(
-            channel,
-            AMQPClass::Exchange(method),
-            Expect::ExchangeDeclareOk,
-        )
-    }
-
-    /// Deletes a queue. Replies [`Reply::QueueDeleted`].
-    pub fn delete_queue(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        if_unused: bool,
-        if_empty: bool,
-    ) -> Result<RequestId, UsageError> {
-        let method = queue::AMQPMethod::Delete(queue::Delete {
-            queue: short("queue name", name)?,
-            if_unused,
-            if_empty,
-            nowait: false,
-        });
-        self.request(channel, AMQPClass::Queue(method), Expect::DeleteOk)
-    }
-
-    /// Starts a consumer; an empty `consumer_tag` asks the server for one. Replies
-    /// [`Reply::ConsumeOk`]; deliveries follow as [`Event::Delivery`].
-    pub fn consume(
-        &mut self,
-        channel: ChannelId,
-        queue: &str,
-        consumer_tag: &str,
-        options: ConsumeOptions,
-        arguments: FieldTable,
-    ) -> Result<RequestId, UsageError> {
-        let method = basic::AMQPMethod::Consume(basic::Consume {
-            queue: short("queue name", queue)?,
-            consumer_tag: short("consumer tag", consumer_tag)?,
-            no_local: false,
-            no_ack: options.no_ack,
-            exclusive: options.exclusive,
-            nowait: false,
-            arguments,
-        });
-        self.request(channel, AMQPClass::Basic(method), Expect::ConsumeOk)
-    }
-
-    /// Cancels a consumer. Replies [`Reply::CancelOk`]; deliveries already sent still arrive.
-    pub fn cancel(
-        &mut self,
-        channel: ChannelId,
-        consumer_tag: &str,
-    ) -> Result<RequestId, UsageError> {
-        let method = basic::AMQPMethod::Cancel(basic::Cancel {
-            consumer_tag: short("consumer tag", consumer_tag)?,
-            nowait: false,
-        });
-        self.request(channel, AMQPClass::Basic(method), Expect::CancelOk)
-    }
-
-    /// Puts `channel` in confirm mode (RabbitMQ "Publisher Confirms"). Publishes sent after this
-    /// call are numbered from 1 and settled by [`Event::PublishConfirmed`].
-    pub fn confirm_select(&mut self, channel: ChannelId) -> Result<RequestId, UsageError> {
-        let method = confirm::AMQPMethod::Select(confirm::Select { nowait: false });
-        let request = self.request(channel, AMQPClass::Confirm(method), Expect::SelectOk)?;
-        if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.confirms.get_or_insert_with(Confirms::default);
-        }
-        Ok(request)
-    }
-
-    /// Publishes a message: method, header and body frames (split at frame_max − 8) go out
-    /// together. On a channel in confirm mode, returns the publish's sequence number.
-    pub fn publish(
-        &mut self,
-        channel: ChannelId,
-        exchange: &str,
-        routing_key: &str,
-        mandatory: bool,
-        properties: &BasicProperties,
-        body: &[u8],
-    ) -> Result<Option<DeliveryTag>, UsageError> {
-        self.channel_for_command(channel)?;
-        let size = u64::try_from(body.len()).unwrap_or(u64::MAX);
-        if size > self.config.max_message_size {
-            return Err(UsageError::MessageTooLarge {
-                size,
-                limit: self.config.max_message_size,
-            });
-        }
-        let method = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: short("exchange", exchange)?,
-            routing_key: short("routing key", routing_key)?,
-            mandatory,
-            immediate: false,
-        }));
-        let start = self.outbound.len();
-        let frame_max = self.tune.frame_max;
-        codec::encode_method(channel, &method, frame_max, &mut self.outbound)
-            .and_then(|()| {
-                codec::encode_content(channel, properties, body, frame_max, &mut self.outbound)
-            })
-            .map_err(|_| {
-                self.outbound.truncate(start);
-                UsageError::FrameTooLarge
-            })?;
-        Ok(self
-            .channels
-            .get_mut(&channel)
-            .and_then(|ch| ch.confirms.as_mut())
-            .map(Confirms::next))
-    }
-
-    /// Acknowledges a delivery (or every unacknowledged one up to it, with `multiple`).
-    pub fn ack(
-        &mut self,
-        channel: ChannelId,
-        delivery_tag: DeliveryTag,
-        multiple: bool,
-    ) -> Result<(), UsageError> {
-        let method = basic::AMQPMethod::Ack(basic::Ack {
-            delivery_tag: delivery_tag.0,
-            multiple,
-        });
-        self.async_command(channel, AMQPClass::Basic(method))
-    }
-
-    /// Negatively acknowledges a delivery, requeueing it or not (RabbitMQ extension).
-    pub fn nack(
-        &mut self,
-        channel: ChannelId,
-        delivery_tag: DeliveryTag,
-        multiple: bool,
-        requeue: bool,
-    ) -> Result<(), UsageError> {
-        let method = basic::AMQPMethod::Nack(basic::Nack {
-            delivery_tag: delivery_tag.0,
-            multiple,
-            requeue,
-        });
-        self.async_command(channel, AMQPClass::Basic(method))
-    }
-
-    /// Rejects one delivery, requeueing it or not.
-    pub fn reject(
-        &mut self,
-        channel: ChannelId,
-        delivery_tag: DeliveryTag,
-        requeue: bool,
-    ) -> Result<(), UsageError> {
-        let method = basic::AMQPMethod::Reject(basic::Reject {
-            delivery_tag: delivery_tag.0,
-            requeue,
-        });
-        self.async_command(channel, AMQPClass::Basic(method))
-    }
-
-    /// Starts a clean close (reply code 200). [`Event::Closed`] with
-    /// [`ConnectionError::ClosedByApplication`] follows once the server answers, or after
-    /// [`ConnectionConfig::close_timeout`].
-    pub fn close(&mut self, now: Instant) -> Result<(), UsageError> {
-        match self.state {
-            State::Closed => {
-                return Err(UsageError::ConnectionClosed(
-                    self.error
-                        .clone()
-                        .unwrap_or(ConnectionError::ClosedByApplication),
-                ))
-            }
-            State::Closing { .. } => return Err(UsageError::Closing),
-            // Before `connection.start` nothing can be said: just stop.
-            State::Handshake(HandshakeStep::AwaitStart) => {
-                self.error = Some(ConnectionError::ClosedByApplication);
-                self.channels.clear();
-                self.state = State::Closed;
-                self.events
-                    .push_back(Event::Closed(ConnectionError::ClosedByApplication));
-                return Ok(());
-            }
-            State::Handshake(_) | State::Open => {}
-        }
-        self.error = Some(ConnectionError::ClosedByApplication);
-        self.send_connection_close(
-            now,
-            ReplyCode::REPLY_SUCCESS,
-            "closed by application",
-            false,
-        );
-        Ok(())
-    }
-
-    // -----------------------------------------------------------------------------------------
     // Frame handling
     // -----------------------------------------------------------------------------------------
 
@@ -747,47 +285,28 @@ impl Connection {
             Frame::Method { channel, method } if channel.is_zero() => {
                 self.handle_connection_method(now, *method)
             }
-            Frame::Method { channel, method } => self.on_channel(now, channel, |conn, ch| {
-                conn.handle_channel_method(now, ch, *method)
-            }),
-            Frame::Header { channel, header } => self.on_channel(now, channel, |conn, ch| {
-                let max = conn.config.max_body_size;
-                let progress = match conn.channels.get_mut(&ch) {
-                    // A closing channel discards content (spec §1.5.2.5): a delivery the broker
-                    // sent before it saw our channel.close.
-                    Some(c) if c.state == ChannelState::Closing => return,
-                    Some(Channel {
-                        content: Some(content),
-                        ..
-                    }) => content.on_header(header.body_size, header.properties, max),
-                    _ => Err(FrameError::Unexpected {
-                        what: "content header without a content method",
-                    }),
-                };
-                conn.content_progress(now, ch, progress);
-            }),
-            Frame::Body { channel, payload } => self.on_channel(now, channel, |conn, ch| {
-                let progress = match conn.channels.get_mut(&ch) {
-                    Some(c) if c.state == ChannelState::Closing => return,
-                    Some(Channel {
-                        content: Some(content),
-                        ..
-                    }) => content.on_body(payload),
-                    _ => Err(FrameError::Unexpected {
-                        what: "content body without a content method",
-                    }),
-                };
-                conn.content_progress(now, ch, progress);
-            }),
+            Frame::Method { channel, method } => {
+                self.on_channel(now, channel, |ch| ch.on_method(*method))
+            }
+            Frame::Header { channel, header } => {
+                let max = self.config.max_body_size;
+                self.on_channel(now, channel, |ch| {
+                    ch.on_header(header.body_size, header.properties, max)
+                })
+            }
+            Frame::Body { channel, payload } => {
+                self.on_channel(now, channel, |ch| ch.on_body(payload))
+            }
         }
     }
 
-    /// Runs `f` for a frame on a non-zero channel, after the checks every such frame needs.
+    /// Hands a frame on a non-zero channel to its [`Channel`], after the checks every such
+    /// frame needs, and applies what the channel says happened.
     fn on_channel(
         &mut self,
         now: Instant,
         channel: ChannelId,
-        f: impl FnOnce(&mut Self, ChannelId),
+        f: impl FnOnce(&mut Channel) -> ChannelStep,
     ) {
         match self.state {
             State::Open => {}
@@ -802,16 +321,58 @@ impl Connection {
                 )
             }
         }
-        match self.channels.get(&channel) {
-            Some(_) => f(self, channel),
-            None => self.protocol_error(
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return self.protocol_error(
                 now,
                 ReplyCode::CHANNEL_ERROR,
                 format!("frame on {channel}, which is not open"),
-            ),
+            );
+        };
+        let step = f(ch);
+        self.apply_channel_step(now, channel, step);
+    }
+
+    /// Forgets a channel, failing every request still waiting on it.
+    fn close_channel_state(&mut self, channel: ChannelId, error: ChannelError) {
+        let Some(ch) = self.channels.remove(&channel) else {
+            return;
+        };
+        for request in ch.waiting_requests() {
+            self.events.push_back(Event::Failed {
+                request,
+                error: error.clone(),
+            });
+        }
+        self.events.push_back(Event::ChannelClosed(error));
+    }
+
+    /// Applies what a frame did to a channel: sends, events, or a hard error.
+    fn apply_channel_step(&mut self, now: Instant, channel: ChannelId, step: ChannelStep) {
+        match step {
+            ChannelStep::Nothing => {}
+            ChannelStep::Report(event) => self.events.push_back(event),
+            ChannelStep::ReportAll(events) => self.events.extend(events),
+            ChannelStep::Answer { method, event } => {
+                self.send_method_unchecked(channel, method);
+                self.events.push_back(event);
+            }
+            ChannelStep::Closed { error, close_ok } => {
+                if close_ok {
+                    self.send_method_unchecked(
+                        channel,
+                        AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+                    );
+                }
+                self.close_channel_state(channel, error);
+            }
+            ChannelStep::Violation(Violation::Protocol { code, text }) => {
+                self.protocol_error(now, code, text)
+            }
+            ChannelStep::Violation(Violation::Frame(error)) => self.frame_error(now, error),
         }
     }
 
+    // One arm per (state, method) pair the handshake and an open connection allow: one table.
     fn handle_connection_method(&mut self, now: Instant, method: AMQPClass) {
         use connection::AMQPMethod as M;
         let AMQPClass::Connection(method) = method else {
@@ -822,33 +383,7 @@ impl Connection {
             );
         };
         if let State::Closing { reported, .. } = self.state {
-            match method {
-                M::CloseOk(_) => self.finish_close(reported),
-                M::Close(close) => {
-                    self.send_method_unchecked(
-                        ChannelId::CONNECTION,
-                        AMQPClass::Connection(M::CloseOk(connection::CloseOk {})),
-                    );
-                    if !reported {
-                        self.report_closed(ConnectionError::ClosedByServer {
-                            code: ReplyCode(close.reply_code),
-                            text: close.reply_text.to_string(),
-                        });
-                    }
-                    self.state = State::Closed;
-                }
-                // Blocked while our close was on its way: the broker stopped reading, so it
-                // will not see the close, and waiting out the close timeout for a close-ok that
-                // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
-                M::Blocked(_) => {
-                    self.state = State::Closing {
-                        deadline: now,
-                        reported,
-                    }
-                }
-                _ => {}
-            }
-            return;
+            return self.on_connection_method_while_closing(now, method, reported);
         }
         match (self.state, method) {
             (State::Handshake(HandshakeStep::AwaitStart), M::Start(start)) => {
@@ -862,6 +397,7 @@ impl Connection {
             (State::Handshake(HandshakeStep::AwaitTune), M::Tune(tune)) => self.on_tune(now, tune),
             (State::Handshake(HandshakeStep::AwaitOpenOk), M::OpenOk(_)) => {
                 self.state = State::Open;
+                self.timers.clear(&Timer::Handshake);
                 self.events.push_back(Event::Connected);
             }
             (_, M::Close(close)) => {
@@ -902,489 +438,41 @@ impl Connection {
         }
     }
 
-    fn on_start(&mut self, now: Instant, start: connection::Start) {
-        if (start.version_major, start.version_minor) != (0, 9) {
-            return self.fail(
-                now,
-                ConnectionError::Protocol {
-                    code: ReplyCode::FRAME_ERROR,
-                    reason: format!(
-                        "server speaks AMQP {}-{}",
-                        start.version_major, start.version_minor
-                    ),
-                },
-                None,
-            );
-        }
-        // The server speaks AMQP 0-9-1 now that it sent start: from here on a failure is
-        // explained to it with a connection.close.
-        self.state = State::Handshake(HandshakeStep::AwaitTune);
-        let mechanism = match handshake::choose_mechanism(
-            start.mechanisms.as_bytes(),
-            &self.config.auth_mechanisms,
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                // The credentials never left.
-                let text = e.to_string();
-                return self.fail(now, e, Some((ReplyCode::ACCESS_REFUSED, text)));
-            }
-        };
-        self.server_properties = start.server_properties;
-        let start_ok = handshake::start_ok(&self.config, mechanism);
-        let method = AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok));
-        if self.send_method(ChannelId::CONNECTION, method).is_err() {
-            // Credentials and connection name so long that start-ok exceeds the pre-tune frame
-            // size: say so now rather than let the handshake time out.
-            let reason =
-                "credentials or connection name too long for connection.start-ok".to_owned();
-            self.fail(
-                now,
-                ConnectionError::Protocol {
-                    code: ReplyCode::FRAME_ERROR,
-                    reason: reason.clone(),
-                },
-                Some((ReplyCode::FRAME_ERROR, reason)),
-            );
-        }
-    }
-
-    fn on_tune(&mut self, now: Instant, tune: connection::Tune) {
-        let negotiated = Tune::negotiate(
-            &self.config,
-            tune.channel_max,
-            tune.frame_max,
-            tune.heartbeat,
-        );
-        if negotiated.frame_max < FRAME_MIN_SIZE {
-            return self.protocol_error(
-                now,
-                ReplyCode::SYNTAX_ERROR,
-                format!("server frame_max {} is below 4096", tune.frame_max),
-            );
-        }
-        self.tune = negotiated;
-        let heartbeat_secs = u16::try_from(negotiated.heartbeat.as_secs()).unwrap_or(u16::MAX);
-        let tune_ok = connection::TuneOk {
-            channel_max: negotiated.channel_max,
-            frame_max: negotiated.frame_max,
-            heartbeat: heartbeat_secs,
-        };
-        self.send_method_unchecked(
-            ChannelId::CONNECTION,
-            AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
-        );
-        self.decoder.set_frame_max(negotiated.frame_max);
-        self.heartbeat.start(negotiated.heartbeat, now);
-        let vhost = match ShortString::try_new(self.config.vhost.clone()) {
-            Ok(v) => v,
-            Err(_) => {
-                let reason = format!(
-                    "vhost name is {} bytes; at most 255",
-                    self.config.vhost.len()
-                );
-                return self.fail(
-                    now,
-                    ConnectionError::Protocol {
-                        code: ReplyCode::NOT_ALLOWED,
-                        reason: reason.clone(),
-                    },
-                    Some((ReplyCode::NOT_ALLOWED, reason)),
-                );
-            }
-        };
-        self.send_method_unchecked(
-            ChannelId::CONNECTION,
-            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: vhost,
-            })),
-        );
-        self.state = State::Handshake(HandshakeStep::AwaitOpenOk);
-    }
-
-    fn handle_channel_method(&mut self, now: Instant, channel: ChannelId, method: AMQPClass) {
-        let Some(ch) = self.channels.get_mut(&channel) else {
-            return;
-        };
-        if ch.content.is_some() {
-            return self.frame_error(
-                now,
-                FrameError::Unexpected {
-                    what: "method frame in the middle of content",
-                },
-            );
-        }
-        if ch.state == ChannelState::Closing {
-            // Only close and close-ok matter now (spec §1.5.2.5).
-            match method {
-                AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)) => {
-                    self.close_channel_state(
-                        channel,
-                        ChannelError {
-                            channel,
-                            initiator: Initiator::Client,
-                            code: ReplyCode::REPLY_SUCCESS,
-                            text: "closed by application".into(),
-                        },
-                    );
-                }
-                AMQPClass::Channel(chan::AMQPMethod::Close(close)) => {
-                    self.on_channel_close(channel, close)
-                }
-                _ => {}
-            }
-            return;
-        }
+    /// While our `connection.close` is on its way, only close and close-ok matter
+    /// (spec §1.4.2.9).
+    fn on_connection_method_while_closing(
+        &mut self,
+        now: Instant,
+        method: connection::AMQPMethod,
+        reported: bool,
+    ) {
+        use connection::AMQPMethod as M;
         match method {
-            AMQPClass::Channel(chan::AMQPMethod::OpenOk(_)) => {
-                if self.expect(now, channel, |e| e == Expect::OpenOk).is_some() {
-                    if let Some(ch) = self.channels.get_mut(&channel) {
-                        ch.state = ChannelState::Open;
-                    }
-                    self.events.push_back(Event::ChannelOpened(channel));
-                }
-            }
-            AMQPClass::Channel(chan::AMQPMethod::Close(close)) => {
-                self.on_channel_close(channel, close)
-            }
-            AMQPClass::Channel(chan::AMQPMethod::Flow(flow)) => {
-                let ok = chan::FlowOk {
-                    active: flow.active,
-                };
+            M::CloseOk(_) => self.finish_close(reported),
+            M::Close(close) => {
                 self.send_method_unchecked(
-                    channel,
-                    AMQPClass::Channel(chan::AMQPMethod::FlowOk(ok)),
+                    ChannelId::CONNECTION,
+                    AMQPClass::Connection(M::CloseOk(connection::CloseOk {})),
                 );
-                self.events.push_back(Event::Flow {
-                    channel,
-                    active: flow.active,
-                });
-            }
-            AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::QosOk(_)),
-                Reply::QosOk,
-            ),
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::DeclareOk(_)),
-                Reply::QueueDeclared {
-                    queue: ok.queue.to_string(),
-                    message_count: ok.message_count,
-                    consumer_count: ok.consumer_count,
-                },
-            ),
-            AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::ExchangeDeclareOk(_)),
-                Reply::ExchangeExists,
-            ),
-            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::DeleteOk(_)),
-                Reply::QueueDeleted {
-                    message_count: ok.message_count,
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::ConsumeOk(_)),
-                Reply::ConsumeOk {
-                    consumer_tag: ok.consumer_tag.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::CancelOk(_)),
-                Reply::CancelOk {
-                    consumer_tag: ok.consumer_tag.to_string(),
-                },
-            ),
-            AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => self.complete(
-                now,
-                channel,
-                |e| matches!(e, Expect::SelectOk(_)),
-                Reply::ConfirmSelected,
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => self.start_content(
-                channel,
-                ContentMethod::Deliver {
-                    consumer_tag: d.consumer_tag.to_string(),
-                    delivery_tag: DeliveryTag(d.delivery_tag),
-                    redelivered: d.redelivered,
-                    exchange: d.exchange.to_string(),
-                    routing_key: d.routing_key.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Return(r)) => self.start_content(
-                channel,
-                ContentMethod::Return {
-                    reply_code: ReplyCode(r.reply_code),
-                    reply_text: r.reply_text.to_string(),
-                    exchange: r.exchange.to_string(),
-                    routing_key: r.routing_key.to_string(),
-                },
-            ),
-            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                self.on_confirm(now, channel, ack.delivery_tag, ack.multiple, true)
-            }
-            AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
-                self.on_confirm(now, channel, nack.delivery_tag, nack.multiple, false)
-            }
-            AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
-                if !cancel.nowait {
-                    let ok = basic::CancelOk {
-                        consumer_tag: cancel.consumer_tag.clone(),
-                    };
-                    self.send_method_unchecked(
-                        channel,
-                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)),
-                    );
+                if !reported {
+                    self.report_closed(ConnectionError::ClosedByServer {
+                        code: ReplyCode(close.reply_code),
+                        text: close.reply_text.to_string(),
+                    });
                 }
-                self.events.push_back(Event::ConsumerCancelled {
-                    channel,
-                    consumer_tag: cancel.consumer_tag.to_string(),
-                });
+                self.enter_closed();
             }
-            _ => self.protocol_error(
-                now,
-                ReplyCode::COMMAND_INVALID,
-                format!("unexpected method on {channel}"),
-            ),
-        }
-    }
-
-    fn start_content(&mut self, channel: ChannelId, method: ContentMethod) {
-        if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.content = Some(PartialContent::new(method));
-        }
-    }
-
-    fn content_progress(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        progress: Result<ContentProgress, FrameError>,
-    ) {
-        let progress = match progress {
-            Ok(p) => p,
-            Err(e) => return self.frame_error(now, e),
-        };
-        let finished = match progress {
-            ContentProgress::Partial => false,
-            ContentProgress::TooLarge {
-                delivery_tag,
-                body_size,
-                properties,
-            } => {
-                self.events.push_back(Event::ContentTooLarge {
-                    channel,
-                    delivery_tag,
-                    body_size,
-                    properties,
-                });
-                false
-            }
-            ContentProgress::SkippedComplete => true,
-            ContentProgress::Complete(CompleteContent {
-                method,
-                properties,
-                body,
-            }) => {
-                self.events.push_back(match method {
-                    ContentMethod::Deliver {
-                        consumer_tag,
-                        delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                    } => Event::Delivery(Delivery {
-                        channel,
-                        consumer_tag,
-                        delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                        properties,
-                        body,
-                    }),
-                    ContentMethod::Return {
-                        reply_code,
-                        reply_text,
-                        exchange,
-                        routing_key,
-                    } => Event::Returned(Returned {
-                        channel,
-                        reply_code,
-                        reply_text,
-                        exchange,
-                        routing_key,
-                        properties,
-                        body,
-                    }),
-                });
-                true
-            }
-        };
-        if finished {
-            if let Some(ch) = self.channels.get_mut(&channel) {
-                ch.content = None;
-            }
-        }
-    }
-
-    fn on_confirm(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        tag: u64,
-        multiple: bool,
-        acked: bool,
-    ) {
-        let Some(confirms) = self
-            .channels
-            .get_mut(&channel)
-            .and_then(|c| c.confirms.as_mut())
-        else {
-            return self.protocol_error(
-                now,
-                ReplyCode::COMMAND_INVALID,
-                format!("publisher confirm on {channel}, which is not in confirm mode"),
-            );
-        };
-        for seq in confirms.settle(tag, multiple) {
-            self.events.push_back(Event::PublishConfirmed {
-                channel,
-                seq,
-                acked,
-            });
-        }
-    }
-
-    fn on_channel_close(&mut self, channel: ChannelId, close: chan::Close) {
-        self.send_method_unchecked(
-            channel,
-            AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
-        );
-        self.close_channel_state(
-            channel,
-            ChannelError {
-                channel,
-                initiator: Initiator::Server,
-                code: ReplyCode(close.reply_code),
-                text: close.reply_text.to_string(),
-            },
-        );
-    }
-
-    /// Forgets a channel, failing every request still waiting on it.
-    fn close_channel_state(&mut self, channel: ChannelId, error: ChannelError) {
-        let Some(ch) = self.channels.remove(&channel) else {
-            return;
-        };
-        for request in ch.expected.iter().filter_map(|e| e.request()) {
-            self.events.push_back(Event::Failed {
-                request,
-                error: error.clone(),
-            });
-        }
-        self.events.push_back(Event::ChannelClosed(error));
-    }
-
-    /// Pops the front of `channel`'s reply FIFO if `matches` accepts it; otherwise the server
-    /// answered out of order, which is a hard error.
-    fn expect(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        matches: impl Fn(Expect) -> bool,
-    ) -> Option<Expect> {
-        let ch = self.channels.get_mut(&channel)?;
-        match ch.expected.front() {
-            Some(&e) if matches(e) => ch.expected.pop_front(),
-            _ => {
-                self.protocol_error(
-                    now,
-                    ReplyCode::COMMAND_INVALID,
-                    format!("unexpected reply on {channel}"),
-                );
-                None
-            }
-        }
-    }
-
-    fn complete(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        matches: impl Fn(Expect) -> bool,
-        reply: Reply,
-    ) {
-        if let Some(request) = self.expect(now, channel, matches).and_then(Expect::request) {
-            self.events.push_back(Event::Completed {
-                request,
-                channel,
-                reply,
-            });
+            // Blocked while our close was on its way: the broker stopped reading, so it
+            // will not see the close, and waiting out the close timeout for a close-ok that
+            // cannot come helps nobody (RabbitMQ "Blocked Connection Notifications").
+            M::Blocked(_) => self.timers.set(Timer::Close, now),
+            _ => {}
         }
     }
 
     // -----------------------------------------------------------------------------------------
     // Sending
     // -----------------------------------------------------------------------------------------
-
-    fn check_open(&self) -> Result<(), UsageError> {
-        match self.state {
-            State::Open => Ok(()),
-            State::Handshake(_) => Err(UsageError::NotConnected),
-            State::Closing { .. } | State::Closed => Err(match &self.error {
-                Some(e)
-                    if *e != ConnectionError::ClosedByApplication
-                        || self.state == State::Closed =>
-                {
-                    UsageError::ConnectionClosed(e.clone())
-                }
-                _ => UsageError::Closing,
-            }),
-        }
-    }
-
-    fn channel_for_command(&self, channel: ChannelId) -> Result<(), UsageError> {
-        self.check_open()?;
-        if self.is_channel_usable(channel) {
-            Ok(())
-        } else {
-            Err(UsageError::ChannelNotOpen(channel))
-        }
-    }
-
-    /// Sends a synchronous method and queues its expected reply.
-    fn request(
-        &mut self,
-        channel: ChannelId,
-        method: AMQPClass,
-        expect: fn(RequestId) -> Expect,
-    ) -> Result<RequestId, UsageError> {
-        self.channel_for_command(channel)?;
-        self.send_method(channel, method)?;
-        self.next_request += 1;
-        let request = RequestId(self.next_request);
-        if let Some(ch) = self.channels.get_mut(&channel) {
-            ch.expected.push_back(expect(request));
-        }
-        Ok(request)
-    }
-
-    fn async_command(&mut self, channel: ChannelId, method: AMQPClass) -> Result<(), UsageError> {
-        self.channel_for_command(channel)?;
-        self.send_method(channel, method)
-    }
 
     fn send_method(&mut self, channel: ChannelId, method: AMQPClass) -> Result<(), UsageError> {
         codec::encode_method(channel, &method, self.tune.frame_max, &mut self.outbound)
@@ -1436,17 +524,12 @@ impl Connection {
         match (self.state, close) {
             // The application's connection.close is already out, and a peer sends one close
             // only (spec §1.4.2.9): keep waiting for its close-ok, now reported.
-            (State::Closing { deadline, .. }, Some(_)) => {
-                self.state = State::Closing {
-                    deadline,
-                    reported: true,
-                }
-            }
+            (State::Closing { .. }, Some(_)) => self.state = State::Closing { reported: true },
             // Before connection.start the server would not understand a close.
             (state, Some((code, text))) if state != State::Handshake(HandshakeStep::AwaitStart) => {
                 self.send_connection_close(now, code, &text, true)
             }
-            _ => self.state = State::Closed,
+            _ => self.enter_closed(),
         }
     }
 
@@ -1476,10 +559,11 @@ impl Connection {
         } else {
             self.config.close_timeout
         };
-        self.state = State::Closing {
-            deadline: config::deadline_after(now, wait),
-            reported,
-        };
+        // Only the close timer runs now: no heartbeat is sent or awaited while closing.
+        self.timers.clear_all();
+        self.timers
+            .set(Timer::Close, config::deadline_after(now, wait));
+        self.state = State::Closing { reported };
     }
 
     fn finish_close(&mut self, reported: bool) {
@@ -1490,7 +574,12 @@ impl Connection {
                 .unwrap_or(ConnectionError::ClosedByApplication);
             self.report_closed(error);
         }
+        self.enter_closed();
+    }
+
+    fn enter_closed(&mut self) {
         self.state = State::Closed;
+        self.timers.clear_all();
     }
 
     /// Queues [`Event::Closed`]; every channel goes with the connection.
@@ -1499,12 +588,4 @@ impl Connection {
         self.blocked = false;
         self.events.push_back(Event::Closed(error));
     }
-}
-
-/// A short-string field from the application: at most 255 bytes (spec §4.2.5.3).
-fn short(field: &'static str, value: &str) -> Result<ShortString, UsageError> {
-    ShortString::try_new(value).map_err(|_| UsageError::NameTooLong {
-        field,
-        len: value.len(),
-    })
 }

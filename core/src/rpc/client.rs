@@ -1,24 +1,22 @@
 //! The RPC client machine: calls out, replies matched by correlation id, every call ended
 //! exactly once.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
-use super::correlation::CorrelationKey;
+use super::correlation::{CallId, CorrelationKey};
+use super::probe::{Probe, QueueUpdate, Target, Verdict};
 use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
-    BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
-    Reply, Returned,
+    Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply, Returned,
 };
 use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
-use crate::ids::{ChannelId, ReplyCode, RequestId};
-
-/// Identifies one call from [`RpcClient::call`] to its [`ClientEvent::CallEnded`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CallId(pub u64);
+use crate::ids::{ChannelId, RequestId};
+use crate::timers::TimerTable;
+use crate::types::BasicProperties;
 
 /// Where replies come back (ARCHITECTURE §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +32,7 @@ pub enum ReplyMode {
 
 /// RPC client settings.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Where replies come back.
     pub reply_mode: ReplyMode,
@@ -76,6 +75,7 @@ impl Default for ClientConfig {
 
 /// One call to make.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CallRequest {
     /// Exchange to publish to; empty for the default exchange.
     pub exchange: String,
@@ -146,6 +146,7 @@ pub enum ClientEvent {
 
 /// Counters for what the client saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientStats {
     /// Calls accepted by [`RpcClient::call`].
     pub calls_started: u64,
@@ -205,37 +206,6 @@ const MAX_EXPIRATION_MS: u128 = 4_294_967_295;
 /// How many ended calls are remembered for that purpose.
 const RECENT_ENDED: usize = 4096;
 
-/// What the client knows of a request queue's consumers.
-#[derive(Debug, Clone, Copy, Default)]
-struct QueueStatus {
-    consumers: Consumers,
-    checked_at: Option<Instant>,
-    /// A zero count right after a positive one is looked at again before calls fail: a quorum
-    /// queue electing a new leader, or a server reconnecting, reads zero for a moment while its
-    /// servers are fine. Calls wait (within their deadline) until the second look.
-    confirming: bool,
-    /// When to take that second look; `None` once the probe for it is under way.
-    recheck_at: Option<Instant>,
-}
-
-/// How long after a zero count that followed a positive one the count is read again.
-const ZERO_RECHECK: Duration = Duration::from_millis(250);
-
-/// The answer of the last passive declare of a request queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum Consumers {
-    /// Not asked yet.
-    #[default]
-    Unasked,
-    /// The queue's consumer count.
-    Count(u32),
-    /// The queue does not exist (404).
-    Absent,
-    /// The broker refused to say (403, 405...): calls go out, and the mandatory flag still
-    /// catches a queue that is missing.
-    Unknown,
-}
-
 /// The reply path's progress on the current connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
@@ -277,8 +247,8 @@ pub struct RpcClient {
     ids: CorrelationKey,
     next_call: u64,
     calls: HashMap<CallId, Call>,
-    /// Every pending call by deadline, for `poll_timeout` and `expire`.
-    deadlines: BTreeSet<(Instant, CallId)>,
+    /// Every pending call's deadline, and the second looks at zero consumer counts.
+    timers: TimerTable<Timer>,
     /// Calls waiting to be sent, oldest first.
     held: VecDeque<CallId>,
     recent: HashMap<CallId, Ended>,
@@ -293,50 +263,19 @@ pub struct RpcClient {
     arm_error: Option<ChannelError>,
 }
 
+/// The client's timers (its connection keeps its own).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A call's deadline: it ends `TimedOut` (sent) or `Expired` (never sent).
+    Call(CallId),
+    /// The second look at this request queue's zero consumer count
+    /// (see `QueueStatus::confirming`).
+    Recheck(String),
+}
+
 /// Reply-path channel losses in a row, before it was armed, after which the client gives the
 /// connection up.
 const MAX_ARM_FAILURES: u32 = 3;
-
-/// The checker of request queues and exchanges: its own channel (a passive declare of a
-/// missing queue or exchange closes the channel with 404), one passive declare at a time so
-/// that a failure names its target.
-#[derive(Debug, Default)]
-struct Probe {
-    channel: Option<ChannelId>,
-    in_flight: Option<(RequestId, Target)>,
-    queues: HashMap<String, QueueStatus>,
-    exchanges: HashMap<String, ExchangeStatus>,
-}
-
-/// What a passive declare asks about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
-    Queue(String),
-    Exchange(String),
-}
-
-/// What the client knows of an exchange.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ExchangeStatus {
-    exists: Exists,
-    checked_at: Instant,
-}
-
-/// The answer of the last passive declare of an exchange.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Exists {
-    Yes,
-    /// The broker said no (404), in these words.
-    No {
-        code: ReplyCode,
-        text: String,
-    },
-    /// The broker refused to say (403...): calls go out.
-    Unknown,
-}
-
-/// Bound on distinct request queues (and, apart, exchanges) whose status is remembered.
-const MAX_PROBED_QUEUES: usize = 1024;
 
 impl RpcClient {
     /// A client that starts connecting at `now`. `ids` keys its correlation ids: draw it from a
@@ -356,7 +295,7 @@ impl RpcClient {
             ids,
             next_call: 0,
             calls: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            timers: TimerTable::new(),
             held: VecDeque::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
@@ -388,21 +327,33 @@ impl RpcClient {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.conn.handle_timeout(now);
         self.pump(now);
-        self.recheck_zero_counts(now);
-        self.expire(now);
+        let mut waiting = Vec::new();
+        while let Some((timer, at)) = self.timers.pop_due(now) {
+            match timer {
+                Timer::Call(id) => self.expire(id),
+                Timer::Recheck(queue) if self.may_probe() => {
+                    self.probe.start(&mut self.conn, Target::Queue(queue))
+                }
+                // A recheck waits while another passive declare is under way (one at a time).
+                Timer::Recheck(queue) => waiting.push((queue, at)),
+            }
+        }
+        for (queue, at) in waiting {
+            self.timers.set(Timer::Recheck(queue), at);
+        }
     }
 
-    /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`].
+    /// The driver has written every byte [`RpcClient::poll_transmit`] gave it (its write buffer
+    /// is empty): calls held back for room ([`ClientConfig::outbound_high_water`]) go out now,
+    /// without waiting for input. Call it before every `poll_transmit` on an empty write
+    /// buffer, and drain events after it: a held call whose deadline passed ends here.
+    pub fn handle_transmitted(&mut self, now: Instant) {
+        self.flush_held(now);
+    }
+
+    /// Appends frames ready to send to `buf`; see [`Connection::poll_transmit`]. Only drains.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
-        let n = self.conn.poll_transmit(now, buf);
-        if !self.held.is_empty() {
-            // The driver is taking bytes, so outbound room is free now (whether or not the
-            // connection had any left): requests held for backpressure may go. Checking only
-            // when `n > 0` stalled them once the connection's buffer ran dry.
-            self.flush_held(now);
-            return n + self.conn.poll_transmit(now, buf);
-        }
-        n
+        self.conn.poll_transmit(now, buf)
     }
 
     /// The next event, if any.
@@ -413,25 +364,11 @@ impl RpcClient {
     /// When [`RpcClient::handle_timeout`] must run next: the earliest of the connection's timer
     /// and every call's deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let calls = self.deadlines.first().map(|(at, _)| *at);
-        // A recheck waits while another passive declare is under way (one at a time).
-        let recheck = self
-            .probe
-            .in_flight
-            .is_none()
-            .then(|| {
-                self.probe
-                    .queues
-                    .values()
-                    .filter_map(|s| s.recheck_at)
-                    .min()
-            })
-            .flatten()
-            .filter(|_| self.conn.is_open());
-        [self.conn.poll_timeout(), calls, recheck]
-            .into_iter()
-            .flatten()
-            .min()
+        // A recheck that cannot run yet must not wake the driver.
+        let may_probe = self.may_probe();
+        self.timers.next_where(self.conn.poll_timeout(), |timer| {
+            may_probe || matches!(timer, Timer::Call(_))
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -471,6 +408,7 @@ impl RpcClient {
     /// Starts a call. Returns its id at once; [`ClientEvent::CallEnded`] follows exactly once,
     /// at the latest at `now + request.timeout`. `wall` is the wall clock now, for the
     /// deadline header. Calls made before the client is ready wait, within their deadline.
+    // Long because every refusal must happen before anything is queued: checks, then one insert.
     pub fn call(
         &mut self,
         now: Instant,
@@ -532,7 +470,7 @@ impl RpcClient {
             sent_on: None,
             channel_losses: 0,
         };
-        self.deadlines.insert((call.deadline, id));
+        self.timers.set(Timer::Call(id), call.deadline);
         self.calls.insert(id, call);
         self.stats.calls_started += 1;
         self.held.push_back(id);
@@ -544,10 +482,10 @@ impl RpcClient {
     /// [`ClientEvent::CallEnded`] follows, and a reply that arrives later is counted as late
     /// ([`ClientStats::replies_late`]), never delivered. Returns whether the call was pending.
     pub fn cancel(&mut self, call: CallId) -> bool {
-        let Some(pending) = self.calls.remove(&call) else {
+        if self.calls.remove(&call).is_none() {
             return false;
-        };
-        self.deadlines.remove(&(pending.deadline, call));
+        }
+        self.timers.clear(&Timer::Call(call));
         // A held call leaves `held` at the next flush (`Gate::Gone`).
         self.stats.calls_cancelled += 1;
         self.remember(call, Ended::Otherwise);
@@ -569,8 +507,7 @@ impl RpcClient {
         self.publisher = None;
         self.arm_failures = 0;
         self.arm_error = None;
-        self.probe.channel = None;
-        self.probe.in_flight = None;
+        self.probe.forget_connection();
         Ok(())
     }
 
@@ -629,6 +566,7 @@ impl RpcClient {
         self.flush_held(now);
     }
 
+    // One arm per connection event the client reacts to: it reads best as one table.
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Connected => {
@@ -641,8 +579,9 @@ impl RpcClient {
                 reply,
             } => self.on_completed(now, channel, request, reply),
             Event::Failed { request, error } => {
-                if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
-                    self.on_probe_failed(now, target, error);
+                if let Some(target) = self.probe.take_answered(request) {
+                    let update = self.probe.on_refused(now, target, error);
+                    self.apply_queue_update(update);
                 }
             }
             Event::ChannelClosed(error) => self.on_channel_closed(now, error),
@@ -669,8 +608,7 @@ impl RpcClient {
                     RpcError::ConnectionLost { sent: true },
                     false,
                 );
-                self.probe.channel = None;
-                self.probe.in_flight = None;
+                self.probe.forget_connection();
                 self.publisher = None;
                 // The client gave the connection up because the broker kept refusing the reply
                 // path: say so in the broker's words, not as a close of our own.
@@ -697,9 +635,11 @@ impl RpcClient {
     }
 
     fn on_channel_closed(&mut self, now: Instant, error: ChannelError) {
-        if self.probe.channel == Some(error.channel) {
-            self.probe.channel = None;
-        } else if self.rpc_channel() == Some(error.channel) {
+        if self.probe.on_channel_closed(error.channel) {
+            // The probe's own channel: its next look opens another.
+            return;
+        }
+        if self.rpc_channel() == Some(error.channel) {
             // The reply path is gone with its channel (and, with direct reply-to, the
             // publishing channel too): calls sent may have run.
             let armed = matches!(self.phase, Phase::Ready { .. });
@@ -805,29 +745,11 @@ impl RpcClient {
         }
     }
 
+    // Probe answers and the reply path's setup steps share this entry; split, each would re-match.
     fn on_completed(&mut self, now: Instant, channel: ChannelId, request: RequestId, reply: Reply) {
-        if let Some((_, target)) = self.probe.in_flight.take_if(|(r, _)| *r == request) {
-            match (target, reply) {
-                (Target::Queue(queue), Reply::QueueDeclared { consumer_count, .. }) => {
-                    let before = self.probe.queues.get(&queue).copied().unwrap_or_default();
-                    let had_servers = matches!(before.consumers, Consumers::Count(n) if n > 0);
-                    // The first zero after servers were seen is checked again; a second zero
-                    // (or a zero with no servers ever seen) is believed.
-                    let confirming = consumer_count == 0 && had_servers && !before.confirming;
-                    let status = QueueStatus {
-                        consumers: Consumers::Count(consumer_count),
-                        checked_at: Some(now),
-                        confirming,
-                        recheck_at: confirming.then(|| now.checked_add(ZERO_RECHECK)).flatten(),
-                    };
-                    self.set_queue_status(&queue, status);
-                }
-                (Target::Exchange(exchange), Reply::ExchangeExists) => {
-                    self.set_exchange_status(&exchange, Exists::Yes, now);
-                }
-                _ => {}
-            }
-            return;
+        if let Some(target) = self.probe.take_answered(request) {
+            let update = self.probe.on_answer(now, target, reply);
+            return self.apply_queue_update(update);
         }
         if self.rpc_channel() != Some(channel) {
             return;
@@ -870,33 +792,20 @@ impl RpcClient {
         }
     }
 
-    fn on_probe_failed(&mut self, now: Instant, target: Target, error: ChannelError) {
-        match target {
-            Target::Queue(queue) => {
-                // 404: the queue does not exist, so a publish to it would come back.
-                let consumers = if error.code == ReplyCode::NOT_FOUND {
-                    Consumers::Absent
-                } else {
-                    Consumers::Unknown
-                };
-                let status = QueueStatus {
-                    consumers,
-                    checked_at: Some(now),
-                    ..QueueStatus::default()
-                };
-                self.set_queue_status(&queue, status);
-            }
-            Target::Exchange(exchange) => {
-                let exists = if error.code == ReplyCode::NOT_FOUND {
-                    Exists::No {
-                        code: error.code,
-                        text: error.text,
-                    }
-                } else {
-                    Exists::Unknown
-                };
-                self.set_exchange_status(&exchange, exists, now);
-            }
+    /// Follows a change of a request queue's status in the timer table: a planned second look
+    /// is off, and a new one may be due.
+    fn apply_queue_update(&mut self, update: Option<QueueUpdate>) {
+        let Some(update) = update else {
+            return;
+        };
+        if update.forgot_others {
+            self.timers
+                .clear_where(|timer| matches!(timer, Timer::Recheck(_)));
+        }
+        let recheck = Timer::Recheck(update.queue);
+        self.timers.clear(&recheck);
+        if let Some(at) = update.recheck_at {
+            self.timers.set(recheck, at);
         }
     }
 
@@ -993,122 +902,30 @@ impl RpcClient {
             return Gate::Wait;
         }
         if !call.request.exchange.is_empty() {
+            let Some(interval) = self.config.exchange_check else {
+                return Gate::Send;
+            };
             let exchange = call.request.exchange.clone();
-            return self.gate_exchange(now, exchange);
+            return self
+                .probe
+                .exchange_verdict(&mut self.conn, now, &exchange, interval)
+                .into();
         }
         let Some(interval) = self.config.server_check else {
             return Gate::Send;
         };
         let queue = call.request.routing_key.clone();
-        let status = self.probe.queues.get(&queue).copied();
-        let fresh = status
-            .and_then(|s| s.checked_at)
-            .is_some_and(|at| at.checked_add(interval).is_none_or(|until| now < until));
-        if !fresh {
-            self.start_probe(Target::Queue(queue));
-        }
-        match status.map(|s| s.consumers) {
-            Some(Consumers::Count(n)) if n > 0 => Gate::Send,
-            _ if status.is_some_and(|s| s.confirming) => Gate::Wait,
-            Some(Consumers::Count(_)) if fresh => Gate::Fail(RpcError::NoServers),
-            Some(Consumers::Absent) if fresh => Gate::Fail(RpcError::NotRouted),
-            Some(Consumers::Unknown) if fresh => Gate::Send,
-            _ => Gate::Wait,
-        }
+        self.probe
+            .queue_verdict(&mut self.conn, now, &queue, interval)
+            .into()
     }
 
-    /// A call through a named exchange goes out once the exchange is known to exist.
-    fn gate_exchange(&mut self, now: Instant, exchange: String) -> Gate {
-        let Some(interval) = self.config.exchange_check else {
-            return Gate::Send;
-        };
-        let status = self.probe.exchanges.get(&exchange);
-        let fresh = status.is_some_and(|s| {
-            s.checked_at
-                .checked_add(interval)
-                .is_none_or(|until| now < until)
-        });
-        let gate = match status.map(|s| &s.exists) {
-            Some(Exists::Yes) => Gate::Send,
-            Some(Exists::No { code, text }) if fresh => Gate::Fail(RpcError::Refused {
-                code: *code,
-                text: text.clone(),
-            }),
-            Some(Exists::Unknown) if fresh => Gate::Send,
-            _ => Gate::Wait,
-        };
-        if !fresh {
-            self.start_probe(Target::Exchange(exchange));
-        }
-        gate
+    /// Whether a passive declare may start: one at a time, on an open connection.
+    fn may_probe(&self) -> bool {
+        self.probe.is_idle() && self.conn.is_open()
     }
 
-    fn start_probe(&mut self, target: Target) {
-        if self.probe.in_flight.is_some() || !self.conn.is_open() {
-            return;
-        }
-        let channel = match self.probe.channel {
-            Some(c) if self.conn.is_channel_usable(c) => c,
-            _ => match self.conn.open_channel() {
-                Ok(c) => {
-                    self.probe.channel = Some(c);
-                    c
-                }
-                Err(_) => return,
-            },
-        };
-        let sent = match &target {
-            Target::Queue(queue) => {
-                let passive = QueueOptions {
-                    passive: true,
-                    ..QueueOptions::default()
-                };
-                self.conn
-                    .declare_queue(channel, queue, passive, FieldTable::default())
-            }
-            Target::Exchange(exchange) => self.conn.check_exchange(channel, exchange),
-        };
-        if let Ok(request) = sent {
-            self.probe.in_flight = Some((request, target));
-        }
-    }
-
-    /// Takes the second look at a zero count whose time has come, one queue at a time.
-    fn recheck_zero_counts(&mut self, now: Instant) {
-        if self.probe.in_flight.is_some() || !self.conn.is_open() {
-            return;
-        }
-        let due = self
-            .probe
-            .queues
-            .iter_mut()
-            .find(|(_, s)| s.recheck_at.is_some_and(|at| at <= now));
-        if let Some((queue, status)) = due {
-            status.recheck_at = None;
-            let queue = queue.clone();
-            self.start_probe(Target::Queue(queue));
-        }
-    }
-
-    fn set_queue_status(&mut self, queue: &str, status: QueueStatus) {
-        if self.probe.queues.len() >= MAX_PROBED_QUEUES && !self.probe.queues.contains_key(queue) {
-            self.probe.queues.clear();
-        }
-        self.probe.queues.insert(queue.to_owned(), status);
-    }
-
-    fn set_exchange_status(&mut self, exchange: &str, exists: Exists, now: Instant) {
-        let exchanges = &mut self.probe.exchanges;
-        if exchanges.len() >= MAX_PROBED_QUEUES && !exchanges.contains_key(exchange) {
-            exchanges.clear();
-        }
-        let status = ExchangeStatus {
-            exists,
-            checked_at: now,
-        };
-        exchanges.insert(exchange.to_owned(), status);
-    }
-
+    // Long because the request's properties are built field by field, as the wire format has them.
     fn send(&mut self, now: Instant, id: CallId) {
         let (Some(channel), Phase::Ready { reply_to, .. }) = (self.publish_channel(), &self.phase)
         else {
@@ -1217,30 +1034,25 @@ impl RpcClient {
         }
     }
 
-    /// Ends calls whose deadline is `now` or earlier.
-    fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, id)) = self.deadlines.first() {
-            if deadline > now {
-                break;
-            }
-            let sent = self.calls.get(&id).is_some_and(|c| c.published);
-            self.end(
-                id,
-                Err(if sent {
-                    RpcError::TimedOut
-                } else {
-                    RpcError::Expired
-                }),
-            );
-        }
+    /// Ends a call whose deadline passed.
+    fn expire(&mut self, id: CallId) {
+        let sent = self.calls.get(&id).is_some_and(|c| c.published);
+        self.end(
+            id,
+            Err(if sent {
+                RpcError::TimedOut
+            } else {
+                RpcError::Expired
+            }),
+        );
     }
 
     /// Ends a call: the one place a `CallEnded` event is made, so each call ends once.
     fn end(&mut self, id: CallId, result: Result<RpcReply, RpcError>) {
-        let Some(call) = self.calls.remove(&id) else {
+        if self.calls.remove(&id).is_none() {
             return;
-        };
-        self.deadlines.remove(&(call.deadline, id));
+        }
+        self.timers.clear(&Timer::Call(id));
         let answered = matches!(
             result,
             Ok(_) | Err(RpcError::Remote { .. } | RpcError::Rejected { .. })
@@ -1280,6 +1092,16 @@ enum Gate {
     Wait,
     Fail(RpcError),
     Gone,
+}
+
+impl From<Verdict> for Gate {
+    fn from(verdict: Verdict) -> Self {
+        match verdict {
+            Verdict::Send => Gate::Send,
+            Verdict::Wait => Gate::Wait,
+            Verdict::Fail(error) => Gate::Fail(error),
+        }
+    }
 }
 
 /// The error code and rejected flag of an error reply, or `None` for a successful reply.

@@ -13,7 +13,10 @@ use std::fmt;
 
 use amq_protocol::types::ShortString;
 
-use super::client::CallId;
+/// Identifies one call from [`RpcClient::call`](super::RpcClient::call) to its
+/// [`ClientEvent::CallEnded`](super::ClientEvent::CallEnded); its correlation id is made from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId(pub u64);
 
 /// The secret a client's correlation ids are keyed with: 32 random bytes, drawn once per client
 /// by the driver (e.g. from the operating system's random source). `Debug` never shows it.

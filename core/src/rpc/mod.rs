@@ -55,19 +55,20 @@
 
 mod client;
 mod correlation;
-mod decide;
 #[cfg(feature = "json")]
 mod json;
+mod policy;
+mod probe;
 mod response;
 mod server;
 
 pub use client::{
-    CallId, CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
+    CallRequest, ClientConfig, ClientEvent, ClientStats, ReplyMode, RpcClient, RpcReply,
 };
-pub use correlation::CorrelationKey;
-pub use decide::DropReason;
+pub use correlation::{CallId, CorrelationKey};
 #[cfg(feature = "json")]
 pub use json::INVALID_JSON;
+pub use policy::DropReason;
 pub use response::Response;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,

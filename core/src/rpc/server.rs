@@ -2,21 +2,20 @@
 //! one at a time, replies and acknowledges.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 
-use super::decide::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
-    BasicProperties, Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions,
-    Reply,
+    Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply,
 };
 use crate::error::{ConnectionError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
+use crate::types::BasicProperties;
 
 /// The type of queue to declare when the request queue does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,6 +29,7 @@ pub enum QueueKind {
 
 /// RPC server settings.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The request queue.
     pub queue: String,
@@ -156,18 +156,20 @@ pub struct Request {
     /// (`x-rpc-deadline` plus [`ServerConfig::clock_skew_tolerance`]). `None` when the request
     /// carries neither. A driver abandons a handler still running at this instant.
     pub deadline: Option<Instant>,
-    /// The reply handle. Dropping it unanswered is reported ([`ServerEvent::Abandoned`]) and the
-    /// request is given back to the broker.
+    /// The reply handle: give it back to [`RpcServer::reply`], or to [`RpcServer::abandon`]
+    /// when no answer will come.
     pub token: ReplyToken,
 }
 
-/// The handle that answers a request. Must be passed to [`RpcServer::reply`]; when dropped
-/// instead, the server learns of it, counts it and gives the request back to the broker.
+/// The handle that answers a request. Must be passed to [`RpcServer::reply`], or to
+/// [`RpcServer::abandon`] when the handler gave up without an answer (the request goes back to
+/// the broker). It is plain data that may cross threads; the server cannot see it dropped, so a
+/// token dropped instead holds its worker slot ([`RpcServer::in_flight`]) until the connection
+/// goes, when the broker requeues its request.
 #[derive(Debug)]
-#[must_use = "a request must be answered with RpcServer::reply"]
+#[must_use = "a request must be answered with RpcServer::reply or given up with RpcServer::abandon"]
 pub struct ReplyToken {
     facts: TokenFacts,
-    on_drop: Option<mpsc::Sender<TokenFacts>>,
 }
 
 /// What a token carries: enough to reply and settle the delivery.
@@ -186,22 +188,13 @@ struct TokenFacts {
     correlation_id: Option<ShortString>,
 }
 
-impl Drop for ReplyToken {
-    fn drop(&mut self) {
-        if let Some(tx) = self.on_drop.take() {
-            // The server may be gone already; then nobody needs to know.
-            let _ = tx.send(self.facts.clone());
-        }
-    }
-}
-
 /// What the server has to say.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ServerEvent {
     /// Consuming the request queue (again, after a reconnect or a cancel).
     Ready,
-    /// A reply handle was dropped unanswered; the request went back to the broker
+    /// A reply handle was given up ([`RpcServer::abandon`]); the request went back to the broker
     /// (requeued until [`ServerConfig::max_deliveries`], then rejected for good, so that a
     /// request that kills its handler cannot loop).
     Abandoned {
@@ -235,6 +228,7 @@ pub enum ServerEvent {
 
 /// Counters for what the server did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerStats {
     /// Deliveries received.
     pub received: u64,
@@ -344,8 +338,6 @@ pub struct RpcServer {
     unsettled: HashMap<RequestKey, Remembered>,
     /// Stamps [`Remembered::seq`], to forget the oldest entry first.
     unsettled_seq: u64,
-    abandoned_tx: mpsc::Sender<TokenFacts>,
-    abandoned_rx: mpsc::Receiver<TokenFacts>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
@@ -354,7 +346,6 @@ pub struct RpcServer {
 impl RpcServer {
     /// A server that starts connecting at `now`.
     pub fn new(config: ServerConfig, conn_config: ConnectionConfig, now: Instant) -> Self {
-        let (abandoned_tx, abandoned_rx) = mpsc::channel();
         Self {
             conn: Connection::new(conn_config.clone(), now),
             conn_config,
@@ -365,8 +356,6 @@ impl RpcServer {
             in_flight: 0,
             unsettled: HashMap::new(),
             unsettled_seq: 0,
-            abandoned_tx,
-            abandoned_rx,
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
@@ -397,7 +386,6 @@ impl RpcServer {
 
     /// Appends frames ready to send to `buf`.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
-        self.collect_abandoned(now);
         self.conn.poll_transmit(now, buf)
     }
 
@@ -417,8 +405,8 @@ impl RpcServer {
     /// [`ServerConfig::clock_skew_tolerance`]), or delivered too often
     /// ([`ServerConfig::max_deliveries`]) are settled on the way, never returned; each raises
     /// [`ServerEvent::Dropped`].
+    // One loop over the buffer that settles each dropped request on the way, read in order.
     pub fn poll_request(&mut self, now: Instant, wall: UnixMillis) -> Option<Request> {
-        self.collect_abandoned(now);
         while let Some(Buffered { delivery, received }) = self.buffer.pop_front() {
             let reply_to = delivery
                 .properties
@@ -459,10 +447,7 @@ impl RpcServer {
                         body: delivery.body,
                         properties: delivery.properties,
                         deadline,
-                        token: ReplyToken {
-                            facts,
-                            on_drop: Some(self.abandoned_tx.clone()),
-                        },
+                        token: ReplyToken { facts },
                     });
                 }
                 Decision::Drop(reason) => {
@@ -553,13 +538,11 @@ impl RpcServer {
     pub fn reply(
         &mut self,
         now: Instant,
-        mut token: ReplyToken,
+        token: ReplyToken,
         result: Result<impl Into<Response>, HandlerError>,
     ) {
         let result = result.map(Into::into);
-        token.on_drop = None;
-        let facts = token.facts.clone();
-        drop(token);
+        let ReplyToken { facts } = token;
         self.in_flight = self.in_flight.saturating_sub(1);
         let request_facts = self.token_request_facts(&facts, now);
         if decide(request_facts, HandlerOutcome::Answered) == Decision::ReplyThenAck {
@@ -580,6 +563,32 @@ impl RpcServer {
                 let _ = self.conn.ack(facts.channel, facts.delivery_tag, false);
                 self.forget(&facts);
             }
+        }
+        self.maybe_finish_shutdown(now);
+    }
+
+    /// Gives up a request without an answer (its handler failed to produce one): it is
+    /// counted ([`ServerStats::abandoned`]), reported ([`ServerEvent::Abandoned`]) and given
+    /// back to the broker, requeued unless it was delivered too often
+    /// ([`ServerConfig::max_deliveries`]).
+    pub fn abandon(&mut self, now: Instant, token: ReplyToken) {
+        let ReplyToken { facts } = token;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.stats.abandoned += 1;
+        let request_facts = self.token_request_facts(&facts, now);
+        if let Decision::Reject { requeue } = decide(request_facts, HandlerOutcome::Abandoned) {
+            let requeued = if facts.epoch == self.epoch {
+                let _ = self.conn.reject(facts.channel, facts.delivery_tag, requeue);
+                if !requeue {
+                    self.forget(&facts);
+                }
+                // Requeued: still remembered, so that its next delivery counts one more.
+                requeue
+            } else {
+                // Its channel is gone, and the broker requeued everything unacked on it.
+                true
+            };
+            self.events.push_back(ServerEvent::Abandoned { requeued });
         }
         self.maybe_finish_shutdown(now);
     }
@@ -649,9 +658,9 @@ impl RpcServer {
         while let Some(event) = self.conn.poll_event() {
             self.on_event(now, event);
         }
-        self.collect_abandoned(now);
     }
 
+    // One arm per connection event the server reacts to: it reads best as one table.
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Connected => self.check_queue(),
@@ -719,10 +728,7 @@ impl RpcServer {
                             correlation_id: properties.correlation_id().clone(),
                         };
                         self.in_flight += 1;
-                        let token = ReplyToken {
-                            facts,
-                            on_drop: None,
-                        };
+                        let token = ReplyToken { facts };
                         let message =
                             format!("request body of {body_size} bytes exceeds the server's limit");
                         let error = HandlerError::Rejected {
@@ -869,36 +875,6 @@ impl RpcServer {
                 self.events.push_back(ServerEvent::Ready);
             }
             _ => {}
-        }
-    }
-
-    /// Reports reply handles dropped unanswered and gives their requests back.
-    fn collect_abandoned(&mut self, now: Instant) {
-        let mut any = false;
-        while let Ok(facts) = self.abandoned_rx.try_recv() {
-            any = true;
-            self.in_flight = self.in_flight.saturating_sub(1);
-            self.stats.abandoned += 1;
-            let request_facts = self.token_request_facts(&facts, now);
-            let Decision::Reject { requeue } = decide(request_facts, HandlerOutcome::Abandoned)
-            else {
-                continue;
-            };
-            let requeued = if facts.epoch == self.epoch {
-                let _ = self.conn.reject(facts.channel, facts.delivery_tag, requeue);
-                if !requeue {
-                    self.forget(&facts);
-                }
-                // Requeued: still remembered, so that its next delivery counts one more.
-                requeue
-            } else {
-                // Its channel is gone, and the broker requeued everything unacked on it.
-                true
-            };
-            self.events.push_back(ServerEvent::Abandoned { requeued });
-        }
-        if any {
-            self.maybe_finish_shutdown(now);
         }
     }
 

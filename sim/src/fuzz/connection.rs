@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::types::FieldTable;
 use amqp_rpc_core::codec::FrameDecoder;
+use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::{
-    BasicProperties, ChannelId, Connection, ConnectionConfig, ConsumeOptions, DeliveryTag, Event,
-    QueueOptions,
+    ChannelId, Connection, ConnectionConfig, ConsumeOptions, DeliveryTag, Event, QueueOptions,
 };
 use bytes::BytesMut;
 
@@ -76,12 +76,10 @@ struct Harness {
 impl Harness {
     fn new(scripted_prefix: bool) -> Self {
         let now = t0();
-        let config = ConnectionConfig {
-            heartbeat: Duration::from_secs(10),
-            // Small enough that a fuzzed header announcing a large body is skipped cheaply.
-            max_body_size: 1 << 20,
-            ..ConnectionConfig::default()
-        };
+        let mut config = ConnectionConfig::default();
+        config.heartbeat = Duration::from_secs(10);
+        // Small enough that a fuzzed header announcing a large body is skipped cheaply.
+        config.max_body_size = 1 << 20;
         let mut conn = Connection::new(config, now);
         let mut header = Vec::new();
         conn.poll_transmit(now, &mut header);

@@ -16,8 +16,8 @@ use amqp_rpc_core::rpc::{
     CallId, CallRequest, ClientConfig, ClientEvent, CorrelationKey, HandlerError, ReplyMode,
     Request, RpcClient, RpcServer, ERROR_HEADER, REJECTED_HEADER,
 };
-use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
-use amqp_rpc_core::{BasicProperties, RpcError};
+use amqp_rpc_core::types::{AMQPValue, BasicProperties, FieldTable, LongString, ShortString};
+use amqp_rpc_core::RpcError;
 use bytes::Bytes;
 
 use crate::broker::Broker;
@@ -35,11 +35,9 @@ pub fn rpc(data: &[u8]) {
         ReplyMode::ExclusiveQueue
     };
     let flags = input.byte();
-    let config = ClientConfig {
-        max_in_flight: 1 + usize::from(flags & 7),
-        server_check: (flags & 8 != 0).then_some(Duration::from_millis(300)),
-        ..client_config(mode)
-    };
+    let mut config = client_config(mode);
+    config.max_in_flight = 1 + usize::from(flags & 7);
+    config.server_check = (flags & 8 != 0).then_some(Duration::from_millis(300));
     let mut h = Harness::new(config, 1 + u16::from(input.byte() % 4));
     while let Some(op) = input.byte_opt() {
         h.apply(op, &mut input);
@@ -149,10 +147,9 @@ impl Harness {
         match op % 16 {
             0..=2 => {
                 let timeout = Duration::from_millis(u64::from(input.byte()) * 10);
-                let request = CallRequest {
-                    idempotent: op & 0x10 != 0,
-                    ..CallRequest::new(Q, Bytes::copy_from_slice(input.bytes(3)), timeout)
-                };
+                let mut request =
+                    CallRequest::new(Q, Bytes::copy_from_slice(input.bytes(3)), timeout);
+                request.idempotent = op & 0x10 != 0;
                 if let Ok(id) = self.client.m.call(now, wall(self.base, now), request) {
                     self.accepted += 1;
                     assert_eq!(id, CallId(self.accepted));
@@ -198,7 +195,8 @@ impl Harness {
                     return;
                 }
                 let pick = usize::from(input.byte()) % self.tokens.len();
-                drop(self.tokens.remove(pick));
+                let r = self.tokens.remove(pick);
+                self.server.m.abandon(now, r.token);
             }
             8 => {
                 // A duplicate, or a forged reply with arbitrary correlation id and headers.

@@ -1,5 +1,5 @@
-//! The server's ack/reply decision as one pure function, so that every case is a row in a
-//! table test rather than a path through the machine. The machine feeds it the facts it really
+//! The server's ack/reply policy: one pure function, so that every case is a row in a table
+//! test rather than a path through the machine. The machine feeds it the facts it really
 //! has about the delivery at hand (see `server.rs`), never stand-ins.
 
 /// What the server knows about a request when it decides.
@@ -26,7 +26,8 @@ pub(crate) enum HandlerOutcome {
     NotRun,
     /// The handler produced a result (a value or an error reply).
     Answered,
-    /// The reply handle was dropped without an answer (the handler panicked or was cancelled).
+    /// The reply handle was given up without an answer (`RpcServer::abandon`: the handler
+    /// panicked or was cancelled).
     Abandoned,
     /// The server is shutting down and the request was never handed to a handler.
     ShuttingDown,

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Medians and markdown tables for scripts/bench.sh (its modes call this; no other use).
+
+  summarize.py compare  RESULTS.jsonl   ours vs amqprs per setting
+  summarize.py features RESULTS.jsonl   broker CPU per protocol choice
+  summarize.py strace LABEL IMPL CALLS CLIENT.strace SERVER.strace   one JSON line
+  summarize.py syscalls RESULTS.jsonl   syscalls per call table
+"""
+import json
+import statistics
+import sys
+from collections import OrderedDict
+
+
+def load(path):
+    runs = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                run = json.loads(line)
+            except ValueError:
+                continue
+            if not run.get("failed"):
+                runs.append(run)
+    return runs
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "-"
+    if digits == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{digits}f}"
+
+
+def grouped(runs, key):
+    groups = OrderedDict()
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
+def medians(group):
+    m = {k: med([r.get(k) for r in group]) for k in (
+        "calls_per_sec", "p50_us", "p99_us", "client_cpu_us_per_call",
+        "server_cpu_us_per_call", "broker_cpu_us_per_call")}
+    both = [r["client_cpu_us_per_call"] + r["server_cpu_us_per_call"] for r in group
+            if r.get("server_cpu_us_per_call") is not None]
+    m["own_cpu_us_per_call"] = med(both)
+    m["runs"] = len(group)
+    m["load"] = med([float(r["load"]) for r in group if "load" in r])
+    return m
+
+
+SETTINGS = {
+    "c1-p1": "C=1, prefetch 1",
+    "c64-p1": "C=64, prefetch 1",
+    "c64-p64": "C=64, prefetch 64",
+}
+IMPLS = ["tokio", "smol", "amqprs", "amqprs-plain"]
+IMPL_NAMES = {
+    "tokio": "ours (tokio)",
+    "smol": "ours (smol)",
+    "amqprs": "amqprs (as ours)",
+    "amqprs-plain": "amqprs (tutorial)",
+}
+
+
+def compare(path):
+    runs = load(path)
+    table = {k: medians(g) for k, g in grouped(runs, lambda r: (r["label"], r["impl"])).items()}
+    for (label, impl), m in table.items():
+        print(json.dumps({"median_of": m["runs"], "label": label, "impl": impl, **m}))
+    rows = [
+        ("calls/s", "calls_per_sec", 0),
+        ("p50 µs", "p50_us", 0),
+        ("p99 µs", "p99_us", 0),
+        ("client + server CPU µs/call", "own_cpu_us_per_call", 1),
+        ("broker CPU µs/call", "broker_cpu_us_per_call", 1),
+    ]
+    # The ratios are medians of per-round ratios: the k-th run of one implementation against
+    # the k-th run of the other in the same setting, which ran next to it (interleaved).
+    by_impl = grouped(runs, lambda r: (r["label"], r["impl"]))
+
+    def paired(label, key, a, b):
+        ra, rb = by_impl.get((label, a), []), by_impl.get((label, b), [])
+        value = lambda r: (r["client_cpu_us_per_call"] + (r.get("server_cpu_us_per_call") or 0)
+                           if key == "own_cpu_us_per_call" else r.get(key))
+        ratios = [value(x) / value(y) for x, y in zip(ra, rb)
+                  if value(x) is not None and value(y)]
+        return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
+    print()
+    print("| setting | measure | " + " | ".join(IMPL_NAMES[i] for i in IMPLS)
+          + " | tokio / amqprs | smol / amqprs | tokio / amqprs (tutorial) |")
+    print("|---|---|" + "---:|" * (len(IMPLS) + 3))
+    for label, name in SETTINGS.items():
+        for title, key, digits in rows:
+            values = [table.get((label, i), {}).get(key) for i in IMPLS]
+            cells = [fmt(v, digits) for v in values]
+            print(f"| {name} | {title} | " + " | ".join(cells) + " | "
+                  + f"{paired(label, key, 'tokio', 'amqprs')} | "
+                  + f"{paired(label, key, 'smol', 'amqprs')} | "
+                  + f"{paired(label, key, 'tokio', 'amqprs-plain')} |")
+    loads = [float(r["load"]) for r in runs if "load" in r]
+    if loads:
+        print(f"\nmedians of {max(m['runs'] for m in table.values())} runs; 1-min load average "
+              f"during the runs: median {statistics.median(loads):.1f} "
+              f"(min {min(loads):.1f}, max {max(loads):.1f}) on {cpu_count()} cores")
+
+
+def features(path):
+    runs = load(path)
+    table = OrderedDict((k, medians(g)) for k, g in grouped(runs, lambda r: r["label"]).items())
+    for label, m in table.items():
+        print(json.dumps({"median_of": m["runs"], "label": label, **m}))
+    base = next(iter(table.values()), {}).get("broker_cpu_us_per_call")
+    print()
+    print("| C=64, prefetch 64 | broker CPU µs/call | vs tutorial | calls/s | "
+          "client + server CPU µs/call |")
+    print("|---|---:|---:|---:|---:|")
+    for label, m in table.items():
+        b = m["broker_cpu_us_per_call"]
+        delta = "-" if b is None or base is None else f"{b - base:+.1f}"
+        print(f"| {label} | {fmt(b, 1)} | {delta} | {fmt(m['calls_per_sec'])} | "
+              f"{fmt(m['own_cpu_us_per_call'], 1)} |")
+
+
+# Socket writes: std's and mio's TcpStream writes are send(2), which strace shows as sendto.
+# A bare write(2) is counted apart: on tokio's multi-thread runtime it is mostly the eventfd
+# that wakes a parked worker, not the socket.
+SENDS = {"writev", "sendto", "sendmsg", "sendmmsg"}
+PLAIN_WRITES = {"write", "pwrite64"}
+READS = {"read", "readv", "recvfrom", "recvmsg", "recvmmsg", "pread64"}
+WAITS = {"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6"}
+WAKES = {"futex"}
+
+
+def parse_strace(path):
+    counts = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 5 or not parts[0][0].isdigit() or parts[-1] == "total":
+                    continue
+                try:
+                    counts[parts[-1]] = int(parts[3])
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return counts
+
+
+def parse_perf(path):
+    """perf stat -x, output: count,unit,event,... per line; syscalls:sys_enter_NAME -> NAME.
+    raw_syscalls:sys_enter (every syscall) becomes "all"."""
+    counts = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) < 3 or not parts[0].isdigit():
+                    continue
+                event = parts[2]
+                name = "all" if event == "raw_syscalls:sys_enter" else event.split("sys_enter_")[-1]
+                counts[name] = int(parts[0])
+    except OSError:
+        pass
+    return counts
+
+
+def strace(label, impl, calls, client_path, server_path, parse=None, tool="strace"):
+    calls = int(calls)
+    out = {"label": label, "impl": impl, "calls": calls, "tool": tool}
+    for side, path in (("client", client_path), ("server", server_path)):
+        c = (parse or parse_strace)(path)
+        total = c.pop("all", None)
+        per = lambda names: round(sum(v for k, v in c.items() if k in names) / calls, 2)
+        out[side] = {
+            "syscalls_per_call": round((total if total is not None else sum(c.values())) / calls, 2),
+            "socket_sends_per_call": per(SENDS),
+            "write_per_call": per(PLAIN_WRITES),
+            "reads_per_call": per(READS),
+            "waits_per_call": per(WAITS),
+            "futex_per_call": per(WAKES),
+            "top": sorted(c.items(), key=lambda kv: -kv[1])[:6],
+        }
+    print(json.dumps(out))
+
+
+def perf(label, impl, calls, client_path, server_path):
+    strace(label, impl, calls, client_path, server_path, parse_perf, "perf")
+
+
+def syscalls(path):
+    runs = []
+    with open(path) as f:
+        runs = [json.loads(l) for l in f if l.strip()]
+    print()
+    print("| counted by | setting | impl | side | syscalls/call | socket sends/call | write(2)/call | "
+          "reads/call | epoll waits/call | futex/call |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        for side in ("client", "server"):
+            s = r[side]
+            print(f"| {r.get('tool', 'strace')} | {SETTINGS.get(r['label'], r['label'])} | {IMPL_NAMES.get(r['impl'], r['impl'])} "
+                  f"| {side} | {s['syscalls_per_call']} | {s['socket_sends_per_call']} | "
+                  f"{s['write_per_call']} | "
+                  f"{s['reads_per_call']} | {s['waits_per_call']} | {s['futex_per_call']} |")
+
+
+def cpu_count():
+    import os
+    return os.cpu_count()
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"compare": compare, "features": features, "strace": strace, "perf": perf,
+     "syscalls": syscalls}[cmd](*args)

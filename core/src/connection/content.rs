@@ -1,0 +1,322 @@
+//! Content assembly: a content-bearing method (`basic.deliver`, `basic.return`), then one
+//! content header, then body frames up to the size the header announced (spec §4.2.6).
+
+use amq_protocol::protocol::BasicProperties;
+use bytes::{Bytes, BytesMut};
+
+use crate::error::FrameError;
+use crate::ids::{ChannelId, DeliveryTag, ReplyCode};
+
+use super::{Delivery, Event, Returned};
+
+/// The method that announced content, waiting for its header and body.
+#[derive(Debug, Clone)]
+pub(crate) enum ContentMethod {
+    Deliver {
+        consumer_tag: String,
+        delivery_tag: DeliveryTag,
+        redelivered: bool,
+        exchange: String,
+        routing_key: String,
+    },
+    Return {
+        reply_code: ReplyCode,
+        reply_text: String,
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+impl ContentMethod {
+    pub(crate) fn delivery_tag(&self) -> Option<DeliveryTag> {
+        match self {
+            ContentMethod::Deliver { delivery_tag, .. } => Some(*delivery_tag),
+            ContentMethod::Return { .. } => None,
+        }
+    }
+}
+
+/// Body bytes collected so far. One frame stays a zero-copy slice of the read buffer; only a
+/// body split over several frames is copied into one buffer.
+#[derive(Debug, Clone, Default)]
+enum Body {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+    /// Too large to keep: we count the bytes and drop them.
+    Skipped(u64),
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Empty => 0,
+            Body::One(b) => b.len() as u64,
+            Body::Many(b) => b.len() as u64,
+            Body::Skipped(n) => *n,
+        }
+    }
+}
+
+/// Most bytes reserved for a multi-frame body before its frames arrive; beyond this the buffer
+/// grows with what actually comes.
+const INITIAL_BODY_CAPACITY: u64 = 1024 * 1024;
+
+/// A content-bearing method and what has arrived of its content.
+#[derive(Debug, Clone)]
+pub(crate) struct PartialContent {
+    pub(crate) method: ContentMethod,
+    header: Option<(u64, BasicProperties)>,
+    body: Body,
+}
+
+/// A message whose method, header and body have all arrived.
+#[derive(Debug)]
+pub(crate) struct CompleteContent {
+    pub(crate) method: ContentMethod,
+    pub(crate) properties: BasicProperties,
+    pub(crate) body: Bytes,
+}
+
+/// What a content frame did to the message being assembled.
+// Returned once per content frame and consumed at once: boxing the complete message would cost
+// an allocation per delivery to save a short-lived move.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum ContentProgress {
+    /// More frames to come.
+    Partial,
+    /// The message is complete.
+    Complete(CompleteContent),
+    /// The header announced more than `max_body_size`: the body will be skipped. Reported once.
+    TooLarge {
+        delivery_tag: Option<DeliveryTag>,
+        body_size: u64,
+        properties: Box<BasicProperties>,
+    },
+    /// The skipped body has fully arrived.
+    SkippedComplete,
+}
+
+impl ContentProgress {
+    /// The event this progress reports on `channel`, and whether the message is finished
+    /// (the channel then waits for the next content method).
+    pub(crate) fn into_event(self, channel: ChannelId) -> (Option<Event>, bool) {
+        match self {
+            ContentProgress::Partial => (None, false),
+            ContentProgress::TooLarge {
+                delivery_tag,
+                body_size,
+                properties,
+            } => (
+                Some(Event::ContentTooLarge {
+                    channel,
+                    delivery_tag,
+                    body_size,
+                    properties,
+                }),
+                false,
+            ),
+            ContentProgress::SkippedComplete => (None, true),
+            ContentProgress::Complete(CompleteContent {
+                method,
+                properties,
+                body,
+            }) => (Some(method.into_event(channel, properties, body)), true),
+        }
+    }
+}
+
+impl ContentMethod {
+    /// The event a complete message is reported as.
+    fn into_event(self, channel: ChannelId, properties: BasicProperties, body: Bytes) -> Event {
+        match self {
+            ContentMethod::Deliver {
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+            } => Event::Delivery(Delivery {
+                channel,
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+                properties,
+                body,
+            }),
+            ContentMethod::Return {
+                reply_code,
+                reply_text,
+                exchange,
+                routing_key,
+            } => Event::Returned(Returned {
+                channel,
+                reply_code,
+                reply_text,
+                exchange,
+                routing_key,
+                properties,
+                body,
+            }),
+        }
+    }
+}
+
+impl PartialContent {
+    pub(crate) fn new(method: ContentMethod) -> Self {
+        Self {
+            method,
+            header: None,
+            body: Body::Empty,
+        }
+    }
+
+    /// Takes the content header. `body_size` is checked against `max_body_size` before any
+    /// buffer is sized for it.
+    pub(crate) fn on_header(
+        &mut self,
+        body_size: u64,
+        properties: BasicProperties,
+        max_body_size: u64,
+    ) -> Result<ContentProgress, FrameError> {
+        if self.header.is_some() {
+            return Err(FrameError::Unexpected {
+                what: "second content header",
+            });
+        }
+        if body_size > max_body_size {
+            self.header = Some((body_size, BasicProperties::default()));
+            self.body = Body::Skipped(0);
+            return Ok(ContentProgress::TooLarge {
+                delivery_tag: self.method.delivery_tag(),
+                body_size,
+                properties: Box::new(properties),
+            });
+        }
+        self.header = Some((body_size, properties));
+        Ok(self.progress())
+    }
+
+    /// Takes one body frame.
+    pub(crate) fn on_body(&mut self, payload: Bytes) -> Result<ContentProgress, FrameError> {
+        let Some((body_size, _)) = &self.header else {
+            return Err(FrameError::Unexpected {
+                what: "content body before content header",
+            });
+        };
+        let body_size = *body_size;
+        if self.body.len() + payload.len() as u64 > body_size {
+            return Err(FrameError::Unexpected {
+                what: "content body longer than announced",
+            });
+        }
+        self.body = match std::mem::take(&mut self.body) {
+            Body::Empty if payload.len() as u64 == body_size => Body::One(payload),
+            Body::Empty => {
+                // Sized for what is announced (at most `max_body_size`, checked in `on_header`),
+                // but no more than a window up front: a peer that announces much and sends
+                // little must not make us reserve it all.
+                let capacity = body_size.min(INITIAL_BODY_CAPACITY);
+                let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+                buf.extend_from_slice(&payload);
+                Body::Many(buf)
+            }
+            Body::One(first) => {
+                let mut buf = BytesMut::from(&first[..]);
+                buf.extend_from_slice(&payload);
+                Body::Many(buf)
+            }
+            Body::Many(mut buf) => {
+                buf.extend_from_slice(&payload);
+                Body::Many(buf)
+            }
+            Body::Skipped(n) => Body::Skipped(n + payload.len() as u64),
+        };
+        Ok(self.progress())
+    }
+
+    fn progress(&mut self) -> ContentProgress {
+        let Some((body_size, _)) = &self.header else {
+            return ContentProgress::Partial;
+        };
+        if self.body.len() < *body_size {
+            return ContentProgress::Partial;
+        }
+        let (_, properties) = self.header.take().unwrap_or_default();
+        let body = match std::mem::take(&mut self.body) {
+            Body::Empty => Bytes::new(),
+            Body::One(b) => b,
+            Body::Many(b) => b.freeze(),
+            Body::Skipped(_) => return ContentProgress::SkippedComplete,
+        };
+        ContentProgress::Complete(CompleteContent {
+            method: self.method.clone(),
+            properties,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver() -> ContentMethod {
+        ContentMethod::Deliver {
+            consumer_tag: "c".into(),
+            delivery_tag: DeliveryTag(1),
+            redelivered: false,
+            exchange: String::new(),
+            routing_key: "q".into(),
+        }
+    }
+
+    #[test]
+    fn body_split_over_frames_is_joined() {
+        let mut p = PartialContent::new(deliver());
+        assert!(matches!(
+            p.on_header(6, BasicProperties::default(), 100),
+            Ok(ContentProgress::Partial)
+        ));
+        assert!(matches!(
+            p.on_body(Bytes::from_static(b"abc")),
+            Ok(ContentProgress::Partial)
+        ));
+        match p.on_body(Bytes::from_static(b"def")) {
+            Ok(ContentProgress::Complete(c)) => assert_eq!(&c.body[..], b"abcdef"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_body_is_skipped_not_buffered() {
+        let mut p = PartialContent::new(deliver());
+        assert!(matches!(
+            p.on_header(1000, BasicProperties::default(), 10),
+            Ok(ContentProgress::TooLarge {
+                delivery_tag: Some(DeliveryTag(1)),
+                body_size: 1000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            p.on_body(Bytes::from(vec![0; 600])),
+            Ok(ContentProgress::Partial)
+        ));
+        assert!(matches!(
+            p.on_body(Bytes::from(vec![0; 400])),
+            Ok(ContentProgress::SkippedComplete)
+        ));
+    }
+
+    #[test]
+    fn body_longer_than_announced_is_an_error() {
+        let mut p = PartialContent::new(deliver());
+        p.on_header(2, BasicProperties::default(), 100).ok();
+        assert!(p.on_body(Bytes::from_static(b"abc")).is_err());
+    }
+}
