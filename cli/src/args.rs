@@ -5,6 +5,7 @@
 //! a bad value of `--timeout` rather than as an unknown flag `-1`.
 
 use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,6 +45,17 @@ pub fn seconds(value: &str) -> Result<Duration, String> {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err(refused()),
     }
+}
+
+/// Parses a `HOST:PORT` flag (`--metrics-addr 127.0.0.1:9100`, `localhost:0`) to the first
+/// address it resolves to. clap puts the flag's name in front of the message.
+pub fn host_port(value: &str) -> Result<SocketAddr, String> {
+    let refused = |why: String| format!("HOST:PORT, not {value}: {why}");
+    value
+        .to_socket_addrs()
+        .map_err(|e| refused(e.to_string()))?
+        .next()
+        .ok_or_else(|| refused("no address".to_owned()))
 }
 
 /// Parses `T` from this process's arguments. On `--help` and `--version` prints them and
@@ -88,6 +100,19 @@ mod tests {
         }
         assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(seconds("10"), Ok(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn host_port_resolves_or_names_the_problem() {
+        assert_eq!(
+            host_port("127.0.0.1:9100"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9100)))
+        );
+        assert_eq!(host_port("[::1]:0").map(|a| a.port()), Ok(0));
+        for bad in ["9100", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = host_port(bad).expect_err(bad);
+            assert!(e.starts_with("HOST:PORT"), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The `bench` program: calls/s and latency against whatever server consumes the queue.
 
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,9 +13,13 @@ use bytes::Bytes;
 use clap::Parser;
 use futures_channel::oneshot;
 
-use crate::args::{parse_or_exit_code, seconds, BrokerArgs};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib;
+use crate::latency::{Latencies, Percentiles, Timeline};
+use crate::plot::{write_svg, RunLabel};
 
 /// Measures calls/s, latency and CPU per call against the server consuming the queue.
 ///
@@ -62,9 +69,31 @@ pub struct BenchArgs {
         allow_negative_numbers = true
     )]
     pub timeout: Duration,
-    /// One JSON line instead of a table.
+    /// One JSON line instead of a table (and no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// Write the latency distribution and calls/s over time to FILE, as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Serve this process's metrics (the client's) in Prometheus text format at
+    /// http://HOST:PORT/metrics while the bench runs.
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// How often the progress bar moves.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// A bar on stderr (shown only on a terminal) for `calls` calls.
+fn progress_bar(calls: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(calls), ProgressDrawTarget::stderr());
+    // The template is a constant that parses; keep the default style if it ever did not.
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{wide_bar}] {pos}/{len} calls, {per_sec}, ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }
 
 /// `--reply-mode`: the client's [`ReplyMode`].
@@ -104,6 +133,90 @@ impl BenchArgs {
     }
 }
 
+/// What a run measured, as the bench prints it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Calls made (the warm-up call not counted).
+    pub calls: u64,
+    /// Calls in flight at once.
+    pub concurrency: u64,
+    /// Where replies came back.
+    pub reply_mode: ReplyModeArg,
+    /// Calls per second over the run.
+    pub calls_per_sec: f64,
+    /// The calls' latencies.
+    pub latency: Percentiles,
+    /// The mean latency, in µs.
+    pub mean_us: f64,
+    /// Calls that failed or got a wrong answer.
+    pub errors: u64,
+    /// This process's CPU time per call, in µs.
+    pub client_cpu_us_per_call: f64,
+    /// The server's CPU time per call, in µs, when `--server-pid` was given.
+    pub server_cpu_us_per_call: Option<f64>,
+    /// How long the run took.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// The `--json` line. The fields up to `server_cpu_us_per_call` are the ones scripts
+    /// (`scripts/bench.sh`, summaries of its output) read, in this order: new fields go after
+    /// them, and none is renamed.
+    pub fn json(&self) -> String {
+        let p = &self.latency;
+        let server = self
+            .server_cpu_us_per_call
+            .map_or("null".to_owned(), |v| format!("{v:.1}"));
+        format!(
+            "{{\"calls\":{},\"concurrency\":{},\"reply_mode\":\"{}\",\"calls_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{},\"client_cpu_us_per_call\":{:.1},\"server_cpu_us_per_call\":{server},\"p90_us\":{},\"p999_us\":{},\"mean_us\":{:.1},\"elapsed_s\":{:.3}}}",
+            self.calls,
+            self.concurrency,
+            self.reply_mode.name(),
+            self.calls_per_sec,
+            p.p50,
+            p.p99,
+            p.max,
+            self.errors,
+            self.client_cpu_us_per_call,
+            p.p90,
+            p.p999,
+            self.mean_us,
+            self.elapsed.as_secs_f64(),
+        )
+    }
+
+    /// The table a person reads, a line per figure.
+    pub fn table(&self) -> String {
+        let p = &self.latency;
+        let mut out = format!(
+            "calls        {}\nconcurrency  {}\nreply mode   {}\ncalls/s      {:.0}\nmean         {:.0} µs\n",
+            self.calls,
+            self.concurrency,
+            self.reply_mode.name(),
+            self.calls_per_sec,
+            self.mean_us
+        );
+        for (name, us) in [
+            ("p50", p.p50),
+            ("p90", p.p90),
+            ("p99", p.p99),
+            ("p99.9", p.p999),
+            ("max", p.max),
+        ] {
+            out.push_str(&format!("{name:<12} {us} µs\n"));
+        }
+        out.push_str(&format!("errors       {}\n", self.errors));
+        out.push_str(&format!(
+            "client CPU   {:.1} µs/call\n",
+            self.client_cpu_us_per_call
+        ));
+        if let Some(s) = self.server_cpu_us_per_call {
+            out.push_str(&format!("server CPU   {s:.1} µs/call\n"));
+        }
+        out
+    }
+}
+
 /// The `bench` program on runtime `R`: parses the command line ([`BenchArgs`]), makes one
 /// warm-up call, then `--calls` calls from `--concurrency` tasks, and prints the figures. Exit
 /// codes: 0 when every call got the right answer, 1 otherwise, 2 for a bad command line.
@@ -120,6 +233,12 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before the client exists, so that its first metrics reach the recorder.
+    if let Some(addr) = args.metrics_addr {
+        if let Err(code) = crate::prometheus::serve_or_exit_code("bench", addr) {
+            return code;
+        }
+    }
     let (calls, n, timeout) = (args.calls, args.n, args.timeout);
     let concurrency = args.concurrency.max(1);
     let queue = args.broker.queue.clone();
@@ -140,24 +259,30 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let next = Arc::new(AtomicU64::new(0));
+    let ended = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let progress = (!args.json && std::io::stderr().is_terminal()).then(|| progress_bar(calls));
+    // Without a bar, the calls share no counter for it.
+    let count_ended = progress.is_some();
     let cpu_start = process_cpu_time(None);
     let server_cpu_start = args.server_pid.map(|p| process_cpu_time(Some(p)));
     let started = Instant::now();
     let mut joins = Vec::new();
     for _ in 0..concurrency {
-        let (tx, rx) = oneshot::channel::<Vec<u32>>();
+        let (tx, rx) = oneshot::channel::<(Latencies, Timeline)>();
         joins.push(rx);
-        let (client, next, errors, queue, expected) = (
+        let (client, next, ended, errors, queue, expected) = (
             client.clone(),
             next.clone(),
+            ended.clone(),
             errors.clone(),
             queue.clone(),
             expected.clone(),
         );
         let body = Bytes::from(n.to_string());
         R::spawn(async move {
-            let mut latencies = Vec::new();
+            let mut latencies = Latencies::new();
+            let mut timeline = Timeline::default();
             while next.fetch_add(1, Ordering::Relaxed) < calls {
                 let t = Instant::now();
                 let result = client
@@ -167,14 +292,32 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
-                latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                let now = Instant::now();
+                latencies.record(now - t);
+                timeline.record(now - started);
+                if count_ended {
+                    ended.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            let _ = tx.send(latencies);
+            let _ = tx.send((latencies, timeline));
         });
     }
-    let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or(0));
+    if let Some(bar) = &progress {
+        let (bar, ended) = (bar.clone(), ended.clone());
+        R::spawn(async move {
+            while !bar.is_finished() {
+                bar.set_position(ended.load(Ordering::Relaxed));
+                R::sleep_until(Instant::now() + PROGRESS_EVERY).await;
+            }
+        });
+    }
+    let mut latencies = Latencies::new();
+    let mut timeline = Timeline::default();
     for rx in joins {
-        latencies.extend(rx.await.unwrap_or_default());
+        if let Ok((l, t)) = rx.await {
+            latencies.merge(&l);
+            timeline.merge(&t);
+        }
     }
     let elapsed = started.elapsed();
     let cpu = process_cpu_time(None).saturating_sub(cpu_start);
@@ -182,42 +325,40 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         .server_pid
         .zip(server_cpu_start)
         .map(|(p, s)| process_cpu_time(Some(p)).saturating_sub(s));
+    if let Some(bar) = &progress {
+        bar.finish_and_clear();
+    }
     client.close().await;
-    latencies.sort_unstable();
-    let pct = |p: f64| -> u32 {
-        if latencies.is_empty() {
-            return 0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i.min(latencies.len() - 1)]
-    };
     let done = latencies.len() as f64;
-    let rate = done / elapsed.as_secs_f64();
-    let cpu_per_call = cpu.as_secs_f64() * 1e6 / done.max(1.0);
-    let server_cpu_per_call = server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0));
-    let errors = errors.load(Ordering::Relaxed);
-    let mode_name = args.reply_mode.name();
+    let report = Report {
+        calls: latencies.len(),
+        concurrency,
+        reply_mode: args.reply_mode,
+        calls_per_sec: done / elapsed.as_secs_f64(),
+        latency: latencies.percentiles(),
+        mean_us: latencies.mean(),
+        errors: errors.load(Ordering::Relaxed),
+        client_cpu_us_per_call: cpu.as_secs_f64() * 1e6 / done.max(1.0),
+        server_cpu_us_per_call: server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0)),
+        elapsed,
+    };
     if args.json {
-        let server = server_cpu_per_call.map_or("null".to_owned(), |v| format!("{v:.1}"));
-        println!(
-            "{{\"calls\":{},\"concurrency\":{concurrency},\"reply_mode\":\"{mode_name}\",\"calls_per_sec\":{rate:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{errors},\"client_cpu_us_per_call\":{cpu_per_call:.1},\"server_cpu_us_per_call\":{server}}}",
-            latencies.len(),
-            pct(0.5),
-            pct(0.99),
-            pct(1.0)
-        );
+        println!("{}", report.json());
     } else {
-        println!("calls        {}", latencies.len());
-        println!("concurrency  {concurrency}");
-        println!("reply mode   {mode_name}");
-        println!("calls/s      {rate:.0}");
-        println!("p50          {} µs", pct(0.5));
-        println!("p99          {} µs", pct(0.99));
-        println!("max          {} µs", pct(1.0));
-        println!("errors       {errors}");
-        println!("client CPU   {cpu_per_call:.1} µs/call");
-        if let Some(s) = server_cpu_per_call {
-            println!("server CPU   {s:.1} µs/call");
+        print!("{}", report.table());
+    }
+    let (errors, rate, mode_name) = (report.errors, report.calls_per_sec, args.reply_mode.name());
+    if let Some(path) = &args.plot {
+        let label = RunLabel {
+            text: format!(
+                "{} calls, concurrency {concurrency}, {mode_name} replies, {rate:.0} calls/s",
+                latencies.len()
+            ),
+            run: elapsed,
+        };
+        if let Err(e) = write_svg(path, &label, &latencies, &timeline) {
+            eprintln!("bench: --plot {e}");
+            return ExitCode::FAILURE;
         }
     }
     if errors > 0 {
@@ -253,6 +394,10 @@ mod tests {
             "20",
             "--timeout",
             "5",
+            "--plot",
+            "out.svg",
+            "--metrics-addr",
+            "127.0.0.1:9101",
         ])
         .expect("parses");
         assert_eq!(args.broker.queue, "bench-q");
@@ -260,10 +405,72 @@ mod tests {
         assert_eq!(args.server_pid, Some(4242));
         assert_eq!(args.timeout, Duration::from_secs(5));
         assert!(args.json);
+        assert_eq!(args.plot, Some(PathBuf::from("out.svg")));
+        assert_eq!(
+            args.metrics_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9101)))
+        );
         assert_eq!(
             args.options().expect("valid").rpc.reply_mode,
             ReplyMode::DirectReplyTo
         );
+    }
+
+    fn report() -> Report {
+        Report {
+            calls: 20_000,
+            concurrency: 64,
+            reply_mode: ReplyModeArg::Direct,
+            calls_per_sec: 15_210.6,
+            latency: Percentiles {
+                p50: 3_500,
+                p90: 5_000,
+                p99: 12_000,
+                p999: 20_000,
+                max: 25_000,
+            },
+            mean_us: 3_700.25,
+            errors: 0,
+            client_cpu_us_per_call: 10.04,
+            server_cpu_us_per_call: Some(7.0),
+            elapsed: Duration::from_millis(1_315),
+        }
+    }
+
+    #[test]
+    fn json_keeps_the_fields_scripts_read_first_and_adds_after() {
+        assert_eq!(
+            report().json(),
+            concat!(
+                r#"{"calls":20000,"concurrency":64,"reply_mode":"direct","calls_per_sec":15211,"#,
+                r#""p50_us":3500,"p99_us":12000,"max_us":25000,"errors":0,"#,
+                r#""client_cpu_us_per_call":10.0,"server_cpu_us_per_call":7.0,"#,
+                r#""p90_us":5000,"p999_us":20000,"mean_us":3700.2,"elapsed_s":1.315}"#
+            )
+        );
+        let without_server = Report {
+            server_cpu_us_per_call: None,
+            ..report()
+        };
+        assert!(without_server
+            .json()
+            .contains(r#""server_cpu_us_per_call":null,"#));
+    }
+
+    #[test]
+    fn table_has_every_percentile() {
+        let table = report().table();
+        for line in [
+            "calls/s      15211\n",
+            "p50          3500 µs\n",
+            "p90          5000 µs\n",
+            "p99          12000 µs\n",
+            "p99.9        20000 µs\n",
+            "max          25000 µs\n",
+            "server CPU   7.0 µs/call\n",
+        ] {
+            assert!(table.contains(line), "{line:?} in\n{table}");
+        }
     }
 
     #[test]
@@ -274,6 +481,7 @@ mod tests {
         assert_eq!(args.timeout, Duration::from_secs(30));
         assert_eq!(args.server_pid, None);
         assert!(!args.json);
+        assert_eq!((args.plot, args.metrics_addr), (None, None));
     }
 
     #[test]
@@ -284,6 +492,8 @@ mod tests {
             (&["--calls", "-5"], "--calls"),
             (&["--timeout", "-1"], "--timeout"),
             (&["--n", "x"], "--n"),
+            (&["--plot"], "--plot"),
+            (&["--metrics-addr", "nowhere"], "--metrics-addr"),
         ] {
             let e = parse(args).expect_err("refused");
             assert_eq!(e.exit_code(), 2, "{args:?}");

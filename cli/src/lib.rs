@@ -16,7 +16,10 @@ pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod fib;
+pub mod latency;
 mod logging;
+pub mod plot;
+pub mod prometheus;
 pub mod server;
 
 pub use bench::{bench_main, BenchArgs};

@@ -1,13 +1,14 @@
 //! The `server` program: the Fibonacci service.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{ConnectError, QueueKind, Runtime, Server, ServerOptions};
 use clap::Parser;
 
-use crate::args::{parse_or_exit_code, BrokerArgs};
+use crate::args::{host_port, parse_or_exit_code, BrokerArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib_handler;
 
@@ -40,6 +41,10 @@ pub struct ServerArgs {
     /// majority of a cluster's nodes) instead of classic.
     #[arg(long)]
     pub quorum: bool,
+    /// Serve the driver's metrics in Prometheus text format at http://HOST:PORT/metrics
+    /// (port 0: any free port, printed on stderr).
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl ServerArgs {
@@ -83,6 +88,12 @@ pub async fn server_main<R: Runtime>(
             return ExitCode::from(2);
         }
     };
+    // Before the server exists, so that its first metrics reach the recorder.
+    if let Some(addr) = args.metrics_addr {
+        if let Err(code) = crate::prometheus::serve_or_exit_code("server", addr) {
+            return code;
+        }
+    }
     let server = Server::<R>::new(options).on_ready(|| {
         println!(" [x] Awaiting RPC requests");
     });
@@ -150,6 +161,12 @@ mod tests {
         assert_eq!(options.workers, 8);
         assert_eq!(options.rpc.prefetch, 32);
         assert_eq!(options.rpc.declare_as, QueueKind::Quorum);
+        assert_eq!(args.metrics_addr, None);
+        let args = parse(&["--metrics-addr", "127.0.0.1:9100"]).expect("parses");
+        assert_eq!(
+            args.metrics_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9100)))
+        );
     }
 
     #[test]
@@ -200,6 +217,7 @@ mod tests {
             (&["--prefetch", "-1"], "--prefetch"),
             (&["--workers"], "--workers"),
             (&["--frobnicate"], "--frobnicate"),
+            (&["--metrics-addr", "9100"], "--metrics-addr"),
         ] {
             let e = parse(args).expect_err("refused");
             assert_eq!(e.exit_code(), 2, "{args:?}");
@@ -214,7 +232,14 @@ mod tests {
             assert_eq!(e.exit_code(), 0);
         }
         let help = parse(&["--help"]).expect_err("help").to_string();
-        for flag in ["--uri", "--queue", "--workers", "--prefetch", "--quorum"] {
+        for flag in [
+            "--uri",
+            "--queue",
+            "--workers",
+            "--prefetch",
+            "--quorum",
+            "--metrics-addr",
+        ] {
             assert!(help.contains(flag), "{flag} in {help}");
         }
     }
