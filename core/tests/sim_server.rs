@@ -575,3 +575,146 @@ fn reply_without_any_usable_channel_is_counted_lost() {
     sim.reply(again, Ok(Bytes::from("again")));
     assert_eq!(sim.ok(id), b"again");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Acks coalesced with `multiple` (AMQP 0-9-1 §1.8.3.13)
+// ---------------------------------------------------------------------------------------------
+
+impl Sim {
+    /// Answers without moving bytes, so that several answers share one turn of the driver.
+    fn reply_in_turn(&mut self, req: Request, body: &str) {
+        let now = self.now;
+        self.server.m.reply(
+            now,
+            req.token,
+            Ok::<_, HandlerError>(Bytes::from(body.to_owned())),
+        );
+    }
+
+    fn prefetch(prefetch: u16) -> Self {
+        let mut config = ServerConfig::new(Q);
+        config.prefetch = prefetch;
+        Self::new(config, conn_config())
+    }
+
+    /// Ack frames the server's connection sent so far.
+    fn ack_frames(&self) -> usize {
+        let conn = self.server.conn;
+        self.broker
+            .acks
+            .iter()
+            .filter(|(c, _, _)| *c == conn)
+            .count()
+    }
+}
+
+/// Requests answered in one turn are acked by one `basic.ack` with `multiple` set, naming the
+/// highest tag, after every reply of the turn.
+#[test]
+fn requests_answered_in_one_turn_are_acked_with_one_frame() {
+    let mut sim = Sim::prefetch(4);
+    let ids: Vec<CallId> = (0..4).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..4).map(|_| sim.take().unwrap()).collect();
+    let before = sim.ack_frames();
+    for (i, req) in reqs.into_iter().enumerate() {
+        sim.reply_in_turn(req, &format!("r{i}"));
+    }
+    sim.settle();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0, "all four acked");
+    assert_eq!(sim.ack_frames() - before, 1, "one ack frame for the turn");
+}
+
+/// A multiple ack covers every tag up to the one it names, so it must never reach past a
+/// request whose handler still runs: requests answered out of order are acked, but the one
+/// still running stays unacked (and is acked once when it is answered).
+#[test]
+fn out_of_order_answers_never_ack_a_running_request() {
+    let mut sim = Sim::prefetch(4);
+    let ids: Vec<CallId> = (0..4).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let mut reqs: Vec<Option<Request>> = (0..4).map(|_| sim.take()).collect();
+    // The second runs on; the others finish, the last two first.
+    for i in [3, 2, 0] {
+        let req = reqs[i].take().unwrap();
+        sim.reply_in_turn(req, &format!("r{i}"));
+    }
+    sim.settle();
+    for i in [0, 2, 3] {
+        assert_eq!(sim.ok(ids[i]), format!("r{i}").as_bytes());
+    }
+    assert!(sim.result(ids[1]).is_none());
+    assert_eq!(
+        sim.broker.unacked(sim.server.conn),
+        1,
+        "the running request is not acked"
+    );
+    assert_eq!(sim.server.m.in_flight(), 1);
+    let req = reqs[1].take().unwrap();
+    sim.reply(req, Ok(Bytes::from("r1")));
+    assert_eq!(sim.ok(ids[1]), b"r1");
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+}
+
+/// The channel closes while acks wait for the end of the turn: they are void (the broker
+/// requeued those requests) and never sent on the channel opened next, where their tags would
+/// be unknown (a 406). The requests run again and are answered, as before coalescing.
+#[test]
+fn channel_loss_with_acks_waiting_requeues_the_requests() {
+    let mut sim = Sim::prefetch(2);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..2).map(|_| sim.take().unwrap()).collect();
+    let channel = sim.server_channel();
+    for (i, req) in reqs.into_iter().enumerate() {
+        sim.reply_in_turn(req, &format!("first{i}"));
+    }
+    // The broker closes the channel, and the server reads that before its next turn.
+    sim.broker
+        .close_channel(sim.server.conn, channel, 406, "PRECONDITION_FAILED");
+    let out = sim.broker.take_output(sim.server.conn);
+    let now = sim.now;
+    sim.server.m.handle_input(now, &out);
+    sim.settle();
+    assert!(sim.server.m.is_serving());
+    // The replies went out on the closing channel, which the broker ignores (§1.5.2.5
+    // channel.close: frames other than close-ok are discarded until close-ok).
+    assert!(ids.iter().all(|id| sim.result(*id).is_none()));
+    // Redelivered on the new channel: they run again and answer.
+    let again: Vec<Request> = std::iter::from_fn(|| sim.take()).collect();
+    assert_eq!(again.len(), 2, "both requeued and redelivered");
+    for req in again {
+        sim.reply_in_turn(req, "second");
+    }
+    sim.settle();
+    for id in &ids {
+        assert_eq!(sim.ok(*id), b"second");
+    }
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// A shutdown in the turn that answered the last requests sends their acks before the
+/// connection's close: nothing goes back to the queue.
+#[test]
+fn shutdown_sends_the_acks_waiting_before_closing() {
+    let mut sim = Sim::prefetch(2);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..2).map(|_| sim.take().unwrap()).collect();
+    let now = sim.now;
+    sim.server.m.shutdown(now);
+    for (i, req) in reqs.into_iter().enumerate() {
+        sim.reply_in_turn(req, &format!("r{i}"));
+    }
+    sim.settle();
+    assert!(sim.server.m.is_stopped());
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(
+        sim.broker.queue_len(Q),
+        0,
+        "acked before the close, not requeued"
+    );
+}

@@ -1002,7 +1002,12 @@ impl Broker {
         let Some(chan) = self.chan(id, ch) else {
             return;
         };
-        let tags: Vec<u64> = if multiple {
+        // RabbitMQ looks the named tag up even with `multiple` (rabbit_channel collect_acks):
+        // a multiple ack naming a tag it no longer holds is an unknown tag too.
+        let named_unknown = tag != 0 && !chan.unacked.contains_key(&tag);
+        let tags: Vec<u64> = if named_unknown {
+            Vec::new()
+        } else if multiple {
             chan.unacked
                 .range(..=if tag == 0 { u64::MAX } else { tag })
                 .map(|(t, _)| *t)

@@ -53,6 +53,7 @@
 //! channel) and only the ack is void: the broker redelivers the request, and the caller drops
 //! the second reply.
 
+mod acks;
 mod client;
 mod correlation;
 #[cfg(feature = "json")]

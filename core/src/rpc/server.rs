@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 
+use super::acks::{Ack, AckWindow};
 use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
@@ -338,6 +339,10 @@ pub struct RpcServer {
     unsettled: HashMap<RequestKey, Remembered>,
     /// Stamps [`Remembered::seq`], to forget the oldest entry first.
     unsettled_seq: u64,
+    /// Acks owed, sent coalesced at the driver's next turn ([`RpcServer::handle_transmitted`]).
+    acks: AckWindow,
+    /// Reused by [`RpcServer::flush_acks`].
+    ack_scratch: Vec<Ack>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
@@ -356,6 +361,8 @@ impl RpcServer {
             in_flight: 0,
             unsettled: HashMap::new(),
             unsettled_seq: 0,
+            acks: AckWindow::default(),
+            ack_scratch: Vec::new(),
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
@@ -382,6 +389,15 @@ impl RpcServer {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.conn.handle_timeout(now);
         self.pump(now);
+    }
+
+    /// The driver's write buffer is empty (see [`crate::Machine::handle_transmitted`]): the
+    /// acks owed for the requests answered since the last call are queued now, after their
+    /// replies, coalesced (one `basic.ack` with `multiple` for the leading run of answered
+    /// deliveries, AMQP 0-9-1 §1.8.3.13). Call it before every [`RpcServer::poll_transmit`].
+    pub fn handle_transmitted(&mut self, now: Instant) {
+        let _ = now;
+        self.flush_acks();
     }
 
     /// Appends frames ready to send to `buf`.
@@ -455,21 +471,15 @@ impl RpcServer {
                     match reason {
                         DropReason::NoReplyTo => {
                             self.stats.dropped_no_reply_to += 1;
-                            let _ = self
-                                .conn
-                                .ack(delivery.channel, delivery.delivery_tag, false);
+                            self.ack(delivery.channel, delivery.delivery_tag);
                         }
                         DropReason::Expired => {
                             self.stats.dropped_expired += 1;
-                            let _ = self
-                                .conn
-                                .ack(delivery.channel, delivery.delivery_tag, false);
+                            self.ack(delivery.channel, delivery.delivery_tag);
                         }
                         DropReason::TooManyDeliveries { .. } => {
                             self.stats.dropped_too_many_deliveries += 1;
-                            let _ =
-                                self.conn
-                                    .reject(delivery.channel, delivery.delivery_tag, false);
+                            self.reject(delivery.channel, delivery.delivery_tag, false);
                         }
                     }
                     if let Some(key) = &key {
@@ -558,9 +568,8 @@ impl RpcServer {
                 None => self.stats.stale_replies_lost += 1,
             }
             if current {
-                // Fails only when the channel is going away; the broker then requeues the
-                // request and another server answers it.
-                let _ = self.conn.ack(facts.channel, facts.delivery_tag, false);
+                // Queued after the reply, at the next turn at the latest.
+                self.ack(facts.channel, facts.delivery_tag);
                 self.forget(&facts);
             }
         }
@@ -578,7 +587,7 @@ impl RpcServer {
         let request_facts = self.token_request_facts(&facts, now);
         if let Decision::Reject { requeue } = decide(request_facts, HandlerOutcome::Abandoned) {
             let requeued = if facts.epoch == self.epoch {
-                let _ = self.conn.reject(facts.channel, facts.delivery_tag, requeue);
+                self.reject(facts.channel, facts.delivery_tag, requeue);
                 if !requeue {
                     self.forget(&facts);
                 }
@@ -676,6 +685,7 @@ impl RpcServer {
                 // Deliveries of a closed channel are requeued by the broker; our tags for them
                 // are void.
                 self.buffer.clear();
+                self.acks.clear();
                 self.epoch += 1;
                 self.setup_request = None;
                 match self.phase {
@@ -695,6 +705,7 @@ impl RpcServer {
                         .conn
                         .reject(delivery.channel, delivery.delivery_tag, true);
                 } else {
+                    self.acks.delivered(delivery.channel, delivery.delivery_tag);
                     self.buffer.push_back(Buffered {
                         delivery,
                         received: now,
@@ -710,6 +721,7 @@ impl RpcServer {
                 // Too large to buffer, so it cannot run; but its caller can still learn why at
                 // once (instead of at its deadline), and it is settled for good.
                 self.stats.received += 1;
+                self.acks.delivered(channel, delivery_tag);
                 match properties
                     .reply_to()
                     .clone()
@@ -739,7 +751,7 @@ impl RpcServer {
                     }
                     None => {
                         self.stats.dropped_no_reply_to += 1;
-                        let _ = self.conn.ack(channel, delivery_tag, false);
+                        self.ack(channel, delivery_tag);
                     }
                 }
             }
@@ -750,6 +762,7 @@ impl RpcServer {
             }
             Event::Closed(error) => {
                 self.buffer.clear();
+                self.acks.clear();
                 self.epoch += 1;
                 self.setup_request = None;
                 match self.phase {
@@ -894,11 +907,37 @@ impl RpcServer {
                 max_deliveries: self.config.max_deliveries.max(1),
             };
             if let Decision::Reject { requeue } = decide(facts, HandlerOutcome::ShuttingDown) {
-                let _ = self
-                    .conn
-                    .reject(delivery.channel, delivery.delivery_tag, requeue);
+                self.reject(delivery.channel, delivery.delivery_tag, requeue);
             }
         }
+    }
+
+    /// Acks a delivery: at the next turn, coalesced, when the window tracks it; at once
+    /// otherwise. Fails only when the channel is going away; the broker then requeues it.
+    fn ack(&mut self, channel: ChannelId, tag: DeliveryTag) {
+        if !self.acks.answered(channel, tag) {
+            let _ = self.conn.ack(channel, tag, false);
+        }
+    }
+
+    /// Rejects a delivery at once (a reject cannot be coalesced with acks).
+    fn reject(&mut self, channel: ChannelId, tag: DeliveryTag, requeue: bool) {
+        self.acks.settled(channel, tag);
+        let _ = self.conn.reject(channel, tag, requeue);
+    }
+
+    /// Queues the acks owed (see [`RpcServer::handle_transmitted`]).
+    fn flush_acks(&mut self) {
+        if !self.acks.has_acks() {
+            return;
+        }
+        let mut acks = std::mem::take(&mut self.ack_scratch);
+        self.acks.take_acks(&mut acks);
+        for ack in acks.drain(..) {
+            // Fails only when the channel is going away; the broker then requeues them.
+            let _ = self.conn.ack(ack.channel, ack.delivery_tag, ack.multiple);
+        }
+        self.ack_scratch = acks;
     }
 
     /// The facts a reply token carries, as of `now`.
@@ -1037,6 +1076,8 @@ impl RpcServer {
                 self.phase = Phase::Stopped;
                 self.events.push_back(ServerEvent::Stopped);
             } else {
+                // The acks owed go before the close: the broker requeues what is unacked then.
+                self.flush_acks();
                 // Fails only when already closing; Closed then ends the shutdown.
                 let _ = self.conn.close(now);
                 self.pump(now);
