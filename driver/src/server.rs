@@ -232,7 +232,27 @@ impl<R: Runtime> Server<R> {
         self.run(run).await
     }
 
+    /// Runs the server's loop in a task of its own, and waits for its report. The loop is never
+    /// the future the caller's runtime blocks on: on a current-thread tokio runtime, a handler's
+    /// answer that wakes a spawned task just queues it, whereas waking the `block_on` future
+    /// costs the runtime a poll of its I/O driver (an `epoll_wait`) per turn. Dropping the
+    /// returned future stops the loop, as before.
     pub(crate) async fn run(self, run: Run) -> Result<ServerReport, ConnectError> {
+        let (report, receiver) = oneshot::channel();
+        let (session, abort) = futures_util::future::abortable(self.session(run));
+        R::spawn(async move {
+            if let Ok(result) = session.await {
+                let _ = report.send(result);
+            }
+        });
+        let _stop_on_drop = AbortOnDrop(abort);
+        // The task ended without a report only when the runtime dropped it (shutting down).
+        receiver.await.unwrap_or(Err(ConnectError::Connection(
+            ConnectionError::ConnectionLost,
+        )))
+    }
+
+    async fn session(self, run: Run) -> Result<ServerReport, ConnectError> {
         let Server {
             options,
             commands,
@@ -271,6 +291,15 @@ impl<R: Runtime> Server<R> {
         Ok(ServerReport {
             stats: machine.stats(),
         })
+    }
+}
+
+/// Stops the server's loop when the future waiting for it is dropped.
+struct AbortOnDrop(futures_util::future::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
