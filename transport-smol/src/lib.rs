@@ -49,6 +49,66 @@ pub use amqp_rpc_driver::{
 #[derive(Debug, Clone, Copy)]
 pub struct Smol;
 
+/// A TCP stream on smol's reactor that reads only once it was told the socket is readable.
+/// smol's own stream tries a `read` each time it is polled, and the driver loop polls the socket
+/// at every turn, also when a command woke it: one `read` returning `EAGAIN` per turn. This one
+/// remembers that the last read found nothing (or did not fill the buffer) and asks the reactor
+/// first, which costs no system call while no readiness event arrived.
+#[derive(Debug)]
+pub struct TcpStream {
+    inner: smol::Async<std::net::TcpStream>,
+    /// The last read would have blocked: wait for the reactor's readiness event before reading.
+    wait_readable: bool,
+}
+
+impl smol::io::AsyncRead for TcpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.wait_readable {
+            // No system call until the reactor delivered an event (async-io's `poll_readable`).
+            smol::ready!(this.inner.poll_readable(cx))?;
+            this.wait_readable = false;
+        }
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                // It read, found nothing, and registered for the next readiness event.
+                this.wait_readable = true;
+                Poll::Pending
+            }
+            // A read that did not fill the buffer took all the kernel had: the next one would
+            // find nothing (as tokio assumes too). The reactor's registration is level-triggered
+            // when it is armed again, so bytes that arrive meanwhile still wake us.
+            Poll::Ready(Ok(n)) if n > 0 && n < buf.len() => {
+                this.wait_readable = true;
+                Poll::Ready(Ok(n))
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl smol::io::AsyncWrite for TcpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
 /// A resettable smol timer that resolves to `()`.
 #[derive(Debug)]
 pub struct Sleep(smol::Timer);
@@ -62,7 +122,7 @@ impl Future for Sleep {
 }
 
 impl amqp_rpc_driver::Runtime for Smol {
-    type Tcp = smol::net::TcpStream;
+    type Tcp = TcpStream;
     type Stream = amqp_rpc_driver::Stream<Self::Tcp>;
     type Sleep = Sleep;
 
@@ -77,10 +137,13 @@ impl amqp_rpc_driver::Runtime for Smol {
 
     fn connect(address: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Self::Tcp>> + Send>> {
         Box::pin(async move {
-            let stream = smol::net::TcpStream::connect(address).await?;
+            let stream = smol::Async::<std::net::TcpStream>::connect(address).await?;
             // Requests and replies are small: send each batch at once.
-            stream.set_nodelay(true)?;
-            Ok(stream)
+            stream.get_ref().set_nodelay(true)?;
+            Ok(TcpStream {
+                inner: stream,
+                wait_readable: false,
+            })
         })
     }
 
