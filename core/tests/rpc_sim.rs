@@ -608,6 +608,20 @@ fn timed_out_exactly_at_deadline_then_late_reply_dropped() {
 
 /// `expiration` carries the remaining budget and the absolute deadline header travels with the
 /// request, also for a call that waited to be sent.
+/// The expiration is the remaining budget rounded UP to the millisecond: rounded down, the
+/// server's own deadline (arrival + expiration) could fall before the caller's, and a handler
+/// still running would be answered `deadline_exceeded` just before the caller's `TimedOut`.
+#[test]
+fn expiration_never_ends_before_the_callers_deadline() {
+    let mut sim = Sim::with_mode(ReplyMode::ExclusiveQueue, 1, 5);
+    let _a = sim.call_with(CallRequest::new(Q, "a", Duration::from_micros(1_500_400)));
+    let req = sim.take(0).unwrap();
+    assert_eq!(
+        req.properties.expiration().as_ref().unwrap().as_str(),
+        "1501"
+    );
+}
+
 #[test]
 fn expiration_and_deadline_header_carry_the_budget() {
     for mode in MODES {

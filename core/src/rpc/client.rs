@@ -938,10 +938,14 @@ impl RpcClient {
         };
         // RabbitMQ refuses an expiration above 2^32 - 1 ms with a channel error (its
         // `check_expiry`), which would end every call in flight: cap it there.
+        // Rounded up: a budget cut to the millisecond below would let the server give up
+        // (and answer `deadline_exceeded`) a fraction of a millisecond before the caller does,
+        // and the caller would then see the server's error instead of its own `TimedOut`.
         let remaining_ms = call
             .deadline
             .saturating_duration_since(now)
-            .as_millis()
+            .as_micros()
+            .div_ceil(1000)
             .clamp(1, MAX_EXPIRATION_MS);
         let mut properties = call.request.properties.clone();
         // `expiration`: the broker discards the request if nobody takes it within the caller's
