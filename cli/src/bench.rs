@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_driver::{CallRequest, Client, ClientOptions, ConnectError, ReplyMode, Runtime};
-use bytes::Bytes;
 use clap::Parser;
 use futures_channel::oneshot;
 
@@ -17,8 +16,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs};
 use crate::cpu::process_cpu_time;
-use crate::fib::fib;
 use crate::latency::{Latencies, Percentiles, Timeline};
+use crate::payload::{resident_kib, CurveFigures, Workload};
 use crate::plot::{write_svg, RunLabel};
 
 /// Measures calls/s, latency and CPU per call against the server consuming the queue.
@@ -79,6 +78,18 @@ pub struct BenchArgs {
     /// http://HOST:PORT/metrics while the bench runs.
     #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Each call sends BYTES of body and expects them back: for a server started with
+    /// `--echo`. Reports MB/s each way.
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub payload: Option<usize>,
+    /// Client connections the calls in flight are spread over (0 counts as 1).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub connections: usize,
 }
 
 /// How often the progress bar moves.
@@ -242,22 +253,28 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     let (calls, n, timeout) = (args.calls, args.n, args.timeout);
     let concurrency = args.concurrency.max(1);
     let queue = args.broker.queue.clone();
-    let expected = fib(n).map(|v| v.to_string());
-    let client = match Client::<R>::connect_with(options).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bench: {e}");
+    let work = Workload::new(args.payload, n);
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let client = match Client::<R>::connect_with(options.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // Warm up: the first call waits for the queue's consumer count.
+        if let Err(e) = client
+            .call_with(CallRequest::new(queue.clone(), work.body.clone(), timeout))
+            .await
+        {
+            eprintln!("bench: warm-up call failed: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    // Warm up: the first call waits for the queue's consumer count.
-    if let Err(e) = client
-        .call_with(CallRequest::new(queue.clone(), n.to_string(), timeout))
-        .await
-    {
-        eprintln!("bench: warm-up call failed: {e}");
-        return ExitCode::FAILURE;
+        clients.push(client);
     }
+    let reply_bytes = Arc::new(AtomicU64::new(0));
+    let idle_memory = resident_kib();
     let next = Arc::new(AtomicU64::new(0));
     let ended = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -268,18 +285,20 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     let server_cpu_start = args.server_pid.map(|p| process_cpu_time(Some(p)));
     let started = Instant::now();
     let mut joins = Vec::new();
-    for _ in 0..concurrency {
+    for task in 0..concurrency {
         let (tx, rx) = oneshot::channel::<(Latencies, Timeline)>();
         joins.push(rx);
-        let (client, next, ended, errors, queue, expected) = (
-            client.clone(),
+        // Task i calls through connection i mod N.
+        let client = clients[usize::try_from(task).unwrap_or(0) % clients.len()].clone();
+        let (next, ended, errors, queue, work, reply_bytes) = (
             next.clone(),
             ended.clone(),
             errors.clone(),
             queue.clone(),
-            expected.clone(),
+            work.clone(),
+            reply_bytes.clone(),
         );
-        let body = Bytes::from(n.to_string());
+        let body = work.body.clone();
         R::spawn(async move {
             let mut latencies = Latencies::new();
             let mut timeline = Timeline::default();
@@ -288,7 +307,10 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
                 let result = client
                     .call_with(CallRequest::new(queue.clone(), body.clone(), timeout))
                     .await;
-                let ok = matches!((&result, &expected), (Ok(r), Some(e)) if r.body == e.as_bytes());
+                if let Ok(r) = &result {
+                    reply_bytes.fetch_add(r.body.len() as u64, Ordering::Relaxed);
+                }
+                let ok = matches!(&result, Ok(r) if work.is_right(&r.body));
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -328,7 +350,10 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
-    client.close().await;
+    let after_memory = resident_kib();
+    for client in clients {
+        client.close().await;
+    }
     let done = latencies.len() as f64;
     let report = Report {
         calls: latencies.len(),
@@ -342,10 +367,32 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         server_cpu_us_per_call: server_cpu.map(|c| c.as_secs_f64() * 1e6 / done.max(1.0)),
         elapsed,
     };
+    let mb_per_sec = |bytes: f64| bytes / 1e6 / elapsed.as_secs_f64();
+    let curve = CurveFigures {
+        payload_bytes: work.body.len(),
+        connections: args.connections.max(1),
+        request_mb_per_sec: mb_per_sec(work.body.len() as f64 * done),
+        reply_mb_per_sec: mb_per_sec(reply_bytes.load(Ordering::Relaxed) as f64),
+        idle: idle_memory,
+        after: after_memory,
+    };
     if args.json {
-        println!("{}", report.json());
+        // The curve's fields go after the report's (scripts read those in their order).
+        let line = report.json();
+        let object = line.strip_suffix('}').unwrap_or(&line);
+        println!("{object}{}}}", curve.json_members());
     } else {
         print!("{}", report.table());
+        if args.payload.is_some() {
+            println!("payload      {} bytes", curve.payload_bytes);
+            println!(
+                "MB/s         {:.1} out, {:.1} back",
+                curve.request_mb_per_sec, curve.reply_mb_per_sec
+            );
+        }
+        if curve.connections > 1 {
+            println!("connections  {}", curve.connections);
+        }
     }
     let (errors, rate, mode_name) = (report.errors, report.calls_per_sec, args.reply_mode.name());
     if let Some(path) = &args.plot {
@@ -398,8 +445,14 @@ mod tests {
             "out.svg",
             "--metrics-addr",
             "127.0.0.1:9101",
+            "--payload",
+            "1000000",
+            "--connections",
+            "4",
         ])
         .expect("parses");
+        assert_eq!(args.payload, Some(1_000_000));
+        assert_eq!(args.connections, 4);
         assert_eq!(args.broker.queue, "bench-q");
         assert_eq!((args.calls, args.concurrency, args.n), (2000, 64, 20));
         assert_eq!(args.server_pid, Some(4242));
@@ -482,6 +535,7 @@ mod tests {
         assert_eq!(args.server_pid, None);
         assert!(!args.json);
         assert_eq!((args.plot, args.metrics_addr), (None, None));
+        assert_eq!((args.payload, args.connections), (None, 1));
     }
 
     #[test]
@@ -494,6 +548,8 @@ mod tests {
             (&["--n", "x"], "--n"),
             (&["--plot"], "--plot"),
             (&["--metrics-addr", "nowhere"], "--metrics-addr"),
+            (&["--payload", "-1"], "--payload"),
+            (&["--connections", "many"], "--connections"),
         ] {
             let e = parse(args).expect_err("refused");
             assert_eq!(e.exit_code(), 2, "{args:?}");

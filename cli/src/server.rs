@@ -11,6 +11,7 @@ use clap::Parser;
 use crate::args::{host_port, parse_or_exit_code, BrokerArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib_handler;
+use crate::payload::echo_handler;
 
 /// How long the `server` program lets a graceful shutdown take before it exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +46,10 @@ pub struct ServerArgs {
     /// (port 0: any free port, printed on stderr).
     #[arg(long, value_name = "HOST:PORT", value_parser = host_port)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Reply to each request with its own body instead of fib(n): the server for
+    /// `bench --payload`.
+    #[arg(long)]
+    pub echo: bool,
 }
 
 impl ServerArgs {
@@ -108,7 +113,12 @@ pub async fn server_main<R: Runtime>(
         std::process::exit(1);
     });
     let started = Instant::now();
-    match server.serve(fib_handler).await {
+    let served = if args.echo {
+        server.serve(echo_handler).await
+    } else {
+        server.serve(fib_handler).await
+    };
+    match served {
         Ok(report) => {
             let s = report.stats;
             let handled = s.replied_ok + s.replied_error;
@@ -154,8 +164,10 @@ mod tests {
             "--prefetch",
             "32",
             "--quorum",
+            "--echo",
         ])
         .expect("parses");
+        assert!(args.echo);
         assert_eq!(args.broker.uris, ["amqp://a:b@h1:5672/%2f"]);
         let options = args.options().expect("valid");
         assert_eq!(options.workers, 8);

@@ -117,6 +117,20 @@ pub fn process_cpu_time(pid: Option<u32>) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// This process's resident memory now and at its peak, in KiB (`VmRSS`, `VmHWM` of
+/// /proc/self/status); zeros where it cannot be read.
+pub fn resident_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// A tokio runtime: current-thread (as our programs use) with `--current-thread`, else the
 /// multi-thread one amqprs's own examples use.
 pub fn runtime(current_thread: bool) -> tokio::runtime::Runtime {

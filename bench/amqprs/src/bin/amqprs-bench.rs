@@ -1,7 +1,11 @@
 //! The bench client on amqprs 2.x, for the side-by-side table of scripts/bench.sh:
 //! `amqprs-bench [--queue Q] [--calls N] [--concurrency C] [--reply-mode exclusive|direct]
 //! [--n 30] [--server-pid PID] [--json] [--timeout SECS] [--mandatory] [--expiration]
-//! [--deadline-header] [--like-ours] [--current-thread]`.
+//! [--deadline-header] [--like-ours] [--current-thread] [--payload BYTES] [--connections N]`.
+//!
+//! `--payload BYTES`: each call sends BYTES of body (the pattern ours sends: byte i is i mod
+//! 251) and expects them back from `amqprs-server --echo`; `--connections N` spreads the C
+//! tasks over N connections (task i on connection i mod N), each with its own reply path.
 //!
 //! It measures what our `bench` measures and prints the same JSON line (same fields). Calls:
 //! C tasks, each calling in a loop until N calls were started; a call publishes fib(n)'s
@@ -30,7 +34,7 @@ use amqprs::channel::{
 };
 use amqprs::connection::Connection;
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
-use amqprs_comparison::{fib, process_cpu_time, runtime, Args};
+use amqprs_comparison::{fib, process_cpu_time, resident_kib, runtime, Args};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
@@ -68,6 +72,8 @@ fn main() -> ExitCode {
             "timeout",
             "host",
             "port",
+            "payload",
+            "connections",
         ];
         known.extend(switches);
         a.check(&known)?;
@@ -112,6 +118,168 @@ async fn bench(args: &Args) -> Result<ExitCode, String> {
         deadline_header: all || args.has("deadline-header"),
     };
 
+    let payload: Option<usize> = args
+        .value("payload")
+        .map(|p| p.parse().map_err(|_| "--payload: not a number".to_owned()))
+        .transpose()?;
+    let connections: usize = args.number("connections", 1usize)?.max(1);
+    let (expected, body) = match payload {
+        Some(len) => {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            (Some(body.clone()), body)
+        }
+        None => (
+            fib(n).map(|v| v.to_string().into_bytes()),
+            n.to_string().into_bytes(),
+        ),
+    };
+    let next_id = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    let mut open = Vec::new();
+    for _ in 0..connections {
+        let (connection, reply_channel, caller) =
+            connect(args, &queue, direct, per_request, timeout, next_id.clone()).await?;
+        // Warm up: the first call also proves the server is there.
+        if caller.call(body.clone()).await != expected {
+            return Err("warm-up call failed".into());
+        }
+        // Dropping a channel closes it: the reply channel lives as long as its connection.
+        open.push((connection, reply_channel));
+        callers.push(caller);
+    }
+    let idle_memory = resident_kib();
+    let reply_bytes = Arc::new(AtomicU64::new(0));
+
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_start = process_cpu_time(None);
+    let server_cpu_start = server_pid.map(|p| process_cpu_time(Some(p)));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..concurrency {
+        let caller = callers[usize::try_from(task).unwrap_or(0) % callers.len()].clone();
+        let (next, errors, body, expected, reply_bytes) = (
+            next.clone(),
+            errors.clone(),
+            body.clone(),
+            expected.clone(),
+            reply_bytes.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let t = Instant::now();
+                let reply = caller.call(body.clone()).await;
+                if let Some(r) = &reply {
+                    reply_bytes.fetch_add(r.len() as u64, Ordering::Relaxed);
+                }
+                if reply.is_none() || reply != expected {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or(0));
+    for task in tasks {
+        latencies.extend(task.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu_time(None).saturating_sub(cpu_start);
+    let server_cpu = server_pid
+        .zip(server_cpu_start)
+        .map(|(p, s)| process_cpu_time(Some(p)).saturating_sub(s));
+    let after_memory = resident_kib();
+    for (connection, _reply_channel) in open {
+        let _ = connection.close().await;
+    }
+    let mb_per_sec = |bytes: f64| bytes / 1e6 / elapsed.as_secs_f64();
+    let request_mb = mb_per_sec(body.len() as f64 * latencies.len() as f64);
+    let reply_mb = mb_per_sec(reply_bytes.load(Ordering::Relaxed) as f64);
+    let curve = format!(
+        ",\"payload_bytes\":{},\"connections\":{connections},\"request_mb_per_sec\":{request_mb:.2},\"reply_mb_per_sec\":{reply_mb:.2},\"rss_idle_kib\":{},\"rss_peak_kib\":{}",
+        body.len(),
+        idle_memory.0,
+        after_memory.1
+    );
+    report(
+        args,
+        latencies,
+        elapsed,
+        cpu,
+        server_cpu,
+        errors.load(Ordering::Relaxed),
+        direct,
+        &curve,
+    )
+}
+
+/// Prints the figures (the JSON line with `--json`) and the exit code they make.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &Args,
+    mut latencies: Vec<u32>,
+    elapsed: Duration,
+    cpu: Duration,
+    server_cpu: Option<Duration>,
+    errors: u64,
+    direct: bool,
+    curve: &str,
+) -> Result<ExitCode, String> {
+    latencies.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i.min(latencies.len() - 1)]
+    };
+    let concurrency: u64 = args.number("concurrency", 64u64)?.max(1);
+    let done = latencies.len() as f64;
+    let rate = done / elapsed.as_secs_f64();
+    let cpu_per_call = cpu.as_secs_f64() * 1e6 / done.max(1.0);
+    let server = server_cpu.map_or("null".to_owned(), |c| {
+        format!("{:.1}", c.as_secs_f64() * 1e6 / done.max(1.0))
+    });
+    let mode = if direct { "direct" } else { "exclusive" };
+    if args.has("json") {
+        println!(
+            "{{\"calls\":{},\"concurrency\":{concurrency},\"reply_mode\":\"{mode}\",\"calls_per_sec\":{rate:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{errors},\"client_cpu_us_per_call\":{cpu_per_call:.1},\"server_cpu_us_per_call\":{server}{curve}}}",
+            latencies.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    } else {
+        println!("calls        {}", latencies.len());
+        println!("concurrency  {concurrency}");
+        println!("reply mode   {mode}");
+        println!("calls/s      {rate:.0}");
+        println!("p50          {} µs", pct(0.5));
+        println!("p99          {} µs", pct(0.99));
+        println!("errors       {errors}");
+        println!("client CPU   {cpu_per_call:.1} µs/call");
+        println!("server CPU   {server} µs/call");
+        println!("figures      {curve}");
+    }
+    Ok(if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Opens one connection with its reply path and publishing channel: a caller on it, and the
+/// reply channel to keep open.
+async fn connect(
+    args: &Args,
+    queue: &str,
+    direct: bool,
+    per_request: PerRequest,
+    timeout: Duration,
+    next_id: Arc<AtomicU64>,
+) -> Result<(Connection, Channel, Caller), String> {
     let connection = Connection::open(&args.connection("amqprs-bench")?)
         .await
         .map_err(|e| e.to_string())?;
@@ -148,101 +316,16 @@ async fn bench(args: &Args) -> Result<ExitCode, String> {
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(route_replies(replies, pending.clone()));
-
     let caller = Caller {
         channel: publish_channel,
         pending,
-        queue,
+        queue: queue.to_owned(),
         reply_to,
         per_request,
-        next_id: Arc::new(AtomicU64::new(0)),
+        next_id,
         timeout,
     };
-    let expected = fib(n).map(|v| v.to_string().into_bytes());
-    let body = n.to_string().into_bytes();
-    // Warm up: the first call also proves the server is there.
-    if caller.call(body.clone()).await != expected {
-        return Err("warm-up call failed".into());
-    }
-
-    let next = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let cpu_start = process_cpu_time(None);
-    let server_cpu_start = server_pid.map(|p| process_cpu_time(Some(p)));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (caller, next, errors, body, expected) = (
-            caller.clone(),
-            next.clone(),
-            errors.clone(),
-            body.clone(),
-            expected.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < calls {
-                let t = Instant::now();
-                let reply = caller.call(body.clone()).await;
-                if reply.is_none() || reply != expected {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-                latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-            }
-            latencies
-        }));
-    }
-    let mut latencies = Vec::with_capacity(usize::try_from(calls).unwrap_or(0));
-    for task in tasks {
-        latencies.extend(task.await.unwrap_or_default());
-    }
-    let elapsed = started.elapsed();
-    let cpu = process_cpu_time(None).saturating_sub(cpu_start);
-    let server_cpu = server_pid
-        .zip(server_cpu_start)
-        .map(|(p, s)| process_cpu_time(Some(p)).saturating_sub(s));
-    let _ = connection.close().await;
-
-    latencies.sort_unstable();
-    let pct = |p: f64| -> u32 {
-        if latencies.is_empty() {
-            return 0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i.min(latencies.len() - 1)]
-    };
-    let done = latencies.len() as f64;
-    let rate = done / elapsed.as_secs_f64();
-    let cpu_per_call = cpu.as_secs_f64() * 1e6 / done.max(1.0);
-    let server = server_cpu.map_or("null".to_owned(), |c| {
-        format!("{:.1}", c.as_secs_f64() * 1e6 / done.max(1.0))
-    });
-    let errors = errors.load(Ordering::Relaxed);
-    let mode = if direct { "direct" } else { "exclusive" };
-    if args.has("json") {
-        println!(
-            "{{\"calls\":{},\"concurrency\":{concurrency},\"reply_mode\":\"{mode}\",\"calls_per_sec\":{rate:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"errors\":{errors},\"client_cpu_us_per_call\":{cpu_per_call:.1},\"server_cpu_us_per_call\":{server}}}",
-            latencies.len(),
-            pct(0.5),
-            pct(0.99),
-            pct(1.0)
-        );
-    } else {
-        println!("calls        {}", latencies.len());
-        println!("concurrency  {concurrency}");
-        println!("reply mode   {mode}");
-        println!("calls/s      {rate:.0}");
-        println!("p50          {} µs", pct(0.5));
-        println!("p99          {} µs", pct(0.99));
-        println!("errors       {errors}");
-        println!("client CPU   {cpu_per_call:.1} µs/call");
-        println!("server CPU   {server} µs/call");
-    }
-    Ok(if errors > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok((connection, reply_channel, caller))
 }
 
 /// What one call needs; cloned into each calling task.

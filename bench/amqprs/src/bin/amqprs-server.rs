@@ -1,5 +1,7 @@
 //! RabbitMQ tutorial 6's Fibonacci server on amqprs 2.x, for the side-by-side bench:
-//! `amqprs-server [--queue Q] [--prefetch N] [--workers N] [--multiple-ack] [--current-thread]`.
+//! `amqprs-server [--queue Q] [--prefetch N] [--workers N] [--multiple-ack] [--current-thread]
+//! [--echo]`. `--echo` replies with each request's body instead of fib(n) (for
+//! `amqprs-bench --payload`).
 //!
 //! As ours: a non-durable classic request queue, `basic.qos(prefetch)`, manual acks, each
 //! request's reply published to the default exchange with the request's `correlation_id`, the
@@ -25,13 +27,14 @@ use amqprs_comparison::{fib, process_cpu_time, runtime, Args};
 use tokio::sync::{mpsc, Semaphore};
 
 fn main() -> ExitCode {
-    let args = match Args::parse(&["multiple-ack", "current-thread"]).and_then(|a| {
+    let args = match Args::parse(&["multiple-ack", "current-thread", "echo"]).and_then(|a| {
         a.check(&[
             "queue",
             "prefetch",
             "workers",
             "multiple-ack",
             "current-thread",
+            "echo",
             "host",
             "port",
         ])?;
@@ -93,6 +96,7 @@ async fn run(args: &Args) -> Result<(), String> {
     });
     let slots = Arc::new(Semaphore::new(workers));
     let handled = Arc::new(AtomicU64::new(0));
+    let echo = args.has("echo");
     let started = std::time::Instant::now();
     let stop = stop_signal();
     tokio::pin!(stop);
@@ -118,14 +122,19 @@ async fn run(args: &Args) -> Result<(), String> {
         );
         tokio::spawn(async move {
             let tag = deliver.delivery_tag();
-            let reply = std::str::from_utf8(&body)
-                .ok()
-                .and_then(|t| t.trim().parse::<u32>().ok())
-                .and_then(fib)
-                .map_or_else(
-                    || "error: expected a number from 0 to 186".to_owned(),
-                    |v| v.to_string(),
-                );
+            let reply = if echo {
+                body
+            } else {
+                std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u32>().ok())
+                    .and_then(fib)
+                    .map_or_else(
+                        || "error: expected a number from 0 to 186".to_owned(),
+                        |v| v.to_string(),
+                    )
+                    .into_bytes()
+            };
             if let Some(reply_to) = properties.reply_to() {
                 let mut reply_properties = BasicProperties::default();
                 if let Some(id) = properties.correlation_id() {
@@ -134,7 +143,7 @@ async fn run(args: &Args) -> Result<(), String> {
                 let _ = channel
                     .basic_publish(
                         reply_properties.finish(),
-                        reply.into_bytes(),
+                        reply,
                         BasicPublishArguments::new("", reply_to),
                     )
                     .await;
