@@ -27,7 +27,11 @@ def load(path):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("failed") or "curve" not in row or "calls_per_sec" not in row:
+            if "curve" not in row:
+                continue
+            if row.get("failed") or "calls_per_sec" not in row:
+                # Kept (as failed) so that the runs around it still pair up right.
+                rows.append({"curve": row["curve"], "x": row.get("x"), "impl": row.get("impl"), "failed": True})
                 continue
             rss = row.get("rss_peak_kib", 0) - row.get("rss_idle_kib", 0)
             row["kib_per_call_in_flight"] = max(rss, 0) / max(row.get("concurrency", 1), 1)
@@ -41,6 +45,7 @@ def load(path):
 def medians(rows, curve, measure):
     """{impl: [(x, median, runs)]} for one curve and measure."""
     out = {}
+    rows = [r for r in rows if not r.get("failed")]
     for impl, _, _ in IMPLS:
         xs = sorted({r["x"] for r in rows if r["curve"] == curve and r["impl"] == impl})
         pts = []
@@ -55,6 +60,20 @@ def medians(rows, curve, measure):
                 pts.append((x, statistics.median(vals), len(vals)))
         out[impl] = pts
     return out
+
+
+def paired_ratio(rows, curve, x, measure):
+    """Median of ours/amqprs over the k-th run of each at this point (they ran next to each
+    other, so a noisy moment hits both): steadier than the ratio of the medians."""
+    # The script runs ours, then amqprs, at each point: consecutive lines pair up.
+    ratios = []
+    for a, b in zip(rows, rows[1:]):
+        if (a["curve"], a["x"], a["impl"], b["curve"], b["x"], b["impl"]) != (curve, x, "ours", curve, x, "amqprs"):
+            continue
+        if a.get("failed") or b.get("failed") or a.get(measure) is None or not b.get(measure):
+            continue
+        ratios.append(a[measure] / b[measure])
+    return statistics.median(ratios) if ratios else None
 
 
 def fmt(v):
@@ -218,7 +237,7 @@ def table(rows, curve, xlabel, ticklabel):
     if not xs:
         return
     print(f"\n### {curve}: {xlabel}\n")
-    head = ["point", "measure"] + [name for _, name, _ in IMPLS] + ["ours / amqprs", "runs"]
+    head = ["point", "measure"] + [name for _, name, _ in IMPLS] + ["ours / amqprs (paired)", "runs"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * 2 + "---:|" * (len(head) - 2))
     for x in xs:
@@ -228,7 +247,8 @@ def table(rows, curve, xlabel, ticklabel):
                 hit = [p for p in data[m][impl] if p[0] == x]
                 vals.append(hit[0][1] if hit else None)
                 runs.append(str(hit[0][2]) if hit else "0")
-            ratio = f"{vals[0] / vals[1]:.2f}x" if None not in vals and vals[1] else "–"
+            paired = paired_ratio(rows, curve, x, m)
+            ratio = f"{paired:.2f}x" if paired is not None else "–"
             cells = [fmt(v) if v is not None else "–" for v in vals]
             print(f"| {ticklabel(x)} | {label} | " + " | ".join(cells) + f" | {ratio} | {'/'.join(runs)} |")
 
@@ -238,6 +258,7 @@ def main():
     rows = load(results)
     os.makedirs(plot_dir, exist_ok=True)
     loads = sorted(r["load"] for r in rows if "load" in r)
+    failed = sum(1 for r in rows if r.get("failed"))
     for curve, (xlabel, xlog, ticklabel, measures) in CURVES.items():
         table(rows, curve, xlabel, ticklabel)
         for measure, ylabel, ylog, suffix in measures:
@@ -258,7 +279,8 @@ def main():
     if loads:
         print(
             f"\n1-min load average during the runs: median {statistics.median(loads)} "
-            f"(min {loads[0]}, max {loads[-1]}) on {os.cpu_count()} cores; {len(rows)} runs"
+            f"(min {loads[0]}, max {loads[-1]}) on {os.cpu_count()} cores; {len(rows)} runs, "
+            f"{failed} of them failed (left out)"
         )
 
 
