@@ -351,15 +351,19 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
             }
         });
     }
-    let mut latencies = Latencies::new();
-    let mut timeline = Timeline::default();
+    let mut samples = Vec::with_capacity(joins.len());
     for rx in joins {
-        for sample in rx.await.unwrap_or_default() {
-            latencies.record(Duration::from_micros(sample.took_us.into()));
-            timeline.record(Duration::from_micros(sample.ended_us.into()));
-        }
+        samples.push(rx.await.unwrap_or_default());
     }
     let elapsed = started.elapsed();
+    // Before the histogram exists: what the calls in flight held, not what the report needs.
+    let after_memory = resident_kib();
+    let mut latencies = Latencies::new();
+    let mut timeline = Timeline::default();
+    for sample in samples.iter().flatten() {
+        latencies.record(Duration::from_micros(sample.took_us.into()));
+        timeline.record(Duration::from_micros(sample.ended_us.into()));
+    }
     let cpu = process_cpu_time(None).saturating_sub(cpu_start);
     let server_cpu = args
         .server_pid
@@ -368,7 +372,6 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
     if let Some(bar) = &progress {
         bar.finish_and_clear();
     }
-    let after_memory = resident_kib();
     for client in clients {
         client.close().await;
     }
