@@ -18,6 +18,8 @@
 #   scripts/bench.sh matrix      the former default: both transports x both reply modes x
 #                                C=1/64 x prefetch 64/1, one run each
 #   scripts/bench.sh all         compare, features and syscalls
+#   scripts/bench.sh curves      payload, concurrency and fan-out curves with SVG plots
+#                                (scripts/bench-curves.sh all)
 #
 # Environment: ROUNDS (3), CALLS (20000: calls per run at C=64/prefetch 64; the slower settings
 # run a fraction of it), RUN_TIMEOUT (120 s per run), BENCH_OUT (target/bench: JSON lines and
@@ -215,5 +217,6 @@ case $mode in
   syscalls) syscalls ;;
   matrix) matrix ;;
   all) compare; features; syscalls ;;
-  *) echo "usage: scripts/bench.sh [compare|features|syscalls|matrix|all]" >&2; exit 2 ;;
+  curves) bash scripts/bench-curves.sh all ;;
+  *) echo "usage: scripts/bench.sh [compare|features|syscalls|matrix|all|curves]" >&2; exit 2 ;;
 esac
