@@ -1,8 +1,6 @@
 //! What the two amqprs comparison programs share: flags, the broker address, fib and the CPU
 //! clock. Written for this repository's bench (scripts/bench.sh); not a library for users.
 
-use std::time::Duration;
-
 use amqprs::connection::OpenConnectionArguments;
 
 /// `--name value` flags and bare `--name` switches, in any order.
@@ -78,58 +76,12 @@ impl Args {
     }
 }
 
-/// fib(n) in u128, iteratively, as the tutorial's server computes it (and ours); `None` above
-/// n = 186, the largest whose result fits.
-pub fn fib(n: u32) -> Option<u128> {
-    if n > 186 {
-        return None;
-    }
-    let (mut a, mut b) = (0u128, 1u128);
-    for _ in 0..n {
-        let next = a.saturating_add(b);
-        a = b;
-        b = next;
-    }
-    Some(a)
-}
-
-/// CPU time (user + system) of process `pid` (this one when `None`), from /proc/<pid>/stat.
-pub fn process_cpu_time(pid: Option<u32>) -> Duration {
-    let path = pid.map_or_else(
-        || "/proc/self/stat".to_owned(),
-        |p| format!("/proc/{p}/stat"),
-    );
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return Duration::ZERO;
-    };
-    // The command name may hold spaces: the fields that follow start after the last ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name, in USER_HZ
-    // (100 per second on Linux).
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
-/// This process's resident memory now and at its peak, in KiB (`VmRSS`, `VmHWM` of
-/// /proc/self/status); zeros where it cannot be read.
-pub fn resident_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
+/// The workload and the measurements are ours, shared, so that both sides compute the same
+/// fib and are measured the same way: fib(n) as our server computes it, process CPU time from
+/// `/proc/<pid>/stat`, resident memory from `/proc/self/status`.
+pub use amqp_rpc_cli::cpu::process_cpu_time;
+pub use amqp_rpc_cli::fib;
+pub use amqp_rpc_cli::payload::resident_kib;
 
 /// A tokio runtime: current-thread (as our programs use) with `--current-thread`, else the
 /// multi-thread one amqprs's own examples use.

@@ -200,8 +200,8 @@ async fn bench(args: &Args) -> Result<ExitCode, String> {
     let curve = format!(
         ",\"payload_bytes\":{},\"connections\":{connections},\"request_mb_per_sec\":{request_mb:.2},\"reply_mb_per_sec\":{reply_mb:.2},\"rss_idle_kib\":{},\"rss_peak_kib\":{}",
         body.len(),
-        idle_memory.0,
-        after_memory.1
+        idle_memory.now_kib,
+        after_memory.peak_kib
     );
     report(
         args,
