@@ -18,7 +18,7 @@ use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::ConnectionError;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
-use futures_util::future::{select, Either};
+use futures_util::future::{self, select, Either};
 use futures_util::{FutureExt, SinkExt};
 use tracing::Instrument;
 
@@ -108,7 +108,11 @@ enum Command {
 pub struct ServerHandle {
     commands: mpsc::Sender<Command>,
     stats: Arc<Shared<ServerStats>>,
+    ready: FirstReady,
 }
+
+/// Resolves once the server first consumes: `Ok(())`, or `Err(Canceled)` when it ended before.
+type FirstReady = future::Shared<oneshot::Receiver<()>>;
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,6 +141,14 @@ impl ServerHandle {
     pub fn in_flight(&self) -> usize {
         self.stats.get().in_flight
     }
+
+    /// Waits until the server consumes its queue for the first time: `true` then, at once if
+    /// it already did; `false` when it ended without ever consuming (its first connect failed,
+    /// or it was shut down first). Calls made after `true` find a consumer (barring a later
+    /// connection loss). For every later re-consume after a reconnect, see [`Server::on_ready`].
+    pub async fn ready(&self) -> bool {
+        self.ready.clone().await.is_ok()
+    }
 }
 
 /// An RPC server.
@@ -145,6 +157,8 @@ pub struct Server<R: Runtime> {
     commands: mpsc::Sender<Command>,
     receiver: mpsc::Receiver<Command>,
     on_ready: Option<Box<dyn FnMut() + Send>>,
+    first_ready: oneshot::Sender<()>,
+    ready: FirstReady,
     stats: Arc<Shared<ServerStats>>,
     _runtime: PhantomData<fn() -> R>,
 }
@@ -153,11 +167,14 @@ impl<R: Runtime> Server<R> {
     /// A server with these options; nothing happens until [`Server::serve`].
     pub fn new(options: ServerOptions) -> Self {
         let (commands, receiver) = mpsc::channel(1024);
+        let (first_ready, ready) = oneshot::channel();
         Self {
             options,
             commands,
             receiver,
             on_ready: None,
+            first_ready,
+            ready: ready.shared(),
             stats: Shared::new(),
             _runtime: PhantomData,
         }
@@ -168,6 +185,7 @@ impl<R: Runtime> Server<R> {
         ServerHandle {
             commands: self.commands.clone(),
             stats: Arc::clone(&self.stats),
+            ready: self.ready.clone(),
         }
     }
 
@@ -258,6 +276,7 @@ impl<R: Runtime> Server<R> {
             commands,
             mut receiver,
             on_ready,
+            first_ready,
             stats,
             ..
         } = self;
@@ -272,6 +291,7 @@ impl<R: Runtime> Server<R> {
             done: commands,
             limit: options.workers.max(1),
             on_ready,
+            first_ready: Some(first_ready),
             ever_ready: false,
             was_ready: false,
             last_error: None,
@@ -343,6 +363,8 @@ struct Workers<R: Runtime> {
     done: mpsc::Sender<Command>,
     limit: usize,
     on_ready: Option<Box<dyn FnMut() + Send>>,
+    /// Resolves [`ServerHandle::ready`] at the first `Ready`.
+    first_ready: Option<oneshot::Sender<()>>,
     ever_ready: bool,
     was_ready: bool,
     last_error: Option<ConnectionError>,
@@ -362,6 +384,9 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                 ServerEvent::Ready => {
                     self.ever_ready = true;
                     self.was_ready = true;
+                    if let Some(tx) = self.first_ready.take() {
+                        let _ = tx.send(());
+                    }
                     if let Some(f) = self.on_ready.as_mut() {
                         f();
                     }

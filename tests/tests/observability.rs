@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use amqp_rpc_driver::{Client, ReplyMode, ServerHandle};
+use amqp_rpc_cli::fib_handler;
+use amqp_rpc_driver::{Client, ReplyMode, Server, ServerHandle, ServerOptions};
 use e2e_tests::broker::QueueGuard;
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::e2e_tests;
@@ -13,6 +14,7 @@ use e2e_tests::servers::{fib_held, server_options, Counter, Hold, TestServer};
 
 e2e_tests! {
     stats_and_gauges_readable_while_running,
+    ready_says_when_the_server_consumes,
 }
 
 /// How long a published snapshot may take to show a change: the driver task publishes on its
@@ -119,4 +121,40 @@ async fn stats_and_gauges_readable_while_running<R: TestRuntime>() {
     client.close().await;
     let report = server.stop::<R>().await;
     assert_eq!(report.stats.received, 2);
+}
+
+/// `ServerHandle::ready` resolves `true` once the server consumes (a call made then is
+/// answered), stays `true`, and resolves `false` for a server that never consumed because its
+/// first connect failed.
+async fn ready_says_when_the_server_consumes<R: TestRuntime>() {
+    let queue = QueueGuard::new("obs-ready");
+    let server = Server::<R>::new(server_options(queue.name()));
+    let handle = server.handle();
+    let serving = spawn::<R, _>(server.serve(fib_handler));
+    assert!(
+        within::<R, _>(CALL_TIMEOUT, "ready", handle.ready()).await,
+        "the server ended before consuming"
+    );
+    let client = connect::<R>(ReplyMode::default()).await;
+    expect_fib(call(&client, queue.name(), "12", CALL_TIMEOUT).await, 12);
+    assert!(handle.ready().await, "ready once, ready for good");
+    client.close().await;
+    handle.shutdown().await;
+    within::<R, _>(CALL_TIMEOUT, "shutdown", serving.join())
+        .await
+        .expect("the server failed");
+
+    // Nothing listens on port 1: the first connect fails and `ready` says so.
+    let options = ServerOptions::from_uri("amqp://guest:guest@127.0.0.1:1/%2f", queue.name())
+        .expect("the URI parses");
+    let server = Server::<R>::new(options);
+    let handle = server.handle();
+    let serving = spawn::<R, _>(server.serve(fib_handler));
+    assert!(
+        !within::<R, _>(CALL_TIMEOUT, "ready of a failed server", handle.ready()).await,
+        "ready although the server never connected"
+    );
+    assert!(within::<R, _>(CALL_TIMEOUT, "failed serve", serving.join())
+        .await
+        .is_err());
 }

@@ -50,15 +50,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = "json-example";
     let server = Server::new(ServerOptions::from_uri(&uri, queue)?);
     let handle = server.handle();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let mut ready_tx = Some(ready_tx);
-    let server = server.on_ready(move || {
-        if let Some(tx) = ready_tx.take() {
-            let _ = tx.send(());
-        }
-    });
     let serving = tokio::spawn(server.serve_json(price));
-    tokio::time::timeout(Duration::from_secs(10), ready_rx).await??;
+    if !tokio::time::timeout(Duration::from_secs(10), handle.ready()).await? {
+        return Err("the server could not start".into());
+    }
 
     let client = Client::connect(&uri).await?;
     let quote = Quote {
