@@ -59,10 +59,6 @@ impl Body {
     }
 }
 
-/// Most bytes reserved for a multi-frame body before its frames arrive; beyond this the buffer
-/// grows with what actually comes.
-const INITIAL_BODY_CAPACITY: u64 = 1024 * 1024;
-
 /// A content-bearing method and what has arrived of its content.
 #[derive(Debug, Clone)]
 pub(crate) struct PartialContent {
@@ -217,11 +213,12 @@ impl PartialContent {
         self.body = match std::mem::take(&mut self.body) {
             Body::Empty if payload.len() as u64 == body_size => Body::One(payload),
             Body::Empty => {
-                // Sized for what is announced (at most `max_body_size`, checked in `on_header`),
-                // but no more than a window up front: a peer that announces much and sends
-                // little must not make us reserve it all.
-                let capacity = body_size.min(INITIAL_BODY_CAPACITY);
-                let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+                // Allocated once at the announced size, so every later frame is copied in
+                // exactly once and the buffer never grows (a doubling buffer copies a 16 MB
+                // body about twice over and frees each smaller step). The size is at most
+                // `max_body_size`, checked in `on_header` before any frame is taken; a
+                // larger body is skipped unbuffered.
+                let mut buf = BytesMut::with_capacity(usize::try_from(body_size).unwrap_or(0));
                 buf.extend_from_slice(&payload);
                 Body::Many(buf)
             }
