@@ -81,24 +81,16 @@ impl BodyPool {
     /// An empty buffer of at least `capacity` bytes: a delivered body's, if one is free and
     /// large enough, else a new one.
     fn take(&mut self, capacity: usize) -> BytesMut {
-        let mut i = 0;
-        while i < self.delivered.len() {
-            if self.delivered[i].len() < capacity {
-                i += 1;
-                continue;
-            }
-            let candidate = self.delivered.swap_remove(i);
-            match candidate.try_into_mut() {
-                Ok(mut buf) => {
-                    buf.clear();
-                    if buf.capacity() >= capacity {
-                        return buf;
-                    }
-                    // An offset slice of its allocation: not worth keeping.
-                }
-                Err(still_shared) => {
-                    self.delivered.push(still_shared);
-                    i += 1;
+        let free = self
+            .delivered
+            .iter()
+            .position(|body| body.len() >= capacity && body.is_unique());
+        if let Some(i) = free {
+            // Unique: the application dropped every `Bytes` of it, so nobody sees it change.
+            if let Ok(mut buf) = self.delivered.swap_remove(i).try_into_mut() {
+                buf.clear();
+                if buf.capacity() >= capacity {
+                    return buf;
                 }
             }
         }
@@ -111,8 +103,8 @@ impl BodyPool {
             return;
         }
         if self.delivered.len() >= RECYCLED_BODIES {
-            // The oldest is the likeliest to be free already, but also the one the application
-            // may hold for long: drop our hold on it rather than keep many.
+            // Full: let go of the first (roughly the longest watched, the one the application
+            // may hold for long) rather than keep many.
             self.delivered.remove(0);
         }
         self.delivered.push(body.clone());
