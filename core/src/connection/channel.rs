@@ -14,7 +14,7 @@ use crate::error::{ChannelError, FrameError, Initiator};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 
 use super::confirms::Confirms;
-use super::content::{ContentMethod, ContentProgress, PartialContent};
+use super::content::{BodyPool, ContentMethod, ContentProgress, PartialContent};
 use super::{Event, Reply};
 
 /// Where a channel is in its life (spec §1.5.2).
@@ -113,6 +113,8 @@ pub(crate) struct Channel {
     state: ChannelState,
     expected: VecDeque<Expect>,
     content: Option<PartialContent>,
+    /// Delivered bodies whose buffers the next multi-frame bodies may reuse.
+    bodies: BodyPool,
     pub(crate) confirms: Option<Confirms>,
 }
 
@@ -124,6 +126,7 @@ impl Channel {
             state: ChannelState::Opening,
             expected: VecDeque::from([Expect::OpenOk]),
             content: None,
+            bodies: BodyPool::default(),
             confirms: None,
         }
     }
@@ -247,7 +250,7 @@ impl Channel {
     pub(crate) fn on_body(&mut self, payload: Bytes) -> ChannelStep {
         let progress = match &mut self.content {
             _ if self.state == ChannelState::Closing => return ChannelStep::Nothing,
-            Some(content) => content.on_body(payload),
+            Some(content) => content.on_body(payload, &mut self.bodies),
             None => Err(FrameError::Unexpected {
                 what: "content body without a content method",
             }),
