@@ -692,6 +692,128 @@ fn expiration_and_deadline_header_carry_the_budget() {
     }
 }
 
+/// The request's `x-rpc-deadline` header, if any.
+fn deadline_header(req: &amqp_rpc_core::rpc::Request) -> Option<AMQPValue> {
+    req.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(DEADLINE_HEADER).cloned())
+}
+
+/// `mandatory` off: a request no queue takes is dropped by the broker instead of returned, so
+/// the call ends `TimedOut` at its deadline instead of `NotRouted` at once; calls that are
+/// routed still work and still carry `expiration` and the deadline header.
+#[test]
+fn mandatory_off_unroutable_request_times_out_instead_of_not_routed() {
+    for mode in MODES {
+        let mut config = client_config(mode);
+        config.server_check = None;
+        config.mandatory = false;
+        let mut sim = Sim::new(config, 1, 1);
+        let lost = sim.call_with(CallRequest::new("nowhere", "x", Duration::from_secs(1)));
+        assert_eq!(sim.broker.returned, 0, "not mandatory: nothing comes back");
+        assert_eq!(sim.broker.dropped, 1);
+        assert!(sim.ended.is_empty());
+        let ok = sim.call("a", 1000);
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "1000"
+        );
+        assert!(deadline_header(&req).is_some());
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(ok)), b"ok");
+        sim.advance(Duration::from_secs(1));
+        assert_eq!(*err(sim.result(lost)), RpcError::TimedOut);
+    }
+}
+
+/// `expiration` off: the request carries no per-message TTL of the client's (a caller's own is
+/// still sent, capped by the budget); the deadline header is still there and the call
+/// round-trips.
+#[test]
+fn expiration_off_request_carries_no_expiration() {
+    for mode in MODES {
+        let mut config = client_config(mode);
+        config.expiration = false;
+        let mut sim = Sim::new(config, 1, 5);
+        let wall0 = sim.wall().0;
+        let a = sim.call("a", 1500);
+        let req = sim.take(0).unwrap();
+        assert_eq!(req.properties.expiration(), &None);
+        assert_eq!(
+            deadline_header(&req),
+            Some(AMQPValue::LongLongInt((wall0 + 1500) as i64))
+        );
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(a)), b"ok");
+        // A caller's own expiration is still sent, lowered to the remaining budget.
+        let b = sim.call_with({
+            let mut c = CallRequest::new(Q, "b", Duration::from_secs(2));
+            c.properties = BasicProperties::default().with_expiration(ShortString::from("5000"));
+            c
+        });
+        let req = sim.take(0).unwrap();
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "2000"
+        );
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(b)), b"ok");
+    }
+}
+
+/// `deadline_header` off: no `x-rpc-deadline` header (a caller's own headers are kept, and no
+/// empty table is added); `expiration` still carries the budget and the call round-trips.
+#[test]
+fn deadline_header_off_request_carries_no_deadline_header() {
+    for mode in MODES {
+        let mut config = client_config(mode);
+        config.deadline_header = false;
+        let mut sim = Sim::new(config, 1, 5);
+        let a = sim.call("a", 1500);
+        let req = sim.take(0).unwrap();
+        assert_eq!(req.properties.headers(), &None);
+        assert_eq!(
+            req.properties.expiration().as_ref().unwrap().as_str(),
+            "1500"
+        );
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(a)), b"ok");
+        let b = sim.call_with({
+            let mut c = CallRequest::new(Q, "b", Duration::from_secs(2));
+            let mut headers = amqp_rpc_core::types::FieldTable::default();
+            headers.insert(ShortString::from("mine"), AMQPValue::Boolean(true));
+            c.properties = BasicProperties::default().with_headers(headers);
+            c
+        });
+        let req = sim.take(0).unwrap();
+        let headers = req.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("mine"), Some(&AMQPValue::Boolean(true)));
+        assert_eq!(deadline_header(&req), None);
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(b)), b"ok");
+    }
+}
+
+/// All three off (the tutorial's request): still a working call, and the server, with no
+/// deadline to go by, runs it and replies.
+#[test]
+fn all_request_guards_off_still_round_trip() {
+    for mode in MODES {
+        let mut config = client_config(mode);
+        (config.mandatory, config.expiration, config.deadline_header) = (false, false, false);
+        let mut sim = Sim::new(config, 1, 5);
+        let a = sim.call("a", 1500);
+        let req = sim.take(0).unwrap();
+        assert_eq!(req.properties.expiration(), &None);
+        assert_eq!(req.properties.headers(), &None);
+        sim.reply(0, req, Ok(Bytes::from("ok")));
+        assert_eq!(ok_body(sim.result(a)), b"ok");
+        assert_eq!(sim.servers[0].m.stats().replied_ok, 1);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Losing the channel or the connection
 // ---------------------------------------------------------------------------------------------
