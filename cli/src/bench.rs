@@ -90,6 +90,18 @@ pub struct BenchArgs {
         allow_negative_numbers = true
     )]
     pub connections: usize,
+    /// Publish requests without `mandatory`: a request to a queue that does not exist then
+    /// ends `TimedOut` instead of `NotRouted` (to measure what the flag costs the broker).
+    #[arg(long)]
+    pub no_mandatory: bool,
+    /// Send requests without a per-message `expiration`: a request can then wait in the queue
+    /// after its caller gave up and run late (to measure what it costs the broker).
+    #[arg(long)]
+    pub no_expiration: bool,
+    /// Send requests without the `x-rpc-deadline` header: the server then only has the
+    /// `expiration` to drop requests whose caller gave up (to measure what it costs the broker).
+    #[arg(long)]
+    pub no_deadline_header: bool,
 }
 
 /// How often the progress bar moves.
@@ -140,7 +152,19 @@ impl BenchArgs {
     pub fn options(&self) -> Result<ClientOptions, ConnectError> {
         let mut options = ClientOptions::from_uris(&self.broker.uris)?;
         options.rpc.reply_mode = self.reply_mode.into();
+        options.rpc.mandatory = !self.no_mandatory;
+        options.rpc.expiration = !self.no_expiration;
+        options.rpc.deadline_header = !self.no_deadline_header;
         Ok(options)
+    }
+
+    /// The per-request settings the run used, as members to append to the `--json` object
+    /// (after every other field: scripts read the earlier ones in their order).
+    pub fn request_json_members(&self) -> String {
+        format!(
+            ",\"mandatory\":{},\"expiration\":{},\"deadline_header\":{}",
+            !self.no_mandatory, !self.no_expiration, !self.no_deadline_header
+        )
     }
 }
 
@@ -398,10 +422,15 @@ pub async fn bench_main<R: Runtime>() -> ExitCode {
         after: after_memory,
     };
     if args.json {
-        // The curve's fields go after the report's (scripts read those in their order).
+        // The curve's fields, then the request settings, go after the report's (scripts read
+        // those in their order).
         let line = report.json();
         let object = line.strip_suffix('}').unwrap_or(&line);
-        println!("{object}{}}}", curve.json_members());
+        println!(
+            "{object}{}{}}}",
+            curve.json_members(),
+            args.request_json_members()
+        );
     } else {
         print!("{}", report.table());
         if args.payload.is_some() {
@@ -470,8 +499,20 @@ mod tests {
             "1000000",
             "--connections",
             "4",
+            "--no-mandatory",
+            "--no-expiration",
+            "--no-deadline-header",
         ])
         .expect("parses");
+        let rpc = args.options().expect("valid").rpc;
+        assert_eq!(
+            (rpc.mandatory, rpc.expiration, rpc.deadline_header),
+            (false, false, false)
+        );
+        assert_eq!(
+            args.request_json_members(),
+            r#","mandatory":false,"expiration":false,"deadline_header":false"#
+        );
         assert_eq!(args.payload, Some(1_000_000));
         assert_eq!(args.connections, 4);
         assert_eq!(args.broker.queue, "bench-q");
@@ -555,8 +596,18 @@ mod tests {
         assert_eq!(args.timeout, Duration::from_secs(30));
         assert_eq!(args.server_pid, None);
         assert!(!args.json);
-        assert_eq!((args.plot, args.metrics_addr), (None, None));
+        assert_eq!((args.plot.as_ref(), args.metrics_addr), (None, None));
         assert_eq!((args.payload, args.connections), (None, 1));
+        let rpc = args.options().expect("valid").rpc;
+        assert_eq!(
+            (rpc.mandatory, rpc.expiration, rpc.deadline_header),
+            (true, true, true),
+            "every request guard on unless switched off"
+        );
+        assert_eq!(
+            args.request_json_members(),
+            r#","mandatory":true,"expiration":true,"deadline_header":true"#
+        );
     }
 
     #[test]

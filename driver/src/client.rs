@@ -31,7 +31,10 @@ use crate::{metrics, telemetry};
 pub struct ClientOptions {
     /// Broker addresses (one, or the nodes of a cluster) and their connection settings.
     pub connect: Addresses,
-    /// RPC settings (reply mode, in-flight bound, server check).
+    /// RPC settings (reply mode, in-flight bound, server check, and whether each request is
+    /// `mandatory` and carries an `expiration` and the deadline header: all three on by default,
+    /// see the core's `ClientConfig` for what each guarantees), e.g.
+    /// `options.rpc.mandatory = false`.
     pub rpc: ClientConfig,
     /// Timeout of [`Client::call`].
     pub default_timeout: Duration,
