@@ -11,7 +11,8 @@
 #   scripts/bench.sh features    broker CPU per call of each protocol choice at C=64/prefetch
 #                                64 (mandatory, expiration, x-rpc-deadline, direct reply-to,
 #                                multiple acks), switched one at a time on the amqprs programs,
-#                                plus ours in both reply modes
+#                                plus ours in both reply modes and with each of mandatory,
+#                                expiration and x-rpc-deadline switched off (then all three)
 #   scripts/bench.sh syscalls    syscalls and socket writes/reads per call on the client and
 #                                the server (strace -c, and perf stat's syscall tracepoints
 #                                where they can be read), ours (tokio) and amqprs
@@ -146,6 +147,11 @@ features() {
     run "amqprs: server acks with multiple=true per batch" amqprs-plain 64 64 "$n" "--multiple-ack" "" | tee -a "$results"
     run "ours (tokio): exclusive reply queue" tokio 64 64 "$n" | tee -a "$results"
     run "ours (tokio): direct reply-to" tokio 64 64 "$n" "" "--reply-mode direct" | tee -a "$results"
+    # Ours with each per-request option switched off (ClientConfig), then all three.
+    run "ours (tokio): without mandatory" tokio 64 64 "$n" "" "--no-mandatory" | tee -a "$results"
+    run "ours (tokio): without expiration" tokio 64 64 "$n" "" "--no-expiration" | tee -a "$results"
+    run "ours (tokio): without x-rpc-deadline header" tokio 64 64 "$n" "" "--no-deadline-header" | tee -a "$results"
+    run "ours (tokio): without all three" tokio 64 64 "$n" "" "--no-mandatory --no-expiration --no-deadline-header" | tee -a "$results"
     echo "features: round $round of $rounds done" >&2
   done
   python3 bench/summarize.py features "$results" | tee "$out_dir/features.md"
