@@ -30,7 +30,8 @@ use futures_io::{AsyncRead, AsyncWrite};
 
 pub use addresses::{AddressFailure, Addresses};
 pub use amqp_rpc_core::rpc::{
-    CallRequest, ClientStats, HandlerError, QueueKind, ReplyMode, Response, RpcReply, ServerStats,
+    CallRequest, ClientConfig, ClientStats, HandlerError, QueueKind, ReplyMode, Response, RpcReply,
+    ServerConfig, ServerStats,
 };
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_core::types;

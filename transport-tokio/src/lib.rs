@@ -36,10 +36,10 @@ pub use amqp_rpc_driver::json;
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_driver::types;
 pub use amqp_rpc_driver::{
-    AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientOptions, ConnectError,
-    ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind, ReplyMode, Request,
-    Response, RpcError, RpcReply, ServerHandle, ServerOptions, ServerReport, TlsConfig, TlsError,
-    Verify, DEFAULT_URI,
+    AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientConfig, ClientOptions,
+    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
+    ReplyMode, Request, Response, RpcError, RpcReply, ServerConfig, ServerHandle, ServerOptions,
+    ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
 };
 
 /// The tokio runtime, as the driver sees it. Tasks go to the ambient runtime, so use these types
