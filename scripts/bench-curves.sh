@@ -55,18 +55,8 @@ target="${CARGO_TARGET_DIR:-target}/release"
 cp "$target/server" "$target/bench" "$bins/"
 cp bench/amqprs/target/release/amqprs-server bench/amqprs/target/release/amqprs-bench "$bins/"
 
-cpu_ns() { # the run time of every thread of the given processes, in ns
-  for pid in "$@"; do cat /proc/"$pid"/task/*/schedstat 2>/dev/null; done | awk '{ s += $1 } END { printf "%d", s }'
-}
-broker_pid() {
-  local pid
-  pid=$(rabbitmqctl -q eval 'os:getpid().' 2>/dev/null | tr -d '"' || true)
-  if [ -z "$pid" ] || [ ! -r "/proc/$pid/stat" ]; then
-    pid=$(pgrep -f "beam.smp.*rabbit@$(hostname -s)" | head -1 || true)
-  fi
-  [ -n "$pid" ] || pid=$(pgrep -o beam.smp)
-  echo "$pid"
-}
+# shellcheck source=scripts/lib/cpu.sh
+source scripts/lib/cpu.sh # (the working directory is the repository root)
 broker=$(broker_pid)
 per_call() { # ns before, ns after, calls -> µs per call
   awk -v d=$(($2 - $1)) -v n="$3" 'BEGIN { printf "%.1f", d / 1e3 / n }'

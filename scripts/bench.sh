@@ -53,18 +53,8 @@ if [ "$mode" != matrix ]; then
   cp bench/amqprs/target/release/amqprs-server bench/amqprs/target/release/amqprs-bench "$bins/"
 fi
 
-# Nanoseconds a process's threads have run (the first field of each thread's schedstat):
-# finer than utime+stime of /proc/<pid>/stat (10 ms ticks), and the broker's threads live on.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
-broker_pid() {
-  local pid
-  pid=$(rabbitmqctl -q eval 'os:getpid().' 2>/dev/null | tr -d '"' || true)
-  if [ -z "$pid" ] || [ ! -r "/proc/$pid/stat" ]; then
-    pid=$(pgrep -f "beam.smp.*rabbit@$(hostname -s)" | head -1 || true)
-  fi
-  [ -n "$pid" ] || pid=$(pgrep -o beam.smp)
-  echo "$pid"
-}
+# shellcheck source=scripts/lib/cpu.sh
+source scripts/lib/cpu.sh # (the working directory is the repository root)
 broker=$(broker_pid)
 
 # Each implementation: the server and client commands (the client gets --queue, --calls,
