@@ -12,6 +12,18 @@ use futures_util::StreamExt;
 
 use crate::rt::{sleep, timeout};
 
+/// The `cli-program` bin (`tests/src/bin/cli-program.rs`, path from the test's
+/// `env!("CARGO_BIN_EXE_cli-program")`) set up to run the server or bench program (`which`) on
+/// `transport` ("tokio" or "smol"), logging warnings only.
+pub fn cli_program(bin: &str, which: &str, transport: &str) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .env("E2E_PROGRAM", which)
+        .env("E2E_TRANSPORT", transport)
+        .env("RUST_LOG", "warn");
+    command
+}
+
 /// A running child process, killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ChildProcess {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use e2e_tests::broker::{uri, QueueGuard};
-use e2e_tests::process::ChildProcess;
+use e2e_tests::process::{cli_program, ChildProcess};
 use e2e_tests::rt::TestRuntime;
 
 e2e_tests::e2e_tests!(json_plot_and_metrics);
@@ -15,12 +15,7 @@ e2e_tests::e2e_tests!(json_plot_and_metrics);
 const CALLS: u64 = 2_000;
 
 fn program(which: &str, transport: &str) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cli-program"));
-    command
-        .env("E2E_PROGRAM", which)
-        .env("E2E_TRANSPORT", transport)
-        .env("RUST_LOG", "warn");
-    command
+    cli_program(env!("CARGO_BIN_EXE_cli-program"), which, transport)
 }
 
 async fn json_plot_and_metrics<R: TestRuntime>() {

@@ -14,7 +14,7 @@ use amqp_rpc_driver::metrics::{
 use amqp_rpc_driver::ReplyMode;
 use e2e_tests::broker::{uri, QueueGuard};
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
-use e2e_tests::process::ChildProcess;
+use e2e_tests::process::{cli_program, ChildProcess};
 use e2e_tests::rt::{blocking, sleep, TestRuntime};
 
 e2e_tests::e2e_tests!(scrape_shows_the_calls);
@@ -27,10 +27,8 @@ const SHOWS_WITHIN: Duration = Duration::from_secs(10);
 async fn scrape_shows_the_calls<R: TestRuntime>() {
     let queue = QueueGuard::new("metrics-endpoint");
     let port = free_port();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cli-program"));
+    let mut command = cli_program(env!("CARGO_BIN_EXE_cli-program"), "server", R::NAME);
     command
-        .env("E2E_TRANSPORT", R::NAME)
-        .env("RUST_LOG", "warn")
         .args(["--uri", &uri(), "--queue", queue.name(), "--workers", "4"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
     let mut server = ChildProcess::spawn("server", command);
