@@ -24,7 +24,7 @@ use amq_protocol::frame::{parsing::parse_frame, AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{
     basic, channel, connection, exchange, queue, AMQPClass, BasicProperties,
 };
-use amq_protocol::types::{FieldTable, ShortString};
+use amq_protocol::types::ShortString;
 
 use crate::frames;
 
@@ -445,26 +445,7 @@ impl Broker {
         };
         match (state, frame) {
             (ConnState::AwaitHeader, AMQPFrame::ProtocolHeader(_)) => {
-                let mut caps = FieldTable::default();
-                for cap in [
-                    "publisher_confirms",
-                    "consumer_cancel_notify",
-                    "basic.nack",
-                    "connection.blocked",
-                    "authentication_failure_close",
-                ] {
-                    caps.insert(short(cap), true.into());
-                }
-                let mut props = FieldTable::default();
-                props.insert(
-                    short("capabilities"),
-                    amq_protocol::types::AMQPValue::FieldTable(caps),
-                );
-                self.send_method(
-                    id,
-                    0,
-                    frames::start_with_properties("PLAIN AMQPLAIN", props),
-                );
+                self.send_method(id, 0, frames::start("PLAIN AMQPLAIN"));
                 self.set_state(id, ConnState::AwaitStartOk);
             }
             (

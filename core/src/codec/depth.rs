@@ -167,17 +167,8 @@ mod tests {
 
     /// A connection.start payload whose server-properties nest `depth` tables.
     pub(crate) fn nested_start(depth: usize) -> Vec<u8> {
-        // Innermost: an empty table. Each level wraps it as {"k": F <inner>}.
-        let mut table = 0u32.to_be_bytes().to_vec();
-        for _ in 0..depth {
-            let mut entry = vec![1, b'k', b'F'];
-            entry.extend_from_slice(&table);
-            let mut wrapped = (entry.len() as u32).to_be_bytes().to_vec();
-            wrapped.extend_from_slice(&entry);
-            table = wrapped;
-        }
         let mut payload = vec![0, 10, 0, 10, 0, 9];
-        payload.extend_from_slice(&table);
+        payload.extend_from_slice(&amqp_rpc_sim::frames::nested_table(depth));
         payload.extend_from_slice(&5u32.to_be_bytes());
         payload.extend_from_slice(b"PLAIN");
         payload.extend_from_slice(&5u32.to_be_bytes());
