@@ -126,18 +126,30 @@ pub fn run<R: TestRuntime, F: Future<Output = ()>>(case: &str, make: impl FnOnce
     R::block_on(within::<R, _>(CASE_LIMIT, &what, make()));
 }
 
+/// What a test file without a setup runs before each case: nothing.
+pub fn no_setup() {}
+
 /// Emits, for each generic case `fn case<R: TestRuntime>() -> impl Future<Output = ()>`, a
 /// module `case` with one `#[test]` per transport: `case::tokio` and `case::smol`. So every case
 /// is written once, and `cargo test -p e2e-tests smol` runs the smol half. Attributes before a
-/// case (e.g. `#[ignore = "why"]`) go on both tests.
+/// case (e.g. `#[ignore = "why"]`) go on both tests. `e2e_tests!(setup = f; cases...)` calls
+/// the file's `fn f()` first in every test, before the suite's logging (for a file that
+/// installs its own global subscriber).
 #[macro_export]
 macro_rules! e2e_tests {
+    (setup = $setup:ident; $($(#[$attr:meta])* $case:ident),* $(,)?) => {
+        $crate::e2e_tests!(@with super::$setup; $($(#[$attr])* $case),*);
+    };
     ($($(#[$attr:meta])* $case:ident),* $(,)?) => {
+        $crate::e2e_tests!(@with $crate::rt::no_setup; $($(#[$attr])* $case),*);
+    };
+    (@with $setup:path; $($(#[$attr:meta])* $case:ident),*) => {
         $(
             mod $case {
                 #[test]
                 $(#[$attr])*
                 fn tokio() {
+                    $setup();
                     $crate::rt::run::<$crate::rt::Tokio, _>(
                         stringify!($case),
                         super::$case::<$crate::rt::Tokio>,
@@ -147,6 +159,7 @@ macro_rules! e2e_tests {
                 #[test]
                 $(#[$attr])*
                 fn smol() {
+                    $setup();
                     $crate::rt::run::<$crate::rt::Smol, _>(
                         stringify!($case),
                         super::$case::<$crate::rt::Smol>,

@@ -10,7 +10,7 @@ use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::ReplyMode;
 use e2e_tests::broker::QueueGuard;
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
-use e2e_tests::rt::{run, sleep, timeout, Smol, TestRuntime, Tokio};
+use e2e_tests::rt::{sleep, timeout, TestRuntime};
 use e2e_tests::servers::{server_options, TestServer};
 use opentelemetry::trace::{SpanId, TraceContextExt, TracerProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -18,27 +18,9 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
-// As `e2e_tests!` does, but the OpenTelemetry layer goes in before the suite's logging (which
-// then finds a global subscriber and stays out).
-mod server_span_is_a_child_of_the_call_span {
-    #[test]
-    fn tokio() {
-        super::install();
-        super::run::<super::Tokio, _>(
-            "server_span_is_a_child_of_the_call_span",
-            super::server_span_is_a_child_of_the_call_span::<super::Tokio>,
-        );
-    }
-
-    #[test]
-    fn smol() {
-        super::install();
-        super::run::<super::Smol, _>(
-            "server_span_is_a_child_of_the_call_span",
-            super::server_span_is_a_child_of_the_call_span::<super::Smol>,
-        );
-    }
-}
+// The capturing subscriber goes in before the suite's logging (which then finds a global
+// subscriber and stays out).
+e2e_tests::e2e_tests!(setup = install; server_span_is_a_child_of_the_call_span);
 
 /// How long an ended span may take to reach the exporter (its last clone drops in a driver
 /// task).

@@ -12,7 +12,7 @@ use amqp_rpc_cli::fib_handler;
 use amqp_rpc_driver::{CallError, ReplyMode, RpcError};
 use e2e_tests::broker::{unique_name, QueueGuard};
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
-use e2e_tests::rt::{run, sleep, timeout, Smol, TestRuntime, Tokio};
+use e2e_tests::rt::{sleep, timeout, TestRuntime};
 use e2e_tests::servers::{server_options, TestServer};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -20,27 +20,9 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-// As `e2e_tests!` does, but the capturing subscriber goes in before the suite's logging
-// (which then finds a global subscriber and stays out).
-mod spans_of_calls_and_requests {
-    #[test]
-    fn tokio() {
-        super::install();
-        super::run::<super::Tokio, _>(
-            "spans_of_calls_and_requests",
-            super::spans_of_calls_and_requests::<super::Tokio>,
-        );
-    }
-
-    #[test]
-    fn smol() {
-        super::install();
-        super::run::<super::Smol, _>(
-            "spans_of_calls_and_requests",
-            super::spans_of_calls_and_requests::<super::Smol>,
-        );
-    }
-}
+// The capturing subscriber goes in before the suite's logging (which then finds a global
+// subscriber and stays out).
+e2e_tests::e2e_tests!(setup = install; spans_of_calls_and_requests);
 
 /// How long a closed span may take to show (its last clone drops in the driver task).
 const SHOWS_WITHIN: Duration = Duration::from_secs(5);
