@@ -1,4 +1,5 @@
-//! CPU time of a process, for the programs' per-request figures.
+//! CPU time and memory of a process (Linux /proc), for the programs' per-request figures and
+//! the test suite's memory checks.
 
 use std::time::Duration;
 
@@ -23,4 +24,19 @@ pub fn process_cpu_time(pid: Option<u32>) -> Duration {
         .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
     // Linux reports them in USER_HZ, 100 on every architecture we build for.
     Duration::from_millis(ticks * 10)
+}
+
+/// A `kB` field (`VmRSS:`, `VmHWM:`, ...) of /proc/<pid>/status of process `pid` (`None`: this
+/// one), in KiB; `None` elsewhere or when the process is gone.
+pub fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |p| format!("/proc/{p}/status"),
+    );
+    let status = std::fs::read_to_string(path).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
 }

@@ -6,6 +6,7 @@
 use amqp_rpc_driver::{HandlerError, Request};
 use bytes::Bytes;
 
+use crate::cpu::proc_status_kib;
 use crate::fib::fib;
 
 /// The request body of every call and the reply body that proves it was answered right.
@@ -62,17 +63,9 @@ pub async fn echo_handler(request: Request) -> Result<Bytes, HandlerError> {
 /// This process's resident memory now and at its peak, in KiB (`VmRSS`, `VmHWM` of
 /// `/proc/self/status`); zeros where /proc cannot be read.
 pub fn resident_kib() -> ResidentMemory {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
     ResidentMemory {
-        now_kib: field("VmRSS:"),
-        peak_kib: field("VmHWM:"),
+        now_kib: proc_status_kib(None, "VmRSS:").unwrap_or(0),
+        peak_kib: proc_status_kib(None, "VmHWM:").unwrap_or(0),
     }
 }
 

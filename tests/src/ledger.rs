@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use amqp_rpc_cli::cpu::proc_status_kib;
 use amqp_rpc_cli::fib;
 use amqp_rpc_driver::{CallError, CallRequest, Client, RpcError, RpcReply, Runtime};
 
@@ -665,19 +666,6 @@ pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
 /// Peak resident set size of process `pid` (this one for `None`), in KiB.
 pub fn peak_rss_kib(pid: Option<u32>) -> Option<u64> {
     proc_status_kib(pid, "VmHWM:")
-}
-
-fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
-    let path = pid.map_or_else(
-        || "/proc/self/status".to_owned(),
-        |p| format!("/proc/{p}/status"),
-    );
-    let status = std::fs::read_to_string(path).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
 }
 
 #[cfg(test)]
