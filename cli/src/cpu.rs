@@ -26,7 +26,7 @@ pub fn process_cpu_time(pid: Option<u32>) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// A `kB` field (`VmRSS:`, `VmHWM:`, ...) of /proc/<pid>/status of process `pid` (`None`: this
+/// A `kB` field (`VmRSS:`, `VmHWM:`, ...) of `/proc/<pid>/status` of process `pid` (`None`: this
 /// one), in KiB; `None` elsewhere or when the process is gone.
 pub fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
     let path = pid.map_or_else(
