@@ -5,6 +5,7 @@
   summarize.py features RESULTS.jsonl   broker CPU per protocol choice
   summarize.py strace LABEL IMPL CALLS CLIENT.strace SERVER.strace   one JSON line
   summarize.py syscalls RESULTS.jsonl   syscalls per call table
+  summarize.py runtimes RESULTS.jsonl   current-thread vs multi-thread tokio
 """
 import json
 import statistics
@@ -134,6 +135,29 @@ def features(path):
               f"{fmt(m['own_cpu_us_per_call'], 1)} |")
 
 
+def runtimes(path):
+    runs = load(path)
+    table = OrderedDict((k, medians(g)) for k, g in grouped(runs, lambda r: r["label"]).items())
+    for label, m in table.items():
+        print(json.dumps({"median_of": m["runs"], "label": label, **m}))
+    by_label = grouped(runs, lambda r: r["label"])
+    print()
+    print("| setting | tokio runtime (`--threads`) | calls/s | p50 µs | client + server CPU µs/call "
+          "| broker CPU µs/call | calls/s vs current-thread |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, m in table.items():
+        setting, threads = label.split(" threads=")
+        base = by_label.get(f"{setting} threads=0", [])
+        # Per-round ratios against the current-thread run next to it (interleaved).
+        ratios = [r["calls_per_sec"] / b["calls_per_sec"]
+                  for r, b in zip(by_label[label], base) if b.get("calls_per_sec")]
+        runtime = "current-thread (0)" if threads == "0" else f"multi-thread, {threads} workers"
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        print(f"| {SETTINGS.get(setting, setting)} | {runtime} | {fmt(m['calls_per_sec'])} | "
+              f"{fmt(m['p50_us'])} | {fmt(m['own_cpu_us_per_call'], 1)} | "
+              f"{fmt(m['broker_cpu_us_per_call'], 1)} | {ratio} |")
+
+
 # Socket writes: std's and mio's TcpStream writes are send(2), which strace shows as sendto.
 # A bare write(2) is counted apart: on tokio's multi-thread runtime it is mostly the eventfd
 # that wakes a parked worker, not the socket.
@@ -227,4 +251,4 @@ def cpu_count():
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"compare": compare, "features": features, "strace": strace, "perf": perf,
-     "syscalls": syscalls}[cmd](*args)
+     "syscalls": syscalls, "runtimes": runtimes}[cmd](*args)

@@ -16,6 +16,9 @@
 #   scripts/bench.sh syscalls    syscalls and socket writes/reads per call on the client and
 #                                the server (strace -c, and perf stat's syscall tracepoints
 #                                where they can be read), ours (tokio) and amqprs
+#   scripts/bench.sh runtimes    ours (tokio) on a current-thread runtime (--threads 0, the
+#                                default) vs a multi-thread one (--threads 1 and 2), client
+#                                and server alike, interleaved, medians of ROUNDS
 #   scripts/bench.sh matrix      the former default: both transports x both reply modes x
 #                                C=1/64 x prefetch 64/1, one run each
 #   scripts/bench.sh all         compare, features and syscalls
@@ -195,6 +198,24 @@ syscalls() {
   python3 bench/summarize.py syscalls "$results" | tee "$out_dir/syscalls.md"
 }
 
+# Current-thread vs multi-thread tokio (issue #14, item 3: "measure both"), the same
+# `--threads` on the server and the client.
+runtimes() {
+  local results="$out_dir/runtimes.jsonl"
+  : >"$results"
+  for round in $(seq "$rounds"); do
+    for s in "${settings[@]}"; do
+      # shellcheck disable=SC2086
+      set -- $s
+      for threads in 0 1 2; do
+        run "$1 threads=$threads" tokio "$2" "$3" "$4" "--threads $threads" "--threads $threads" | tee -a "$results"
+      done
+    done
+    echo "runtimes: round $round of $rounds done" >&2
+  done
+  python3 bench/summarize.py runtimes "$results" | tee "$out_dir/runtimes.md"
+}
+
 # The former default: both transports x both reply modes, one run each.
 matrix() {
   for t in tokio smol; do
@@ -211,8 +232,9 @@ case $mode in
   compare) compare ;;
   features) features ;;
   syscalls) syscalls ;;
+  runtimes) runtimes ;;
   matrix) matrix ;;
   all) compare; features; syscalls ;;
   curves) bash scripts/bench-curves.sh all ;;
-  *) echo "usage: scripts/bench.sh [compare|features|syscalls|matrix|all|curves]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|matrix|all|curves]" >&2; exit 2 ;;
 esac

@@ -36,6 +36,49 @@ pub struct BrokerArgs {
     pub queue: String,
 }
 
+/// The runtime a program runs on: `--threads` (or `AMQP_RPC_THREADS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct RuntimeArgs {
+    /// Worker threads. 0: tokio's current-thread runtime, everything on the main thread (the
+    /// default: the fastest here, see the README's Performance section); N: a multi-thread
+    /// tokio runtime with N workers. On smol: N executor threads for the spawned tasks (smol's
+    /// `SMOL_THREADS`; 0 keeps smol's default of one).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AMQP_RPC_THREADS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub threads: usize,
+}
+
+/// The `--threads` of this process's command line (else `AMQP_RPC_THREADS`), for a program to
+/// build its runtime before it parses its arguments inside it: 0 when absent or not a number.
+/// A bad value is refused later, by that full parse, with clap's message.
+pub fn threads_hint() -> usize {
+    threads_in(
+        std::env::args().skip(1),
+        std::env::var("AMQP_RPC_THREADS").ok(),
+    )
+}
+
+fn threads_in(args: impl Iterator<Item = String>, env: Option<String>) -> usize {
+    let mut found = env;
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--threads" {
+            found = args.next();
+        } else if let Some(value) = arg.strip_prefix("--threads=") {
+            found = Some(value.to_owned());
+        }
+    }
+    found.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Parses a seconds flag (`--timeout 2.5`): a positive, finite number of seconds that a
 /// [`Duration`] holds. clap puts the flag's name in front of the message.
 pub fn seconds(value: &str) -> Result<Duration, String> {
@@ -90,6 +133,25 @@ pub fn parse_from<T: Parser>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn threads_hint_reads_the_flag_then_the_environment() {
+        let args = |a: &[&str]| {
+            a.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(super::threads_in(args(&["--calls", "5"]), None), 0);
+        assert_eq!(super::threads_in(args(&["--threads", "2"]), None), 2);
+        assert_eq!(
+            super::threads_in(args(&["--threads=3"]), Some("1".into())),
+            3
+        );
+        assert_eq!(super::threads_in(args(&[]), Some("4".into())), 4);
+        // Unreadable: 0 here, refused by the full parse afterwards.
+        assert_eq!(super::threads_in(args(&["--threads", "-1"]), None), 0);
+        assert_eq!(super::threads_in(args(&["--threads"]), None), 0);
+    }
     use super::*;
 
     #[test]

@@ -14,7 +14,7 @@ use futures_channel::oneshot;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs};
+use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs, RuntimeArgs};
 use crate::cpu::process_cpu_time;
 use crate::latency::{Latencies, Percentiles, Timeline};
 use crate::payload::{resident_kib, CurveFigures, Workload};
@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// The broker and the request queue.
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// The runtime's threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Calls to make in all.
     #[arg(
         long,

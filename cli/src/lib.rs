@@ -23,6 +23,7 @@ pub mod plot;
 pub mod prometheus;
 pub mod server;
 
+pub use args::{threads_hint, RuntimeArgs};
 pub use bench::{bench_main, BenchArgs};
 pub use client::{client_main, ClientArgs};
 pub use fib::{fib, fib_handler, fib_reply, FIB_MAX};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use amqp_rpc_driver::{ConnectError, QueueKind, Runtime, Server, ServerOptions};
 use clap::Parser;
 
-use crate::args::{host_port, parse_or_exit_code, BrokerArgs};
+use crate::args::{host_port, parse_or_exit_code, BrokerArgs, RuntimeArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib_handler;
 use crate::payload::echo_handler;
@@ -26,6 +26,9 @@ pub struct ServerArgs {
     /// The broker and the request queue.
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// The runtime's threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Requests handled at once (0 counts as 1).
     #[arg(
         long,

@@ -97,6 +97,32 @@ pub type Client = amqp_rpc_driver::Client<Tokio>;
 /// An RPC server on tokio.
 pub type Server = amqp_rpc_driver::Server<Tokio>;
 
+/// Runs a program's main future on the runtime its `--threads` asks for
+/// ([`amqp_rpc_cli::threads_hint`](https://docs.rs/amqp-rpc-cli)): 0 a current-thread
+/// runtime, N a multi-thread one with N workers. Exits 1 when the runtime cannot be built.
+pub fn run_program(
+    threads: usize,
+    program: impl Future<Output = std::process::ExitCode>,
+) -> std::process::ExitCode {
+    let runtime = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(program),
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
