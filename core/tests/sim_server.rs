@@ -660,7 +660,8 @@ fn out_of_order_answers_never_ack_a_running_request() {
 
 /// The channel closes while acks wait for the end of the turn: they are void (the broker
 /// requeued those requests) and never sent on the channel opened next, where their tags would
-/// be unknown (a 406). The requests run again and are answered, as before coalescing.
+/// be unknown (a 406). The replies went out on the reply channel, which stays open: the
+/// callers hear at once. The requests run again and their second replies are duplicates.
 #[test]
 fn channel_loss_with_acks_waiting_requeues_the_requests() {
     let mut sim = Sim::prefetch(2);
@@ -670,7 +671,7 @@ fn channel_loss_with_acks_waiting_requeues_the_requests() {
     for (i, req) in reqs.into_iter().enumerate() {
         sim.reply_in_turn(req, &format!("first{i}"));
     }
-    // The broker closes the channel, and the server reads that before its next turn.
+    // The broker closes the consuming channel, and the server reads that before its next turn.
     sim.broker
         .close_channel(sim.server.conn, channel, 406, "PRECONDITION_FAILED");
     let out = sim.broker.take_output(sim.server.conn);
@@ -678,19 +679,20 @@ fn channel_loss_with_acks_waiting_requeues_the_requests() {
     sim.server.m.handle_input(now, &out);
     sim.settle();
     assert!(sim.server.m.is_serving());
-    // The replies went out on the closing channel, which the broker ignores (§1.5.2.5
-    // channel.close: frames other than close-ok are discarded until close-ok).
-    assert!(ids.iter().all(|id| sim.result(*id).is_none()));
-    // Redelivered on the new channel: they run again and answer.
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("first{i}").as_bytes(), "told at once");
+    }
+    // Redelivered on the new channel: they run again; the client drops the duplicates.
     let again: Vec<Request> = std::iter::from_fn(|| sim.take()).collect();
     assert_eq!(again.len(), 2, "both requeued and redelivered");
     for req in again {
         sim.reply_in_turn(req, "second");
     }
     sim.settle();
-    for id in &ids {
-        assert_eq!(sim.ok(*id), b"second");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("first{i}").as_bytes(), "ended once");
     }
+    assert_eq!(sim.client.m.stats().calls_answered, 2);
     assert_eq!(sim.broker.unacked(sim.server.conn), 0);
     assert_eq!(sim.broker.queue_len(Q), 0);
 }
@@ -717,4 +719,79 @@ fn shutdown_sends_the_acks_waiting_before_closing() {
         0,
         "acked before the close, not requeued"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reply channel
+// ---------------------------------------------------------------------------------------------
+
+/// Replies go out on a channel of their own (see `ReplyPublisher` in the server). When the
+/// broker closes that channel (say, a 403 on publishing), replies go on the consuming channel
+/// from then on, and no new channel is opened for each reply.
+#[test]
+fn a_reply_channel_closed_by_the_broker_falls_back_to_the_consuming_channel() {
+    let mut sim = Sim::default();
+    let consuming = sim.server_channel();
+    let open = sim.broker.open_channels(sim.server.conn);
+    assert_eq!(
+        open.len(),
+        2,
+        "the consuming channel and the reply channel: {open:?}"
+    );
+    let publisher = open.into_iter().find(|c| *c != consuming).unwrap();
+    let id = sim.call("a", 60_000);
+    let req = sim.take().unwrap();
+    sim.reply(req, Ok(Bytes::from("one")));
+    assert_eq!(sim.ok(id), b"one");
+
+    sim.broker
+        .close_channel(sim.server.conn, publisher, 403, "ACCESS_REFUSED");
+    sim.settle();
+    assert_eq!(sim.broker.open_channels(sim.server.conn), vec![consuming]);
+    let ids: Vec<CallId> = (0..3).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+        assert_eq!(sim.ok(id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.open_channels(sim.server.conn), vec![consuming]);
+    assert_eq!(sim.broker.unacked(sim.server.conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// Under a broker's `channel_max` of 1 there is no room for a reply channel: the server
+/// consumes on its one channel and replies there, as it must (RabbitMQ closes the connection
+/// for a channel number above `channel_max`).
+#[test]
+fn a_channel_max_of_one_replies_on_the_consuming_channel() {
+    let base = base_instant();
+    let mut broker = Broker::new();
+    broker.channel_max = 1;
+    broker.declare(Q);
+    broker.declare("replies");
+    let mut server = Wire::new(
+        RpcServer::new(ServerConfig::new(Q), conn_config(), base),
+        &mut broker,
+    );
+    settle(&mut broker, base, &mut [&mut server]);
+    assert!(server.m.is_serving());
+    assert_eq!(broker.open_channels(server.conn), vec![1]);
+    for i in 0..3 {
+        let properties = BasicProperties::default()
+            .with_reply_to(ShortString::from("replies"))
+            .with_correlation_id(ShortString::from(format!("c{i}")));
+        assert!(broker.publish(Q, properties, b"x"));
+        settle(&mut broker, base, &mut [&mut server]);
+        let req = server.m.poll_request(base, wall(base, base)).unwrap();
+        server.m.reply(
+            base,
+            req.token,
+            Ok::<_, HandlerError>(Bytes::from(format!("r{i}"))),
+        );
+        settle(&mut broker, base, &mut [&mut server]);
+        let reply = broker.take("replies").expect("the reply was routed");
+        assert_eq!(reply.body, format!("r{i}").as_bytes());
+    }
+    assert_eq!(broker.unacked(server.conn), 0);
+    broker.assert_no_violations();
 }

@@ -136,6 +136,9 @@ pub struct Broker {
     pub dropped: u64,
     /// Acks received, per connection: (channel, delivery tag).
     pub acks: Vec<(ConnId, u16, u64)>,
+    /// The `channel_max` offered to connections that start their handshake from now on
+    /// (RabbitMQ's default: 2047).
+    pub channel_max: u16,
 }
 
 impl Default for Broker {
@@ -158,6 +161,7 @@ impl Broker {
             returned: 0,
             dropped: 0,
             acks: Vec::new(),
+            channel_max: 2047,
         }
     }
 
@@ -301,6 +305,17 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&id) {
             c.die_after_publish = true;
         }
+    }
+
+    /// Channels of `id` that are open (not closing), in number order.
+    pub fn open_channels(&self, id: ConnId) -> Vec<u16> {
+        self.conns.get(&id).map_or_else(Vec::new, |c| {
+            c.channels
+                .iter()
+                .filter(|(_, ch)| !ch.closing)
+                .map(|(n, _)| *n)
+                .collect()
+        })
     }
 
     /// Channels of `id` that have a consumer (for a client: its reply channel).
@@ -456,7 +471,7 @@ impl Broker {
                     id,
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
-                        channel_max: 2047,
+                        channel_max: self.channel_max,
                         frame_max: FRAME_MAX,
                         heartbeat: 0,
                     })),
@@ -555,6 +570,13 @@ impl Broker {
             AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
                 if open {
                     return self.connection_error(id, 504, "channel already open");
+                }
+                // RabbitMQ closes the connection for a channel number above the negotiated
+                // channel_max (530 NOT_ALLOWED).
+                if ch > self.channel_max {
+                    self.violations
+                        .push(format!("{id:?}: channel {ch} above channel_max"));
+                    return self.connection_error(id, 530, "channel number above channel_max");
                 }
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.channels.insert(ch, Chan::default());
