@@ -356,7 +356,7 @@ pub struct RpcServer {
 /// waits until the broker has routed that reply, and only then frees the prefetch slot for
 /// the next delivery. On two channels the reply is routed while the ack is handled: at
 /// prefetch 1, where that turnaround bounds the calls per second, 1.03x-1.23x the calls/s in
-/// three A/B runs at C=64 (README, Performance). The wire order is unchanged: a reply's
+/// four A/B runs at C=64 (README, Performance). The wire order is unchanged: a reply's
 /// frames, then its ack, and the broker's connection process hands each channel its commands
 /// in that order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
