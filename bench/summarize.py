@@ -6,6 +6,8 @@
   summarize.py strace LABEL IMPL CALLS CLIENT.strace SERVER.strace   one JSON line
   summarize.py syscalls RESULTS.jsonl   syscalls per call table
   summarize.py runtimes RESULTS.jsonl   current-thread vs multi-thread tokio
+  summarize.py walk IMPL EVENTS CLIENT.json   one JSON line: a C=1 call's time, leg by leg
+  summarize.py timeline RESULTS.jsonl   the legs' medians, ours vs amqprs
 """
 import json
 import statistics
@@ -158,6 +160,71 @@ def runtimes(path):
               f"{fmt(m['broker_cpu_us_per_call'], 1)} | {ratio} |")
 
 
+LEGS = [
+    ("client_to_server_us", "broker: request (client's send to the server's wake-up)"),
+    ("server_turnaround_us", "server: wake-up, read, handler, reply and ack sent"),
+    ("server_to_client_us", "broker: reply (server's send to the client's wake-up)"),
+    ("client_turnaround_us", "client: wake-up, read, next request sent"),
+]
+
+
+def walk(impl, events_path, client_json):
+    """Walks the calls of a C=1 run through the syscall events of both sides, in time order:
+    the client's send, the server's wake-up (epoll_wait returns), its read and its first send,
+    the client's wake-up and read, then the client's next send. Events out of that order
+    (heartbeats, a second epoll_wait) are skipped."""
+    import re
+    events = []
+    with open(events_path) as f:
+        for line in f:
+            m = re.match(r"(client|server)\s+\d+\s+([\d.]+):\s+syscalls:(\S+):", line)
+            if m:
+                events.append((float(m.group(2)) * 1e6, m.group(1), m.group(3)))
+    events.sort()
+    legs = {k: [] for k, _ in LEGS}
+    state, last = None, 0.0
+    for t, side, e in events:
+        if side == "client" and e == "sys_enter_sendto":
+            if state == "client_read":
+                legs["client_turnaround_us"].append(t - last)
+            state, last = "client_sent", t
+        elif side == "server" and e == "sys_exit_epoll_wait" and state == "client_sent":
+            legs["client_to_server_us"].append(t - last)
+            state, last = "server_woke", t
+        elif side == "server" and e == "sys_enter_sendto" and state in ("server_woke", "server_read"):
+            legs["server_turnaround_us"].append(t - last)
+            state, last = "server_sent", t
+        elif side == "server" and e == "sys_exit_recvfrom" and state == "server_woke":
+            state = "server_read"  # the turnaround counts from the wake-up, read included
+        elif side == "client" and e == "sys_exit_epoll_wait" and state == "server_sent":
+            legs["server_to_client_us"].append(t - last)
+            state, last = "client_woke", t
+        elif side == "client" and e == "sys_exit_recvfrom" and state == "client_woke":
+            state = "client_read"
+    out = {"impl": impl, "load": open("/proc/loadavg").read().split()[0]}
+    for k, v in legs.items():
+        out[k] = med(v)
+        out[k.replace("_us", "_n")] = len(v)
+    try:
+        with open(client_json) as f:
+            out["p50_us"] = json.loads(f.read().strip().splitlines()[-1]).get("p50_us")
+    except (OSError, ValueError, IndexError):
+        out["p50_us"] = None
+    print(json.dumps(out))
+
+
+def timeline(path):
+    runs = load(path)
+    by_impl = grouped(runs, lambda r: r["impl"])
+    print()
+    print("| C=1, prefetch 1: median µs per call | ours (tokio) | amqprs (as ours) |")
+    print("|---|---:|---:|")
+    for key, title in LEGS + [("p50_us", "the call, end to end (the bench's p50)")]:
+        cells = [fmt(med([r.get(key) for r in by_impl.get(i, [])])) for i in ("tokio", "amqprs")]
+        print(f"| {title} | " + " | ".join(cells) + " |")
+    print(f"\nmedians of {max((len(g) for g in by_impl.values()), default=0)} runs")
+
+
 # Socket writes: std's and mio's TcpStream writes are send(2), which strace shows as sendto.
 # A bare write(2) is counted apart: on tokio's multi-thread runtime it is mostly the eventfd
 # that wakes a parked worker, not the socket.
@@ -251,4 +318,5 @@ def cpu_count():
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"compare": compare, "features": features, "strace": strace, "perf": perf,
-     "syscalls": syscalls, "runtimes": runtimes}[cmd](*args)
+     "syscalls": syscalls, "runtimes": runtimes, "walk": walk,
+     "timeline": timeline}[cmd](*args)

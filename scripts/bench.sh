@@ -19,6 +19,9 @@
 #   scripts/bench.sh runtimes    ours (tokio) on a current-thread runtime (--threads 0, the
 #                                default) vs a multi-thread one (--threads 1 and 2), client
 #                                and server alike, interleaved, medians of ROUNDS
+#   scripts/bench.sh timeline    where a call's time goes at C=1/prefetch 1, ours (tokio) and
+#                                amqprs: each side's turnaround (socket read to socket write)
+#                                and the broker's two legs, from perf's syscall tracepoints
 #   scripts/bench.sh matrix      the former default: both transports x both reply modes x
 #                                C=1/64 x prefetch 64/1, one run each
 #   scripts/bench.sh all         compare, features and syscalls
@@ -216,6 +219,50 @@ runtimes() {
   python3 bench/summarize.py runtimes "$results" | tee "$out_dir/runtimes.md"
 }
 
+# Where the time of one call goes at C=1: perf records the syscall tracepoints of the server
+# (attached) and of the client (run under it), and summarize.py walks each call from the
+# client's send to the server's wake-up, read and send, and back. What lies between one side's
+# send and the other's wake-up is the broker's leg (its processes, plus the kernel's wake-up
+# of the reader).
+timeline() {
+  if ! perf stat -e syscalls:sys_enter_sendto -o /dev/null true 2>/dev/null; then
+    echo "timeline: perf cannot read the syscall tracepoints here" >&2
+    return 1
+  fi
+  local results="$out_dir/timeline.jsonl" n=$((calls / 10))
+  local events=syscalls:sys_enter_sendto,syscalls:sys_exit_recvfrom,syscalls:sys_exit_epoll_wait
+  : >"$results"
+  for round in $(seq "$rounds"); do
+    for impl in tokio amqprs; do
+      local queue="bench-timeline-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
+      # shellcheck disable=SC2046
+      $(server_cmd "$impl" 1 "") --queue "$queue" >"$ready" 2>/dev/null &
+      server=$!
+      for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+      # A warm-up run, then the traced one.
+      # shellcheck disable=SC2046
+      timeout "$run_timeout" $(client_cmd "$impl" "") --queue "$queue" --calls 300 --concurrency 1 --json >/dev/null || true
+      perf record -q -o "$work/server.perf" -e "$events" -p "$server" 2>/dev/null &
+      tracer=$!
+      sleep 0.5
+      # shellcheck disable=SC2046
+      timeout "$run_timeout" perf record -q -o "$work/client.perf" -e "$events" -- \
+        $(client_cmd "$impl" "") --queue "$queue" --calls "$n" --concurrency 1 --json >"$work/client.json" 2>/dev/null || true
+      kill -INT "$tracer" 2>/dev/null || true
+      wait "$tracer" 2>/dev/null || true
+      kill -INT "$server" 2>/dev/null || true
+      wait "$server" 2>/dev/null || true
+      rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+      { perf script -i "$work/server.perf" -F pid,time,event 2>/dev/null | sed 's/^/server /'
+        perf script -i "$work/client.perf" -F pid,time,event 2>/dev/null | sed 's/^/client /'
+      } >"$work/events.txt"
+      python3 bench/summarize.py walk "$impl" "$work/events.txt" "$work/client.json" | tee -a "$results"
+    done
+    echo "timeline: round $round of $rounds done" >&2
+  done
+  python3 bench/summarize.py timeline "$results" | tee "$out_dir/timeline.md"
+}
+
 # The former default: both transports x both reply modes, one run each.
 matrix() {
   for t in tokio smol; do
@@ -233,8 +280,9 @@ case $mode in
   features) features ;;
   syscalls) syscalls ;;
   runtimes) runtimes ;;
+  timeline) timeline ;;
   matrix) matrix ;;
   all) compare; features; syscalls ;;
   curves) bash scripts/bench-curves.sh all ;;
-  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|matrix|all|curves]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|timeline|matrix|all|curves]" >&2; exit 2 ;;
 esac
