@@ -139,10 +139,14 @@ def features(path):
 
 def runtimes(path):
     runs = load(path)
-    table = OrderedDict((k, medians(g)) for k, g in grouped(runs, lambda r: r["label"]).items())
+    order = lambda label: (list(SETTINGS).index(label.split(" threads=")[0])
+                           if label.split(" threads=")[0] in SETTINGS else 99,
+                           int(label.split(" threads=")[1]))
+    groups = grouped(runs, lambda r: r["label"])
+    table = OrderedDict((k, medians(groups[k])) for k in sorted(groups, key=order))
     for label, m in table.items():
         print(json.dumps({"median_of": m["runs"], "label": label, **m}))
-    by_label = grouped(runs, lambda r: r["label"])
+    by_label = groups
     print()
     print("| setting | tokio runtime (`--threads`) | calls/s | p50 µs | client + server CPU µs/call "
           "| broker CPU µs/call | calls/s vs current-thread |")
