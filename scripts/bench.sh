@@ -238,7 +238,9 @@ timeline() {
   local events=syscalls:sys_enter_sendto,syscalls:sys_exit_recvfrom,syscalls:sys_exit_epoll_wait
   : >"$results"
   for round in $(seq "$rounds"); do
-    for impl in tokio amqprs; do
+    local order=(tokio amqprs)
+    [ $((round % 2)) = 0 ] && order=(amqprs tokio) # each round starts with the other (see compare)
+    for impl in "${order[@]}"; do
       local queue="bench-timeline-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
       # shellcheck disable=SC2046
       $(server_cmd "$impl" 1 "") --queue "$queue" >"$ready" 2>/dev/null &
