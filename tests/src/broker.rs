@@ -141,6 +141,32 @@ impl Node {
             .collect())
     }
 
+    /// The channels of the connections named `name`: each channel's number and its consumer
+    /// count, in number order.
+    pub fn channels_of(&self, name: &str) -> Result<Vec<(u16, u32)>, String> {
+        let pids = self.connection_pids(name)?;
+        let listing = self.rabbitmqctl(&[
+            "-q",
+            "list_channels",
+            "--no-table-headers",
+            "connection",
+            "number",
+            "consumer_count",
+        ])?;
+        let mut channels: Vec<(u16, u32)> = listing
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let pid = fields.next()?;
+                let number = fields.next()?.parse().ok()?;
+                let consumers = fields.next()?.parse().ok()?;
+                pids.iter().any(|p| p == pid).then_some((number, consumers))
+            })
+            .collect();
+        channels.sort_unstable();
+        Ok(channels)
+    }
+
     /// Has this node close the connections named `name` (see [`close_connection_named`]).
     pub fn close_connection_named(&self, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -45,6 +45,7 @@ e2e_tests! {
     wrong_password,
     unreachable_broker,
     body_over_server_limit_gets_error_reply,
+    server_replies_on_a_channel_of_its_own,
 }
 
 /// "Quickly": a fail-fast outcome comes well within this.
@@ -665,4 +666,33 @@ fn e2e_server(transport: &str, queue: &str, extra: &[&str]) -> std::process::Com
         .args(["--transport", transport, "--queue", queue])
         .args(extra);
     command
+}
+
+/// The server consumes and acks on one channel and publishes its replies on another, so that
+/// RabbitMQ routes a reply while it handles the ack after it (see the server's
+/// `ReplyPublisher`): the broker lists two channels for its connection, one consuming.
+async fn server_replies_on_a_channel_of_its_own<R: TestRuntime>() {
+    let queue = QueueGuard::new("reply-channel");
+    let name = unique_name("reply-channel-server");
+    let mut options = server_options(queue.name());
+    options.connect[0].connection.connection_name = Some(name.clone());
+    let server = TestServer::start::<R, _, _>(options, fib_handler).await;
+    let client = connect::<R>(ReplyMode::default()).await;
+    concurrent_calls(&client, queue.name(), 50).await;
+    let channels = blocking(move || Node::main().channels_of(&name))
+        .await
+        .expect("list the server's channels");
+    assert_eq!(
+        channels.len(),
+        2,
+        "consumer and reply channels: {channels:?}"
+    );
+    let consumers: Vec<u32> = channels.iter().map(|(_, c)| *c).collect();
+    assert!(
+        consumers.contains(&1) && consumers.contains(&0),
+        "one channel consumes, the other publishes: {channels:?}"
+    );
+    client.close().await;
+    let report = server.stop::<R>().await;
+    assert_eq!(report.stats.replied_ok, 50);
 }
