@@ -97,7 +97,9 @@ run() {
   echo "{\"curve\":\"$curve\",\"x\":$x,\"impl\":\"$impl\",\"servers\":$nservers,\"prefetch\":$prefetch,\"load\":$(cut -d' ' -f1 /proc/loadavg),\"broker_cpu_us_per_call\":$(per_call "$b0" "$b1" "$n"),\"servers_cpu_us_per_call\":$(per_call "$s0" "$s1" "$n"),${line#\{}"
 }
 
-# Each curve: its points, ours then amqprs at each point (interleaved: a noisy moment hits both).
+# Each curve: its points, both implementations at each point (interleaved: a noisy moment hits
+# both), the first of the two alternating from round to round (a fixed order favours the first).
+impls() { if [ $((round % 2)) = 1 ]; then echo ours amqprs; else echo amqprs ours; fi; }
 payload() {
   local size calls
   for size in 100 10000 1000000 16000000; do
@@ -106,7 +108,7 @@ payload() {
       1000000) calls=200 ;;
       *) calls=4000 ;;
     esac
-    for impl in ours amqprs; do
+    for impl in $(impls); do
       run payload "$size" "$impl" 4 4 "$calls" 1 --echo "--payload $size"
     done
   done
@@ -119,19 +121,19 @@ concurrency() {
       4096) calls=20480 ;;
       *) calls=10000 ;;
     esac
-    for impl in ours amqprs; do run concurrency "$c" "$impl" "$c" 64 "$calls" 1; done
+    for impl in $(impls); do run concurrency "$c" "$impl" "$c" 64 "$calls" 1; done
   done
 }
 fanout() {
   local k
   for k in 1 2 4; do
-    for impl in ours amqprs; do run servers "$k" "$impl" 64 64 10000 "$k"; done
+    for impl in $(impls); do run servers "$k" "$impl" 64 64 10000 "$k"; done
   done
 }
 connections() {
   local k
   for k in 1 4 16 64; do
-    for impl in ours amqprs; do run connections "$k" "$impl" 64 64 10000 1 "" "--connections $k"; done
+    for impl in $(impls); do run connections "$k" "$impl" 64 64 10000 1 "" "--connections $k"; done
   done
 }
 
