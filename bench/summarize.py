@@ -8,6 +8,8 @@
   summarize.py runtimes RESULTS.jsonl   current-thread vs multi-thread tokio
   summarize.py walk IMPL EVENTS CLIENT.json   one JSON line: a C=1 call's time, leg by leg
   summarize.py timeline RESULTS.jsonl   the legs' medians, ours vs amqprs
+  summarize.py copied IMPL SIZE CALLS COUNTS CLIENT.json   one JSON line: copies per body byte
+  summarize.py copies RESULTS.jsonl     copies per body byte, ours vs amqprs
 """
 import json
 import statistics
@@ -229,6 +231,44 @@ def timeline(path):
     print(f"\nmedians of {max((len(g) for g in by_impl.values()), default=0)} runs")
 
 
+def copied(impl, size, calls, counts_path, client_json):
+    """Reads the counter's lines ("<comm> <pid> <bytes> <copies>", the server's and the
+    client's) into one JSON line of copies per body byte each way."""
+    size, calls = int(size), int(calls)
+    out = {"impl": impl, "body_bytes": size, "calls": calls}
+    with open(counts_path) as f:
+        for line in f:
+            comm, _pid, copied_bytes, _copies = line.split()[:4]
+            # (`timeout`, which runs the client, reports its own zero line.)
+            side = "server" if "server" in comm else "client" if "bench" in comm else None
+            if side is None:
+                continue
+            out[f"{side}_copies_per_byte"] = round(int(copied_bytes) / (calls * size * 2), 2)
+    try:
+        with open(client_json) as f:
+            run = json.loads(f.read().strip().splitlines()[-1])
+        out["mb_per_sec"] = run.get("request_mb_per_sec")
+        out["errors"] = run.get("errors")
+    except (OSError, ValueError, IndexError):
+        out["failed"] = True
+    print(json.dumps(out))
+
+
+def copies(path):
+    runs = load(path)
+    print()
+    print("| body | side | ours (tokio): bytes copied per body byte, each way | amqprs | "
+          "MB/s each way, ours / amqprs |")
+    print("|---|---|---:|---:|---:|")
+    by = {(r["body_bytes"], r["impl"]): r for r in runs}
+    for size in sorted({r["body_bytes"] for r in runs}):
+        ours, theirs = by.get((size, "tokio"), {}), by.get((size, "amqprs"), {})
+        for side in ("client", "server"):
+            key = f"{side}_copies_per_byte"
+            print(f"| {size:,} B | {side} | {fmt(ours.get(key), 2)} | {fmt(theirs.get(key), 2)} | "
+                  f"{fmt(ours.get('mb_per_sec'), 0)} / {fmt(theirs.get('mb_per_sec'), 0)} |")
+
+
 # Socket writes: std's and mio's TcpStream writes are send(2), which strace shows as sendto.
 # A bare write(2) is counted apart: on tokio's multi-thread runtime it is mostly the eventfd
 # that wakes a parked worker, not the socket.
@@ -323,4 +363,4 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"compare": compare, "features": features, "strace": strace, "perf": perf,
      "syscalls": syscalls, "runtimes": runtimes, "walk": walk,
-     "timeline": timeline}[cmd](*args)
+     "timeline": timeline, "copied": copied, "copies": copies}[cmd](*args)

@@ -22,6 +22,9 @@
 #   scripts/bench.sh timeline    where a call's time goes at C=1/prefetch 1, ours (tokio) and
 #                                amqprs: each side's turnaround (socket read to socket write)
 #                                and the broker's two legs, from perf's syscall tracepoints
+#   scripts/bench.sh copies      bytes each program copies per body byte (memcpy/memmove of 4 KiB
+#                                and more, counted by bench/copies/memcpy_count.c under
+#                                LD_PRELOAD), echo of 100 kB, 1 MB and 16 MB, ours and amqprs
 #   scripts/bench.sh matrix      the former default: both transports x both reply modes x
 #                                C=1/64 x prefetch 64/1, one run each
 #   scripts/bench.sh all         compare, features and syscalls
@@ -270,6 +273,36 @@ timeline() {
   python3 bench/summarize.py timeline "$results" | tee "$out_dir/timeline.md"
 }
 
+# Copies per body byte: each program runs under a preloaded counter of its memcpy/memmove
+# calls of 4 KiB and more (body bytes; the kernel's socket copies are not counted), against
+# the echo server. A call moves its body out and back, so each program sends it once and
+# receives it once: copies per byte each way = bytes copied / (calls x body x 2). The bench
+# programs' own work is counted too (amqprs's bench copies each request's payload once).
+copies() {
+  local results="$out_dir/copies.jsonl" lib="$work/memcpy_count.so"
+  gcc -O2 -shared -fPIC -o "$lib" bench/copies/memcpy_count.c -ldl
+  : >"$results"
+  for size in 100000 1000000 16000000; do
+    local n=200
+    [ "$size" = 16000000 ] && n=20
+    for impl in tokio amqprs; do
+      local queue="bench-copies-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server counts="$work/copies.$RANDOM"
+      # shellcheck disable=SC2046
+      MEMCPY_COUNT_OUT="$counts" LD_PRELOAD="$lib" $(server_cmd "$impl" 4 --echo) --queue "$queue" >"$ready" 2>/dev/null &
+      server=$!
+      for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+      # shellcheck disable=SC2046
+      MEMCPY_COUNT_OUT="$counts" LD_PRELOAD="$lib" timeout "$run_timeout" $(client_cmd "$impl" "--payload $size") \
+        --queue "$queue" --calls "$n" --concurrency 4 --json >"$work/client.json" 2>/dev/null || true
+      kill -INT "$server" 2>/dev/null || true
+      wait "$server" 2>/dev/null || true
+      rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+      python3 bench/summarize.py copied "$impl" "$size" "$n" "$counts" "$work/client.json" | tee -a "$results"
+    done
+  done
+  python3 bench/summarize.py copies "$results" | tee "$out_dir/copies.md"
+}
+
 # The former default: both transports x both reply modes, one run each.
 matrix() {
   for t in tokio smol; do
@@ -288,8 +321,9 @@ case $mode in
   syscalls) syscalls ;;
   runtimes) runtimes ;;
   timeline) timeline ;;
+  copies) copies ;;
   matrix) matrix ;;
   all) compare; features; syscalls ;;
   curves) bash scripts/bench-curves.sh all ;;
-  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|timeline|matrix|all|curves]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|timeline|copies|matrix|all|curves]" >&2; exit 2 ;;
 esac

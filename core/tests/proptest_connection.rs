@@ -189,6 +189,35 @@ proptest! {
         prop_assert_eq!(&random, &whole);
         let bytewise = run(&handshake, &session, &Split::ByteByByte, publishes);
         prop_assert_eq!(&bytewise, &whole);
+        // And the bodies are the ones sent, whole and in order: multi-frame ones (up to 9,000
+        // bytes in 4,096-byte frames) are copied from the input as they arrive; those above
+        // max_body_size (5,000) are skipped and reported instead.
+        let sent: Vec<&[u8]> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { body, .. } | Action::Return(body) => Some(&body[..]),
+                _ => None,
+            })
+            .filter(|body| body.len() <= 5000)
+            .collect();
+        let skipped = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Deliver { body, .. } if body.len() > 5000))
+            .count();
+        prop_assert_eq!(
+            whole.0.iter().filter(|e| matches!(e, Event::ContentTooLarge { .. })).count(),
+            skipped
+        );
+        let received: Vec<&[u8]> = whole
+            .0
+            .iter()
+            .filter_map(|e| match e {
+                Event::Delivery(d) => Some(&d.body[..]),
+                Event::Returned(r) => Some(&r.body[..]),
+                _ => None,
+            })
+            .collect();
+        prop_assert_eq!(received, sent);
         // Without a garbage tail the connection stays open.
         if tail.is_empty() {
             prop_assert!(!whole.0.iter().any(|e| matches!(e, Event::Closed(_))), "{:?}", whole.0);

@@ -26,7 +26,7 @@ const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
 const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
-const FRAME_END: u8 = 0xCE;
+pub(crate) const FRAME_END: u8 = 0xCE;
 
 /// Bytes a frame adds around its payload: the 7-byte header and the frame-end octet.
 pub const FRAME_OVERHEAD: u32 = 8;
@@ -97,6 +97,19 @@ impl FrameDecoder {
     /// Sets the negotiated frame_max (whole frame, header and end octet included).
     pub fn set_frame_max(&mut self, frame_max: u32) {
         self.frame_max = frame_max;
+    }
+
+    /// When `bytes` start with the 7-byte header of a body frame that [`FrameDecoder::decode`]
+    /// would accept (non-zero channel, within `frame_max`): its channel and payload size. The
+    /// connection then takes the payload straight from its input (see
+    /// `Connection::handle_input`); anything else is left to `decode`, which reports it.
+    pub(crate) fn body_frame_start(&self, bytes: &[u8]) -> Option<(ChannelId, usize)> {
+        let header: &[u8; 7] = bytes.get(..7)?.try_into().ok()?;
+        let channel = ChannelId(u16::from_be_bytes([header[1], header[2]]));
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
+        let fits = u64::from(size) + u64::from(FRAME_OVERHEAD) <= u64::from(self.frame_max);
+        // `size <= frame_max - 8` fits in usize on every platform we build for (see decode).
+        (header[0] == FRAME_BODY && !channel.is_zero() && fits).then_some((channel, size as usize))
     }
 
     /// The largest whole frame this decoder accepts.

@@ -258,6 +258,37 @@ impl Channel {
         self.content_progress(progress)
     }
 
+    /// A body frame of `size` payload bytes is about to arrive: whether its payload may be
+    /// copied straight into the message being received (see
+    /// `PartialContent::start_streamed_body`). False leaves the frame to [`Channel::on_body`].
+    pub(crate) fn start_streamed_body(&mut self, size: usize) -> bool {
+        match &mut self.content {
+            Some(content) if self.state != ChannelState::Closing => {
+                content.start_streamed_body(size, &mut self.bodies)
+            }
+            _ => false,
+        }
+    }
+
+    /// Part of a streamed body frame's payload. Dropped when the message is gone meanwhile
+    /// (our channel.close discards content).
+    pub(crate) fn streamed_body(&mut self, bytes: &[u8]) {
+        if let Some(content) = &mut self.content {
+            content.streamed_body(bytes);
+        }
+    }
+
+    /// The streamed body frame ended (its frame-end octet checked).
+    pub(crate) fn end_streamed_body(&mut self) -> ChannelStep {
+        match &mut self.content {
+            Some(content) if self.state != ChannelState::Closing => {
+                let progress = content.end_streamed_body(&mut self.bodies);
+                self.content_progress(Ok(progress))
+            }
+            _ => ChannelStep::Nothing,
+        }
+    }
+
     /// Only close and close-ok matter while our close is on its way (spec §1.5.2.5).
     fn on_method_while_closing(&mut self, method: AMQPClass) -> ChannelStep {
         match method {

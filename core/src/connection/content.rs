@@ -292,6 +292,40 @@ impl PartialContent {
         Ok(self.progress(Some(pool)))
     }
 
+    /// Whether a body frame of `size` payload bytes may be copied straight from the input into
+    /// this message's buffer: the header has arrived, the body is not being skipped, the frame
+    /// fits in what the header announced, and the body spans several frames (a body in one
+    /// frame stays a slice of the read buffer, no copy at all). On true the buffer is ready.
+    /// On false the frame takes the ordinary path, which reports any violation.
+    pub(crate) fn start_streamed_body(&mut self, size: usize, pool: &mut BodyPool) -> bool {
+        let Some((body_size, _)) = &self.header else {
+            return false;
+        };
+        let body_size = *body_size;
+        let fits = self.body.len().saturating_add(size as u64) <= body_size;
+        match &self.body {
+            Body::Many(_) => fits,
+            Body::Empty if fits && (size as u64) < body_size => {
+                // Sized once at the announced size, checked against max_body_size in on_header.
+                self.body = Body::Many(pool.take(usize::try_from(body_size).unwrap_or(0)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Appends part of a streamed body frame's payload (see `start_streamed_body`).
+    pub(crate) fn streamed_body(&mut self, bytes: &[u8]) {
+        if let Body::Many(buf) = &mut self.body {
+            buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// A streamed body frame ended: where the message stands.
+    pub(crate) fn end_streamed_body(&mut self, pool: &mut BodyPool) -> ContentProgress {
+        self.progress(Some(pool))
+    }
+
     fn progress(&mut self, pool: Option<&mut BodyPool>) -> ContentProgress {
         let Some((body_size, _)) = &self.header else {
             return ContentProgress::Partial;

@@ -61,6 +61,17 @@ enum Timer {
     SendHeartbeat,
 }
 
+/// The header of a frame: type, channel, payload size (AMQP 0-9-1 §4.2.3).
+const BODY_FRAME_HEADER: usize = 7;
+
+/// A body frame whose payload is copied from the input into its message as it arrives.
+#[derive(Debug, Clone, Copy)]
+struct BodyStream {
+    channel: ChannelId,
+    /// Payload bytes still to come; the frame-end octet follows them.
+    remaining: usize,
+}
+
 /// A client connection: the handshake, heartbeats, channels and the close handshake.
 #[derive(Debug)]
 pub struct Connection {
@@ -68,6 +79,9 @@ pub struct Connection {
     state: State,
     decoder: FrameDecoder,
     read_buf: BytesMut,
+    /// The body frame whose payload is being copied straight from the input into its
+    /// message's buffer, if any (see [`Connection::handle_input`]).
+    body_stream: Option<BodyStream>,
     outbound: Vec<u8>,
     events: VecDeque<Event>,
     channels: BTreeMap<ChannelId, Channel>,
@@ -103,6 +117,7 @@ impl Connection {
             state: State::Handshake(HandshakeStep::AwaitStart),
             decoder: FrameDecoder::new(),
             read_buf: BytesMut::with_capacity(8192),
+            body_stream: None,
             outbound,
             events: VecDeque::new(),
             channels: BTreeMap::new(),
@@ -125,31 +140,133 @@ impl Connection {
     pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
         // After a frame error the stream has lost its frame boundaries: no later byte can be
         // trusted, so we wait for EOF or the close timeout instead of reading on.
-        if self.state == State::Closed
-            || bytes.is_empty()
-            || matches!(self.error, Some(ConnectionError::Frame(_)))
-        {
+        if !self.reading() || bytes.is_empty() {
             return;
         }
         if let Some(at) = self.heartbeat.dead_at(now) {
             self.timers.extend(Timer::PeerDead, at);
         }
-        self.read_buf.extend_from_slice(bytes);
-        while self.state != State::Closed {
+        // The payload of a body frame of a message that spans several frames is copied
+        // straight from the input into the message's buffer: one copy per byte, where the
+        // read buffer and the join after it took two (and, for frames larger than a read,
+        // a move of the buffered part each time the read buffer grew). Every other frame, and
+        // a body frame that arrives while older bytes wait in the read buffer, is decoded from
+        // the read buffer.
+        let mut input = bytes;
+        while !input.is_empty() && self.reading() {
+            if self.body_stream.is_some() {
+                input = self.stream_body(now, input);
+                continue;
+            }
+            if self.read_buf.is_empty() {
+                if let Some(stream) = self.start_body_stream(input) {
+                    self.body_stream = Some(stream);
+                    input = &input[BODY_FRAME_HEADER..];
+                    continue;
+                }
+            }
+            self.read_buf.extend_from_slice(input);
+            input = &[];
+            self.decode_buffered(now);
+        }
+    }
+
+    /// Whether input is still taken: not after the close, nor after a frame error.
+    fn reading(&self) -> bool {
+        self.state != State::Closed && !matches!(self.error, Some(ConnectionError::Frame(_)))
+    }
+
+    /// Decodes the frames waiting in the read buffer; a body frame that may stream (see
+    /// [`Connection::start_body_stream`]) is taken off it that way.
+    fn decode_buffered(&mut self, now: Instant) {
+        while self.reading() && self.body_stream.is_none() {
+            let head: Option<[u8; BODY_FRAME_HEADER]> = self
+                .read_buf
+                .get(..BODY_FRAME_HEADER)
+                .and_then(|h| h.try_into().ok());
+            if let Some(stream) = head.and_then(|h| self.start_body_stream(&h)) {
+                self.body_stream = Some(stream);
+                let mut buffered = std::mem::take(&mut self.read_buf);
+                let rest = self.stream_body(now, &buffered[BODY_FRAME_HEADER..]).len();
+                let consumed = buffered.len() - rest;
+                bytes::Buf::advance(&mut buffered, consumed);
+                self.read_buf = buffered;
+                continue;
+            }
             match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(frame)) => self.handle_frame(now, frame),
                 Ok(None) => break,
                 Err(error) => {
-                    let code = error.reply_code();
-                    let text = error.to_string();
-                    self.fail(now, ConnectionError::Frame(error), Some((code, text)));
-                    // The decoder does not consume a bad frame: decoding again would meet the
-                    // same error forever.
-                    self.read_buf.clear();
+                    self.broken_framing(now, error);
                     break;
                 }
             }
         }
+        if !self.reading() {
+            self.read_buf.clear();
+        }
+    }
+
+    /// A body frame starts with `header`: whether its payload may stream into its message.
+    /// Only on an open connection, for a channel that is open and receiving a message that
+    /// spans several frames, and for a frame the decoder would accept; anything else is
+    /// decoded from the read buffer as usual, which reports what is wrong with it.
+    fn start_body_stream(&mut self, header: &[u8]) -> Option<BodyStream> {
+        if self.state != State::Open {
+            return None;
+        }
+        let (channel, size) = self.decoder.body_frame_start(header)?;
+        let ch = self.channels.get_mut(&channel)?;
+        ch.start_streamed_body(size).then_some(BodyStream {
+            channel,
+            remaining: size,
+        })
+    }
+
+    /// Takes what `input` holds of the streaming body frame (its payload, then its frame-end
+    /// octet) and returns the rest of `input`.
+    fn stream_body<'a>(&mut self, now: Instant, input: &'a [u8]) -> &'a [u8] {
+        let Some(stream) = self.body_stream.as_mut() else {
+            return input;
+        };
+        let channel = stream.channel;
+        let n = stream.remaining.min(input.len());
+        stream.remaining -= n;
+        let payload_done = stream.remaining == 0;
+        if n > 0 {
+            // A channel closed meanwhile takes nothing; the bytes are still the frame's.
+            if let Some(ch) = self.channels.get_mut(&channel) {
+                ch.streamed_body(&input[..n]);
+            }
+        }
+        let input = &input[n..];
+        if !payload_done {
+            return input;
+        }
+        let Some((&end, rest)) = input.split_first() else {
+            return input;
+        };
+        self.body_stream = None;
+        if end != codec::FRAME_END {
+            self.broken_framing(now, FrameError::BadFrameEnd(end));
+            return &[];
+        }
+        // As for any channel frame: discarded once the connection is closing (§1.4.2.9).
+        if self.state == State::Open {
+            if let Some(ch) = self.channels.get_mut(&channel) {
+                let step = ch.end_streamed_body();
+                self.apply_channel_step(now, channel, step);
+            }
+        }
+        rest
+    }
+
+    /// Bytes that break the framing: the connection fails and no later byte is read.
+    fn broken_framing(&mut self, now: Instant, error: FrameError) {
+        self.frame_error(now, error);
+        // The decoder does not consume a bad frame: decoding again would meet the same error.
+        self.read_buf.clear();
+        self.body_stream = None;
     }
 
     /// The byte stream ended (EOF, or any read or write error).
