@@ -137,23 +137,32 @@ compare() {
 
 features() {
   local results="$out_dir/features.jsonl" n=$calls
+  # label|impl|server flags|client flags: one choice switched at a time, on amqprs, then ours.
+  local specs=(
+    "amqprs: none of the per-request options (tutorial)|amqprs-plain||"
+    "amqprs: + mandatory|amqprs-plain||--mandatory"
+    "amqprs: + expiration|amqprs-plain||--expiration"
+    "amqprs: + x-rpc-deadline header|amqprs-plain||--deadline-header"
+    "amqprs: + all three (as ours)|amqprs-plain||--like-ours"
+    "amqprs: direct reply-to instead of a reply queue|amqprs-plain||--reply-mode direct"
+    "amqprs: server acks with multiple=true per batch|amqprs-plain|--multiple-ack|"
+    "ours (tokio): exclusive reply queue|tokio||"
+    "ours (tokio): direct reply-to|tokio||--reply-mode direct"
+    # Ours with each per-request option switched off (ClientConfig), then all three.
+    "ours (tokio): without mandatory|tokio||--no-mandatory"
+    "ours (tokio): without expiration|tokio||--no-expiration"
+    "ours (tokio): without x-rpc-deadline header|tokio||--no-deadline-header"
+    "ours (tokio): without all three|tokio||--no-mandatory --no-expiration --no-deadline-header"
+  )
   : >"$results"
   for round in $(seq "$rounds"); do
-    # label impl server-flags client-flags: one choice switched at a time, on amqprs.
-    run "amqprs: none of the per-request options (tutorial)" amqprs-plain 64 64 "$n" | tee -a "$results"
-    run "amqprs: + mandatory" amqprs-plain 64 64 "$n" "" "--mandatory" | tee -a "$results"
-    run "amqprs: + expiration" amqprs-plain 64 64 "$n" "" "--expiration" | tee -a "$results"
-    run "amqprs: + x-rpc-deadline header" amqprs-plain 64 64 "$n" "" "--deadline-header" | tee -a "$results"
-    run "amqprs: + all three (as ours)" amqprs-plain 64 64 "$n" "" "--like-ours" | tee -a "$results"
-    run "amqprs: direct reply-to instead of a reply queue" amqprs-plain 64 64 "$n" "" "--reply-mode direct" | tee -a "$results"
-    run "amqprs: server acks with multiple=true per batch" amqprs-plain 64 64 "$n" "--multiple-ack" "" | tee -a "$results"
-    run "ours (tokio): exclusive reply queue" tokio 64 64 "$n" | tee -a "$results"
-    run "ours (tokio): direct reply-to" tokio 64 64 "$n" "" "--reply-mode direct" | tee -a "$results"
-    # Ours with each per-request option switched off (ClientConfig), then all three.
-    run "ours (tokio): without mandatory" tokio 64 64 "$n" "" "--no-mandatory" | tee -a "$results"
-    run "ours (tokio): without expiration" tokio 64 64 "$n" "" "--no-expiration" | tee -a "$results"
-    run "ours (tokio): without x-rpc-deadline header" tokio 64 64 "$n" "" "--no-deadline-header" | tee -a "$results"
-    run "ours (tokio): without all three" tokio 64 64 "$n" "" "--no-mandatory --no-expiration --no-deadline-header" | tee -a "$results"
+    # Round 1 in the order above (the table's), each later one starting one further on (see
+    # compare).
+    local i label impl sflags cflags
+    for i in $(seq 0 $((${#specs[@]} - 1))); do
+      IFS='|' read -r label impl sflags cflags <<<"${specs[$(((i + round - 1) % ${#specs[@]}))]}"
+      run "$label" "$impl" 64 64 "$n" "$sflags" "$cflags" | tee -a "$results"
+    done
     echo "features: round $round of $rounds done" >&2
   done
   python3 bench/summarize.py features "$results" | tee "$out_dir/features.md"
