@@ -725,7 +725,7 @@ fn shutdown_sends_the_acks_waiting_before_closing() {
 // The reply channel
 // ---------------------------------------------------------------------------------------------
 
-/// Replies go out on a channel of their own (see `ReplyPublisher` in the server). When the
+/// Replies go out on a channel of their own (see `RpcServer::publisher`). When the
 /// broker closes that channel (say, a 403 on publishing), replies go on the consuming channel
 /// from then on, and no new channel is opened for each reply.
 #[test]

@@ -670,7 +670,7 @@ fn e2e_server(transport: &str, queue: &str, extra: &[&str]) -> std::process::Com
 
 /// The server consumes and acks on one channel and publishes its replies on another, so that
 /// RabbitMQ routes a reply while it handles the ack after it (see the server's
-/// `ReplyPublisher`): the broker lists two channels for its connection, one consuming.
+/// `RpcServer::publisher`): the broker lists two channels for its connection, one consuming.
 async fn server_replies_on_a_channel_of_its_own<R: TestRuntime>() {
     let queue = QueueGuard::new("reply-channel");
     let name = unique_name("reply-channel-server");

@@ -343,33 +343,23 @@ pub struct RpcServer {
     acks: AckWindow,
     /// Reused by [`RpcServer::flush_acks`].
     ack_scratch: Vec<Ack>,
-    /// Where replies are published.
-    publisher: ReplyPublisher,
+    /// The channel replies are published on, apart from the one requests are consumed and
+    /// acked on. RabbitMQ runs each channel in an Erlang process of its own and handles a
+    /// channel's commands in order, so on the consuming channel the ack after a reply waits
+    /// until the broker has routed that reply, and only then frees the prefetch slot for the
+    /// next delivery. On two channels the reply is routed while the ack is handled: at
+    /// prefetch 1, where that turnaround bounds the calls per second, 1.03x-1.23x the calls/s
+    /// in four A/B runs at C=64 (README, Performance). The wire order is unchanged: a reply's
+    /// frames, then its ack, and the broker's connection process hands each channel its
+    /// commands in that order. Opened at each `Connected` (publishes may follow
+    /// `channel.open` at once, AMQP 0-9-1 §2.2.5); `None` where `channel_max` leaves no room
+    /// and, until the next connection, once the broker closed it (rather than opening channel
+    /// after channel for a broker that refuses our replies): replies then go on the consuming
+    /// channel.
+    publisher: Option<ChannelId>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
-}
-
-/// Where replies are published: on a channel of their own, apart from the one requests are
-/// consumed and acked on. RabbitMQ runs each channel in an Erlang process of its own and
-/// handles a channel's commands in order, so on the consuming channel the ack after a reply
-/// waits until the broker has routed that reply, and only then frees the prefetch slot for
-/// the next delivery. On two channels the reply is routed while the ack is handled: at
-/// prefetch 1, where that turnaround bounds the calls per second, 1.03x-1.23x the calls/s in
-/// four A/B runs at C=64 (README, Performance). The wire order is unchanged: a reply's
-/// frames, then its ack, and the broker's connection process hands each channel its commands
-/// in that order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReplyPublisher {
-    /// None open on this connection (not yet, or `channel_max` leaves no room for it):
-    /// replies go on the consuming channel.
-    None,
-    /// Open; publishes may follow `channel.open` at once (AMQP 0-9-1 §2.2.5: frames on a
-    /// channel are handled in order).
-    Open(ChannelId),
-    /// The broker closed it: replies go on the consuming channel until the next connection,
-    /// rather than opening channel after channel for a broker that refuses our replies.
-    Refused,
 }
 
 impl RpcServer {
@@ -387,7 +377,7 @@ impl RpcServer {
             unsettled_seq: 0,
             acks: AckWindow::default(),
             ack_scratch: Vec::new(),
-            publisher: ReplyPublisher::None,
+            publisher: None,
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
@@ -700,15 +690,10 @@ impl RpcServer {
             Event::Connected => {
                 // The consuming channel first: under a `channel_max` of 1 it gets the only one.
                 self.check_queue();
-                self.publisher = match self.conn.open_channel() {
-                    Ok(channel) => ReplyPublisher::Open(channel),
-                    Err(_) => ReplyPublisher::None,
-                };
+                self.publisher = self.conn.open_channel().ok();
             }
-            Event::ChannelClosed(error)
-                if self.publisher == ReplyPublisher::Open(error.channel) =>
-            {
-                self.publisher = ReplyPublisher::Refused;
+            Event::ChannelClosed(error) if self.publisher == Some(error.channel) => {
+                self.publisher = None;
             }
             Event::Completed {
                 channel,
@@ -798,7 +783,7 @@ impl RpcServer {
                 self.check_queue_on(self.serving_channel());
             }
             Event::Closed(error) => {
-                self.publisher = ReplyPublisher::None;
+                self.publisher = None;
                 self.buffer.clear();
                 self.acks.clear();
                 self.epoch += 1;
@@ -1047,12 +1032,7 @@ impl RpcServer {
 
     /// The channel replies are published on, if one of their own is usable.
     fn publisher_channel(&self) -> Option<ChannelId> {
-        match self.publisher {
-            ReplyPublisher::Open(channel) => {
-                Some(channel).filter(|c| self.conn.is_channel_usable(*c))
-            }
-            ReplyPublisher::None | ReplyPublisher::Refused => None,
-        }
+        self.publisher.filter(|c| self.conn.is_channel_usable(*c))
     }
 
     /// The channel a reply for a request of an older channel goes out on, if one is usable.
