@@ -28,6 +28,9 @@ const FRAME_BODY: u8 = 3;
 const FRAME_HEARTBEAT: u8 = 8;
 pub(crate) const FRAME_END: u8 = 0xCE;
 
+/// The frame header: type, channel, payload size (§4.2.3).
+pub(crate) const FRAME_HEADER_LEN: usize = 7;
+
 /// Bytes a frame adds around its payload: the 7-byte header and the frame-end octet.
 pub const FRAME_OVERHEAD: u32 = 8;
 /// The frame size both peers must accept before tune (RabbitMQ's `frame_min_size` is 4096; we
@@ -99,17 +102,22 @@ impl FrameDecoder {
         self.frame_max = frame_max;
     }
 
-    /// When `bytes` start with the 7-byte header of a body frame that [`FrameDecoder::decode`]
+    /// When `bytes` start with the header of a body frame that [`FrameDecoder::decode`]
     /// would accept (non-zero channel, within `frame_max`): its channel and payload size. The
     /// connection then takes the payload straight from its input (see
     /// `Connection::handle_input`); anything else is left to `decode`, which reports it.
     pub(crate) fn body_frame_start(&self, bytes: &[u8]) -> Option<(ChannelId, usize)> {
-        let header: &[u8; 7] = bytes.get(..7)?.try_into().ok()?;
-        let channel = ChannelId(u16::from_be_bytes([header[1], header[2]]));
-        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
-        let fits = u64::from(size) + u64::from(FRAME_OVERHEAD) <= u64::from(self.frame_max);
-        // `size <= frame_max - 8` fits in usize on every platform we build for (see decode).
-        (header[0] == FRAME_BODY && !channel.is_zero() && fits).then_some((channel, size as usize))
+        if bytes.first() != Some(&FRAME_BODY) {
+            return None;
+        }
+        let (channel, size) = frame_head(bytes)?;
+        (!channel.is_zero() && self.fits(size)).then_some((channel, payload_len(size)))
+    }
+
+    /// Whether a frame of `size` payload bytes is within `frame_max`. u64 arithmetic: `size + 8`
+    /// cannot overflow, whatever the peer claims.
+    fn fits(&self, size: u32) -> bool {
+        u64::from(size) + u64::from(FRAME_OVERHEAD) <= u64::from(self.frame_max)
     }
 
     /// The largest whole frame this decoder accepts.
@@ -121,7 +129,7 @@ impl FrameDecoder {
     /// needed, or a [`FrameError`] that the connection must treat as fatal.
     // The frame layout (spec §4.2.3) checked in wire order, top to bottom: splitting would hide it.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < 7 {
+        if buf.len() < FRAME_HEADER_LEN {
             // The server answers a protocol header it does not support with its own header
             // and closes (spec §4.2.2); recognise it as soon as its first byte arrives.
             if buf.first() == Some(&b'A') {
@@ -133,10 +141,10 @@ impl FrameDecoder {
         if kind == b'A' {
             return self.protocol_header(buf);
         }
-        let channel = ChannelId(u16::from_be_bytes([buf[1], buf[2]]));
-        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
-        // u64 arithmetic: `size + 8` cannot overflow, whatever the peer claims.
-        if u64::from(size) + u64::from(FRAME_OVERHEAD) > u64::from(self.frame_max) {
+        let Some((channel, size)) = frame_head(buf) else {
+            return Ok(None);
+        };
+        if !self.fits(size) {
             return Err(FrameError::FrameTooLarge {
                 size,
                 frame_max: self.frame_max,
@@ -148,9 +156,7 @@ impl FrameDecoder {
         ) {
             return Err(FrameError::UnknownFrameType(kind));
         }
-        // `size <= frame_max - 8 <= u32::MAX - 8`, so this fits in usize on every platform we
-        // build for (usize is at least 32 bits there).
-        let total = size as usize + FRAME_OVERHEAD as usize;
+        let total = payload_len(size) + FRAME_OVERHEAD as usize;
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -227,6 +233,23 @@ impl FrameDecoder {
 }
 
 /// Runs a nom parser that must consume the whole payload.
+/// The channel and payload size of the frame header at the front of `bytes` (§4.2.3), if all
+/// of it is there.
+fn frame_head(bytes: &[u8]) -> Option<(ChannelId, u32)> {
+    let head: &[u8; FRAME_HEADER_LEN] = bytes.get(..FRAME_HEADER_LEN)?.try_into().ok()?;
+    let channel = ChannelId(u16::from_be_bytes([head[1], head[2]]));
+    Some((
+        channel,
+        u32::from_be_bytes([head[3], head[4], head[5], head[6]]),
+    ))
+}
+
+/// A payload size already checked against `frame_max` as a usize: `size <= frame_max - 8 <=
+/// u32::MAX - 8`, which fits on every platform we build for (usize is at least 32 bits there).
+fn payload_len(size: u32) -> usize {
+    size as usize
+}
+
 fn parse_all<I, T, E>(input: I, parser: impl Fn(I) -> Result<(I, T), E>) -> Option<T>
 where
     I: ParsableInput,

@@ -111,6 +111,15 @@ impl BodyPool {
     }
 }
 
+/// The buffer of a body that spans several frames, allocated once at the size its header
+/// announced, so every frame is copied in exactly once and the buffer never grows (a doubling
+/// buffer copies a 16 MB body about twice over and frees each smaller step). The size is at
+/// most `max_body_size`, checked in `on_header` before any frame is taken; a larger body is
+/// skipped unbuffered.
+fn sized_for(body_size: u64, pool: &mut BodyPool) -> BytesMut {
+    pool.take(usize::try_from(body_size).unwrap_or(0))
+}
+
 /// A content-bearing method and what has arrived of its content.
 #[derive(Debug, Clone)]
 pub(crate) struct PartialContent {
@@ -269,12 +278,7 @@ impl PartialContent {
         self.body = match std::mem::take(&mut self.body) {
             Body::Empty if payload.len() as u64 == body_size => Body::One(payload),
             Body::Empty => {
-                // Allocated once at the announced size, so every later frame is copied in
-                // exactly once and the buffer never grows (a doubling buffer copies a 16 MB
-                // body about twice over and frees each smaller step). The size is at most
-                // `max_body_size`, checked in `on_header` before any frame is taken; a
-                // larger body is skipped unbuffered.
-                let mut buf = pool.take(usize::try_from(body_size).unwrap_or(0));
+                let mut buf = sized_for(body_size, pool);
                 buf.extend_from_slice(&payload);
                 Body::Many(buf)
             }
@@ -306,8 +310,7 @@ impl PartialContent {
         match &self.body {
             Body::Many(_) => fits,
             Body::Empty if fits && (size as u64) < body_size => {
-                // Sized once at the announced size, checked against max_body_size in on_header.
-                self.body = Body::Many(pool.take(usize::try_from(body_size).unwrap_or(0)));
+                self.body = Body::Many(sized_for(body_size, pool));
                 true
             }
             _ => false,

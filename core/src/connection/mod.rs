@@ -61,9 +61,6 @@ enum Timer {
     SendHeartbeat,
 }
 
-/// The header of a frame: type, channel, payload size (AMQP 0-9-1 §4.2.3).
-const BODY_FRAME_HEADER: usize = 7;
-
 /// A body frame whose payload is copied from the input into its message as it arrives.
 #[derive(Debug, Clone, Copy)]
 struct BodyStream {
@@ -161,7 +158,7 @@ impl Connection {
             if self.read_buf.is_empty() {
                 if let Some(stream) = self.start_body_stream(input) {
                     self.body_stream = Some(stream);
-                    input = &input[BODY_FRAME_HEADER..];
+                    input = &input[codec::FRAME_HEADER_LEN..];
                     continue;
                 }
             }
@@ -180,14 +177,16 @@ impl Connection {
     /// [`Connection::start_body_stream`]) is taken off it that way.
     fn decode_buffered(&mut self, now: Instant) {
         while self.reading() && self.body_stream.is_none() {
-            let head: Option<[u8; BODY_FRAME_HEADER]> = self
+            let head: Option<[u8; codec::FRAME_HEADER_LEN]> = self
                 .read_buf
-                .get(..BODY_FRAME_HEADER)
+                .get(..codec::FRAME_HEADER_LEN)
                 .and_then(|h| h.try_into().ok());
             if let Some(stream) = head.and_then(|h| self.start_body_stream(&h)) {
                 self.body_stream = Some(stream);
                 let mut buffered = std::mem::take(&mut self.read_buf);
-                let rest = self.stream_body(now, &buffered[BODY_FRAME_HEADER..]).len();
+                let rest = self
+                    .stream_body(now, &buffered[codec::FRAME_HEADER_LEN..])
+                    .len();
                 let consumed = buffered.len() - rest;
                 bytes::Buf::advance(&mut buffered, consumed);
                 self.read_buf = buffered;
