@@ -63,9 +63,8 @@ pub fn threads_hint() -> usize {
     )
 }
 
-fn threads_in(args: impl Iterator<Item = String>, env: Option<String>) -> usize {
+fn threads_in(mut args: impl Iterator<Item = String>, env: Option<String>) -> usize {
     let mut found = env;
-    let mut args = args.peekable();
     while let Some(arg) = args.next() {
         if arg == "--" {
             break;
@@ -133,6 +132,8 @@ pub fn parse_from<T: Parser>(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn threads_hint_reads_the_flag_then_the_environment() {
         let args = |a: &[&str]| {
@@ -141,18 +142,14 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into_iter()
         };
-        assert_eq!(super::threads_in(args(&["--calls", "5"]), None), 0);
-        assert_eq!(super::threads_in(args(&["--threads", "2"]), None), 2);
-        assert_eq!(
-            super::threads_in(args(&["--threads=3"]), Some("1".into())),
-            3
-        );
-        assert_eq!(super::threads_in(args(&[]), Some("4".into())), 4);
+        assert_eq!(threads_in(args(&["--calls", "5"]), None), 0);
+        assert_eq!(threads_in(args(&["--threads", "2"]), None), 2);
+        assert_eq!(threads_in(args(&["--threads=3"]), Some("1".into())), 3);
+        assert_eq!(threads_in(args(&[]), Some("4".into())), 4);
         // Unreadable: 0 here, refused by the full parse afterwards.
-        assert_eq!(super::threads_in(args(&["--threads", "-1"]), None), 0);
-        assert_eq!(super::threads_in(args(&["--threads"]), None), 0);
+        assert_eq!(threads_in(args(&["--threads", "-1"]), None), 0);
+        assert_eq!(threads_in(args(&["--threads"]), None), 0);
     }
-    use super::*;
 
     #[test]
     fn seconds_refuse_what_a_duration_cannot_hold() {

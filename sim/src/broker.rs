@@ -309,23 +309,22 @@ impl Broker {
 
     /// Channels of `id` that are open (not closing), in number order.
     pub fn open_channels(&self, id: ConnId) -> Vec<u16> {
-        self.conns.get(&id).map_or_else(Vec::new, |c| {
-            c.channels
-                .iter()
-                .filter(|(_, ch)| !ch.closing)
-                .map(|(n, _)| *n)
-                .collect()
-        })
+        self.channels_where(id, |_| true)
     }
 
     /// Channels of `id` that have a consumer (for a client: its reply channel).
     pub fn consumer_channels(&self, id: ConnId) -> Vec<u16> {
+        self.channels_where(id, |ch| {
+            !ch.consumers.is_empty() || ch.direct_reply.is_some()
+        })
+    }
+
+    /// The numbers of `id`'s open channels that `keep` accepts.
+    fn channels_where(&self, id: ConnId, keep: impl Fn(&Chan) -> bool) -> Vec<u16> {
         self.conns.get(&id).map_or_else(Vec::new, |c| {
             c.channels
                 .iter()
-                .filter(|(_, ch)| {
-                    !ch.closing && (!ch.consumers.is_empty() || ch.direct_reply.is_some())
-                })
+                .filter(|(_, ch)| !ch.closing && keep(ch))
                 .map(|(n, _)| *n)
                 .collect()
         })

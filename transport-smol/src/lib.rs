@@ -169,6 +169,21 @@ pub type Client = amqp_rpc_driver::Client<Smol>;
 /// An RPC server on smol.
 pub type Server = amqp_rpc_driver::Server<Smol>;
 
+/// Runs a program's main future to completion with `smol::block_on`, its spawned tasks on
+/// `threads` executor threads (smol's `SMOL_THREADS`; 0 keeps smol's default of one): what the
+/// programs' `--threads` asks for, as `transport_tokio::run_program` on tokio. Call it first
+/// thing in `main`: smol reads the variable once, at its first spawn, and setting the
+/// environment is only sound while no other thread exists.
+pub fn run_program(
+    threads: usize,
+    program: impl Future<Output = std::process::ExitCode>,
+) -> std::process::ExitCode {
+    if threads > 0 {
+        std::env::set_var("SMOL_THREADS", threads.to_string());
+    }
+    smol::block_on(program)
+}
+
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
 pub async fn shutdown_signal() {
     use async_signal::{Signal, Signals};
