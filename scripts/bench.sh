@@ -86,23 +86,41 @@ client_cmd() { # impl extra-client-flags
   esac
 }
 
-# One run: prints the client's JSON line with the run's facts and the broker's CPU added.
-#   run LABEL IMPL CONCURRENCY PREFETCH CALLS [SERVER_FLAGS] [CLIENT_FLAGS] [WRAP_CLIENT]
-run() {
-  local label=$1 impl=$2 c=$3 prefetch=$4 n=$5 sflags=${6:-} cflags=${7:-}
-  local queue="bench-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server line b0 b1
-  # shellcheck disable=SC2086 # the commands are word lists
-  $(server_cmd "$impl" "$prefetch" "$sflags") --queue "$queue" >"$ready" 2>/dev/null &
+# Starts a server on $queue (the caller's) and waits until it consumes; sets $server (the
+# caller's) to its pid. Variables after the flags go into its environment.
+#   start_server IMPL PREFETCH EXTRA_SERVER_FLAGS [NAME=VALUE...]
+start_server() {
+  local ready="$work/ready.$RANDOM"
+  # shellcheck disable=SC2046 # the command is a word list
+  env "${@:4}" $(server_cmd "$1" "$2" "$3") --queue "$queue" >"$ready" 2>/dev/null &
   server=$!
   for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+}
+
+# Stops a process gracefully (SIGINT) and waits for it.
+stop() {
+  kill -INT "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# Stops $server and deletes $queue.
+stop_server() {
+  stop "$server"
+  rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+}
+
+# One run: prints the client's JSON line with the run's facts and the broker's CPU added.
+#   run LABEL IMPL CONCURRENCY PREFETCH CALLS [SERVER_FLAGS] [CLIENT_FLAGS]
+run() {
+  local label=$1 impl=$2 c=$3 prefetch=$4 n=$5 sflags=${6:-} cflags=${7:-}
+  local queue="bench-$impl-$$-$RANDOM" server line b0 b1
+  start_server "$impl" "$prefetch" "$sflags"
   b0=$(cpu_ns "$broker")
   # shellcheck disable=SC2086
   line=$(timeout "$run_timeout" $(client_cmd "$impl" "$cflags") --queue "$queue" --calls "$n" \
     --concurrency "$c" --server-pid "$server" --json || echo '{"failed":true}')
   b1=$(cpu_ns "$broker")
-  kill -INT "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+  stop_server
   local broker_us
   broker_us=$(awk -v d=$((b1 - b0)) -v n="$n" 'BEGIN { printf "%.1f", d / 1e3 / n }')
   echo "{\"label\":\"$label\",\"impl\":\"$impl\",\"prefetch\":$prefetch,\"load\":\"$(cut -d' ' -f1 /proc/loadavg)\",\"broker_cpu_us_per_call\":$broker_us,${line#\{}"
@@ -191,24 +209,18 @@ syscalls() {
       # shellcheck disable=SC2086
       set -- $s
       for impl in tokio amqprs; do
-        local queue="bench-syscalls-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
-        local counter=(strace -c -f -q -o) server_counter
+        local queue="bench-syscalls-$impl-$$-$RANDOM" server tracer
+        local counter=(strace -c -f -q -o)
         [ "$tool" = perf ] && counter=(perf stat -x, -e "$events" -o)
-        # shellcheck disable=SC2046
-        $(server_cmd "$impl" "$3" "") --queue "$queue" >"$ready" 2>/dev/null &
-        server=$!
-        for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+        start_server "$impl" "$3" ""
         "${counter[@]}" "$work/server.count" -p "$server" &
         tracer=$!
         sleep 0.5
         # shellcheck disable=SC2046
         timeout "$run_timeout" "${counter[@]}" "$work/client.count" \
           $(client_cmd "$impl" "") --queue "$queue" --calls "$4" --concurrency "$2" --json >/dev/null || true
-        kill -INT "$tracer" 2>/dev/null || true
-        wait "$tracer" 2>/dev/null || true
-        kill -INT "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-        rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+        stop "$tracer"
+        stop_server
         python3 bench/summarize.py "$tool" "$1" "$impl" "$4" "$work/client.count" "$work/server.count" | tee -a "$results"
       done
     done
@@ -253,11 +265,8 @@ timeline() {
     local order=(tokio amqprs)
     [ $((round % 2)) = 0 ] && order=(amqprs tokio) # each round starts with the other (see compare)
     for impl in "${order[@]}"; do
-      local queue="bench-timeline-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server tracer
-      # shellcheck disable=SC2046
-      $(server_cmd "$impl" 1 "") --queue "$queue" >"$ready" 2>/dev/null &
-      server=$!
-      for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+      local queue="bench-timeline-$impl-$$-$RANDOM" server tracer
+      start_server "$impl" 1 ""
       # A warm-up run, then the traced one.
       # shellcheck disable=SC2046
       timeout "$run_timeout" $(client_cmd "$impl" "") --queue "$queue" --calls 300 --concurrency 1 --json >/dev/null || true
@@ -267,11 +276,8 @@ timeline() {
       # shellcheck disable=SC2046
       timeout "$run_timeout" perf record -q -o "$work/client.perf" -e "$events" -- \
         $(client_cmd "$impl" "") --queue "$queue" --calls "$n" --concurrency 1 --json >"$work/client.json" 2>/dev/null || true
-      kill -INT "$tracer" 2>/dev/null || true
-      wait "$tracer" 2>/dev/null || true
-      kill -INT "$server" 2>/dev/null || true
-      wait "$server" 2>/dev/null || true
-      rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+      stop "$tracer"
+      stop_server
       { perf script -i "$work/server.perf" -F pid,time,event 2>/dev/null | sed 's/^/server /'
         perf script -i "$work/client.perf" -F pid,time,event 2>/dev/null | sed 's/^/client /'
       } >"$work/events.txt"
@@ -295,17 +301,12 @@ copies() {
     local n=200
     [ "$size" = 16000000 ] && n=20
     for impl in tokio amqprs; do
-      local queue="bench-copies-$impl-$$-$RANDOM" ready="$work/ready.$RANDOM" server counts="$work/copies.$RANDOM"
-      # shellcheck disable=SC2046
-      MEMCPY_COUNT_OUT="$counts" LD_PRELOAD="$lib" $(server_cmd "$impl" 4 --echo) --queue "$queue" >"$ready" 2>/dev/null &
-      server=$!
-      for _ in $(seq 100); do grep -q Awaiting "$ready" 2>/dev/null && break; sleep 0.1; done
+      local queue="bench-copies-$impl-$$-$RANDOM" server counts="$work/copies.$RANDOM"
+      start_server "$impl" 4 --echo MEMCPY_COUNT_OUT="$counts" LD_PRELOAD="$lib"
       # shellcheck disable=SC2046
       MEMCPY_COUNT_OUT="$counts" LD_PRELOAD="$lib" timeout "$run_timeout" $(client_cmd "$impl" "--payload $size") \
         --queue "$queue" --calls "$n" --concurrency 4 --json >"$work/client.json" 2>/dev/null || true
-      kill -INT "$server" 2>/dev/null || true
-      wait "$server" 2>/dev/null || true
-      rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+      stop_server
       python3 bench/summarize.py copied "$impl" "$size" "$n" "$counts" "$work/client.json" | tee -a "$results"
     done
   done
