@@ -79,6 +79,14 @@ IMPL_NAMES = {
 }
 
 
+def paired_ratio(runs, base_runs, value):
+    """The median of the ratios of the k-th run of `runs` to the k-th of `base_runs` (run next
+    to it: the modes interleave), as text."""
+    ratios = [value(x) / value(y) for x, y in zip(runs, base_runs)
+              if value(x) is not None and value(y)]
+    return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
+
 def compare(path):
     runs = load(path)
     table = {k: medians(g) for k, g in grouped(runs, lambda r: (r["label"], r["impl"])).items()}
@@ -96,12 +104,9 @@ def compare(path):
     by_impl = grouped(runs, lambda r: (r["label"], r["impl"]))
 
     def paired(label, key, a, b):
-        ra, rb = by_impl.get((label, a), []), by_impl.get((label, b), [])
         value = lambda r: (r["client_cpu_us_per_call"] + (r.get("server_cpu_us_per_call") or 0)
                            if key == "own_cpu_us_per_call" else r.get(key))
-        ratios = [value(x) / value(y) for x, y in zip(ra, rb)
-                  if value(x) is not None and value(y)]
-        return f"{statistics.median(ratios):.2f}x" if ratios else "-"
+        return paired_ratio(by_impl.get((label, a), []), by_impl.get((label, b), []), value)
 
     print()
     print("| setting | measure | " + " | ".join(IMPL_NAMES[i] for i in IMPLS)
@@ -143,26 +148,28 @@ def features(path):
 
 def runtimes(path):
     runs = load(path)
-    order = lambda label: (list(SETTINGS).index(label.split(" threads=")[0])
-                           if label.split(" threads=")[0] in SETTINGS else 99,
-                           int(label.split(" threads=")[1]))
     groups = grouped(runs, lambda r: r["label"])
+
+    def setting_and_threads(label):
+        setting, threads = label.split(" threads=")
+        return setting, threads
+
+    def order(label):
+        setting, threads = setting_and_threads(label)
+        return (list(SETTINGS).index(setting) if setting in SETTINGS else 99, int(threads))
+
     table = OrderedDict((k, medians(groups[k])) for k in sorted(groups, key=order))
     for label, m in table.items():
         print(json.dumps({"median_of": m["runs"], "label": label, **m}))
-    by_label = groups
     print()
     print("| setting | tokio runtime (`--threads`) | calls/s | p50 µs | client + server CPU µs/call "
           "| broker CPU µs/call | calls/s vs current-thread |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for label, m in table.items():
-        setting, threads = label.split(" threads=")
-        base = by_label.get(f"{setting} threads=0", [])
-        # Per-round ratios against the current-thread run next to it (interleaved).
-        ratios = [r["calls_per_sec"] / b["calls_per_sec"]
-                  for r, b in zip(by_label[label], base) if b.get("calls_per_sec")]
+        setting, threads = setting_and_threads(label)
+        ratio = paired_ratio(groups[label], groups.get(f"{setting} threads=0", []),
+                             lambda r: r.get("calls_per_sec"))
         runtime = "current-thread (0)" if threads == "0" else f"multi-thread, {threads} workers"
-        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "-"
         print(f"| {SETTINGS.get(setting, setting)} | {runtime} | {fmt(m['calls_per_sec'])} | "
               f"{fmt(m['p50_us'])} | {fmt(m['own_cpu_us_per_call'], 1)} | "
               f"{fmt(m['broker_cpu_us_per_call'], 1)} | {ratio} |")

@@ -97,9 +97,9 @@ pub type Client = amqp_rpc_driver::Client<Tokio>;
 /// An RPC server on tokio.
 pub type Server = amqp_rpc_driver::Server<Tokio>;
 
-/// Runs a program's main future on the runtime its `--threads` asks for
-/// ([`amqp_rpc_cli::threads_hint`](https://docs.rs/amqp-rpc-cli)): 0 a current-thread
-/// runtime, N a multi-thread one with N workers. Exits 1 when the runtime cannot be built.
+/// Runs a program's main future on the runtime its `--threads` asks for (`threads_hint` of
+/// amqp-rpc-cli): 0 a current-thread runtime, N a multi-thread one with N workers, as
+/// `transport_smol::run_program` on smol. Exits 1 when the runtime cannot be built.
 pub fn run_program(
     threads: usize,
     program: impl Future<Output = std::process::ExitCode>,
