@@ -53,31 +53,6 @@ pub struct RuntimeArgs {
     pub threads: usize,
 }
 
-/// The `--threads` of this process's command line (else `AMQP_RPC_THREADS`), for a program to
-/// build its runtime before it parses its arguments inside it: 0 when absent or not a number.
-/// A bad value is refused later, by that full parse, with clap's message.
-pub fn threads_hint() -> usize {
-    threads_in(
-        std::env::args().skip(1),
-        std::env::var("AMQP_RPC_THREADS").ok(),
-    )
-}
-
-fn threads_in(mut args: impl Iterator<Item = String>, env: Option<String>) -> usize {
-    let mut found = env;
-    while let Some(arg) = args.next() {
-        if arg == "--" {
-            break;
-        }
-        if arg == "--threads" {
-            found = args.next();
-        } else if let Some(value) = arg.strip_prefix("--threads=") {
-            found = Some(value.to_owned());
-        }
-    }
-    found.and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
 /// Parses a seconds flag (`--timeout 2.5`): a positive, finite number of seconds that a
 /// [`Duration`] holds. clap puts the flag's name in front of the message.
 pub fn seconds(value: &str) -> Result<Duration, String> {
@@ -111,6 +86,13 @@ pub fn parse_or_exit_code<T: Parser>() -> Result<T, ExitCode> {
     })
 }
 
+/// Parses the program's arguments and runs `program` with them; on `--help`, `--version` or a
+/// bad command line, the exit code of [`parse_or_exit_code`]. A program parses before its
+/// runtime exists, since `--threads` says which runtime to build.
+pub fn with_args<T: Parser>(program: impl FnOnce(T) -> ExitCode) -> ExitCode {
+    parse_or_exit_code().map_or_else(|code| code, program)
+}
+
 /// Parses `T` from `argv` (the program's path first). The program calls itself by its file's
 /// name (`smol-server --version` prints `smol-server 0.1.0`): one argument struct serves the
 /// bins of every transport.
@@ -133,23 +115,6 @@ pub fn parse_from<T: Parser>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn threads_hint_reads_the_flag_then_the_environment() {
-        let args = |a: &[&str]| {
-            a.iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .into_iter()
-        };
-        assert_eq!(threads_in(args(&["--calls", "5"]), None), 0);
-        assert_eq!(threads_in(args(&["--threads", "2"]), None), 2);
-        assert_eq!(threads_in(args(&["--threads=3"]), Some("1".into())), 3);
-        assert_eq!(threads_in(args(&[]), Some("4".into())), 4);
-        // Unreadable: 0 here, refused by the full parse afterwards.
-        assert_eq!(threads_in(args(&["--threads", "-1"]), None), 0);
-        assert_eq!(threads_in(args(&["--threads"]), None), 0);
-    }
 
     #[test]
     fn seconds_refuse_what_a_duration_cannot_hold() {

@@ -14,7 +14,7 @@ use futures_channel::oneshot;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::args::{host_port, parse_or_exit_code, seconds, BrokerArgs, RuntimeArgs};
+use crate::args::{host_port, seconds, BrokerArgs, RuntimeArgs};
 use crate::cpu::process_cpu_time;
 use crate::latency::{Latencies, Percentiles, Timeline};
 use crate::payload::{resident_kib, CurveFigures, Workload};
@@ -273,15 +273,12 @@ impl CallSample {
     }
 }
 
-/// The `bench` program on runtime `R`: parses the command line ([`BenchArgs`]), makes one
-/// warm-up call, then `--calls` calls from `--concurrency` tasks, and prints the figures. Exit
-/// codes: 0 when every call got the right answer, 1 otherwise, 2 for a bad command line.
-pub async fn bench_main<R: Runtime>() -> ExitCode {
+/// The `bench` program on runtime `R`, given its command line ([`BenchArgs`], parsed by
+/// [`with_args`](crate::with_args) before the runtime exists): makes one warm-up call, then
+/// `--calls` calls from `--concurrency` tasks, and prints the figures. Exit codes: 0 when every
+/// call got the right answer, 1 otherwise (2 for a bad command line, from `with_args`).
+pub async fn bench_main<R: Runtime>(args: BenchArgs) -> ExitCode {
     crate::logging::init();
-    let args: BenchArgs = match parse_or_exit_code() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
     let options = match args.options() {
         Ok(o) => o,
         Err(e) => {

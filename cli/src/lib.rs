@@ -1,6 +1,7 @@
 //! The `server`, `client` and `bench` programs of amqp-rpc, written once for every runtime: each
 //! transport's `src/bin/*.rs` is a few lines that call [`server_main`], [`client_main`] or
-//! [`bench_main`] with its [`Runtime`](amqp_rpc_driver::Runtime).
+//! [`bench_main`] with its [`Runtime`](amqp_rpc_driver::Runtime) (the server and the bench
+//! with their arguments, parsed by [`with_args`] first: `--threads` picks the runtime).
 //!
 //! The transports depend on this crate only through their default `cli` feature, which builds
 //! their programs; a library user of a transport sets `default-features = false` and gets none
@@ -23,7 +24,7 @@ pub mod plot;
 pub mod prometheus;
 pub mod server;
 
-pub use args::{threads_hint, RuntimeArgs};
+pub use args::{with_args, RuntimeArgs};
 pub use bench::{bench_main, BenchArgs};
 pub use client::{client_main, ClientArgs};
 pub use fib::{fib, fib_handler, fib_reply, FIB_MAX};

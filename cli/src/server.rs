@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use amqp_rpc_driver::{ConnectError, QueueKind, Runtime, Server, ServerOptions};
 use clap::Parser;
 
-use crate::args::{host_port, parse_or_exit_code, BrokerArgs, RuntimeArgs};
+use crate::args::{host_port, BrokerArgs, RuntimeArgs};
 use crate::cpu::process_cpu_time;
 use crate::fib::fib_handler;
 use crate::payload::echo_handler;
@@ -77,18 +77,16 @@ impl ServerArgs {
     }
 }
 
-/// The `server` program on runtime `R`: parses the command line ([`ServerArgs`]), serves
+/// The `server` program on runtime `R`, given its command line ([`ServerArgs`], parsed by
+/// [`with_args`](crate::with_args) before the runtime exists): serves
 /// [`fib_handler`] until `shutdown` resolves (Ctrl-C or SIGTERM), then stops gracefully and
 /// prints what it did. Exit codes: 0 after a clean stop, 1 when serving failed, 2 for a bad
 /// command line.
 pub async fn server_main<R: Runtime>(
+    args: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> ExitCode {
     crate::logging::init();
-    let args: ServerArgs = match parse_or_exit_code() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
     let options = match args.options() {
         Ok(o) => o,
         Err(e) => {

@@ -97,8 +97,8 @@ pub type Client = amqp_rpc_driver::Client<Tokio>;
 /// An RPC server on tokio.
 pub type Server = amqp_rpc_driver::Server<Tokio>;
 
-/// Runs a program's main future on the runtime its `--threads` asks for (`threads_hint` of
-/// amqp-rpc-cli): 0 a current-thread runtime, N a multi-thread one with N workers, as
+/// Runs a program's main future on the runtime its `--threads` asks for: 0 a current-thread
+/// runtime, N a multi-thread one with N workers, as
 /// `transport_smol::run_program` on smol. Exits 1 when the runtime cannot be built.
 pub fn run_program(
     threads: usize,

@@ -8,17 +8,26 @@ use std::process::ExitCode;
 use e2e_tests::rt::{Smol, TestRuntime, Tokio};
 
 fn main() -> ExitCode {
+    use amqp_rpc_cli::{bench_main, server_main, with_args, BenchArgs, ServerArgs};
     let smol = std::env::var("E2E_TRANSPORT").as_deref() == Ok("smol");
     match (std::env::var("E2E_PROGRAM").as_deref(), smol) {
-        (Ok("bench"), true) => Smol::block_on(amqp_rpc_cli::bench_main::<transport_smol::Smol>()),
-        (Ok("bench"), false) => {
-            Tokio::block_on(amqp_rpc_cli::bench_main::<transport_tokio::Tokio>())
+        (Ok("bench"), true) => {
+            with_args(|args: BenchArgs| Smol::block_on(bench_main::<transport_smol::Smol>(args)))
         }
-        (_, true) => Smol::block_on(amqp_rpc_cli::server_main::<transport_smol::Smol>(
-            transport_smol::shutdown_signal(),
-        )),
-        (_, false) => Tokio::block_on(amqp_rpc_cli::server_main::<transport_tokio::Tokio>(
-            transport_tokio::shutdown_signal(),
-        )),
+        (Ok("bench"), false) => {
+            with_args(|args: BenchArgs| Tokio::block_on(bench_main::<transport_tokio::Tokio>(args)))
+        }
+        (_, true) => with_args(|args: ServerArgs| {
+            Smol::block_on(server_main::<transport_smol::Smol>(
+                args,
+                transport_smol::shutdown_signal(),
+            ))
+        }),
+        (_, false) => with_args(|args: ServerArgs| {
+            Tokio::block_on(server_main::<transport_tokio::Tokio>(
+                args,
+                transport_tokio::shutdown_signal(),
+            ))
+        }),
     }
 }

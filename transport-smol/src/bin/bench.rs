@@ -3,8 +3,11 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    transport_smol::run_program(
-        amqp_rpc_cli::threads_hint(),
-        amqp_rpc_cli::bench_main::<transport_smol::Smol>(),
-    )
+    amqp_rpc_cli::with_args(|args: amqp_rpc_cli::BenchArgs| {
+        let threads = args.runtime.threads;
+        transport_smol::run_program(
+            threads,
+            amqp_rpc_cli::bench_main::<transport_smol::Smol>(args),
+        )
+    })
 }

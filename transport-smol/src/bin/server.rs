@@ -2,8 +2,14 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    transport_smol::run_program(
-        amqp_rpc_cli::threads_hint(),
-        amqp_rpc_cli::server_main::<transport_smol::Smol>(transport_smol::shutdown_signal()),
-    )
+    amqp_rpc_cli::with_args(|args: amqp_rpc_cli::ServerArgs| {
+        let threads = args.runtime.threads;
+        transport_smol::run_program(
+            threads,
+            amqp_rpc_cli::server_main::<transport_smol::Smol>(
+                args,
+                transport_smol::shutdown_signal(),
+            ),
+        )
+    })
 }

@@ -2,8 +2,11 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    transport_tokio::run_program(
-        amqp_rpc_cli::threads_hint(),
-        amqp_rpc_cli::bench_main::<transport_tokio::Tokio>(),
-    )
+    amqp_rpc_cli::with_args(|args: amqp_rpc_cli::BenchArgs| {
+        let threads = args.runtime.threads;
+        transport_tokio::run_program(
+            threads,
+            amqp_rpc_cli::bench_main::<transport_tokio::Tokio>(args),
+        )
+    })
 }

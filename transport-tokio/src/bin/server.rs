@@ -2,8 +2,14 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    transport_tokio::run_program(
-        amqp_rpc_cli::threads_hint(),
-        amqp_rpc_cli::server_main::<transport_tokio::Tokio>(transport_tokio::shutdown_signal()),
-    )
+    amqp_rpc_cli::with_args(|args: amqp_rpc_cli::ServerArgs| {
+        let threads = args.runtime.threads;
+        transport_tokio::run_program(
+            threads,
+            amqp_rpc_cli::server_main::<transport_tokio::Tokio>(
+                args,
+                transport_tokio::shutdown_signal(),
+            ),
+        )
+    })
 }
