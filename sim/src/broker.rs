@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::frame::{parsing::parse_frame, AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{
-    basic, channel, connection, exchange, queue, AMQPClass, BasicProperties,
+    basic, channel, confirm, connection, exchange, queue, AMQPClass, BasicProperties,
 };
 use amq_protocol::types::ShortString;
 
@@ -65,6 +65,18 @@ struct Queue {
     /// (connection, channel, consumer tag), served round robin from `next`.
     consumers: Vec<(ConnId, u16, String)>,
     next: usize,
+    /// `x-max-length` with `x-overflow: reject-publish` ([`Broker::limit_queue`]): a publish
+    /// to the full queue is refused, nacked on a channel in confirm mode, dropped otherwise.
+    max_length: Option<usize>,
+}
+
+/// Where a publish went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    Routed,
+    Unroutable,
+    /// A queue with `reject-publish` overflow was full.
+    Refused,
 }
 
 #[derive(Debug)]
@@ -94,6 +106,10 @@ struct Chan {
     publish: Option<PendingPublish>,
     /// We sent `channel.close` and wait for close-ok; everything else is discarded.
     closing: bool,
+    /// Confirm mode (`confirm.select`): the sequence number of the last publish.
+    confirm: Option<u64>,
+    /// Confirms held back by [`Broker::hold_confirms`]: (sequence number, acked).
+    held_confirms: Vec<(u64, bool)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +132,9 @@ struct Conn {
     channels: BTreeMap<u16, Chan>,
     /// Fault: die right after routing the next completed publish, dropping what follows.
     die_after_publish: bool,
+    /// Publisher confirms are held back until [`Broker::release_confirms`] (RabbitMQ confirms
+    /// a publish once its queues have it, which can be after later publishes were handled).
+    hold_confirms: bool,
 }
 
 /// The broker.
@@ -139,6 +158,11 @@ pub struct Broker {
     /// The `channel_max` offered to connections that start their handshake from now on
     /// (RabbitMQ's default: 2047).
     pub channel_max: u16,
+    /// The largest message body accepted (RabbitMQ's `max_message_size`: 128 MiB on 3.x,
+    /// 16 MiB on 4.x); a larger publish closes its channel with 406 PRECONDITION_FAILED.
+    pub max_message_size: u64,
+    /// Publisher confirms sent: (connection, channel, sequence number, acked).
+    pub confirms: Vec<(ConnId, u16, u64, bool)>,
 }
 
 impl Default for Broker {
@@ -162,6 +186,8 @@ impl Broker {
             dropped: 0,
             acks: Vec::new(),
             channel_max: 2047,
+            max_message_size: 128 * 1024 * 1024,
+            confirms: Vec::new(),
         }
     }
 
@@ -181,6 +207,7 @@ impl Broker {
                 out: Vec::new(),
                 channels: BTreeMap::new(),
                 die_after_publish: false,
+                hold_confirms: false,
             },
         );
         id
@@ -307,6 +334,33 @@ impl Broker {
         }
     }
 
+    /// Fault: publisher confirms to `id` are held back until [`Broker::release_confirms`]; a
+    /// channel that closes meanwhile never sends its held ones.
+    pub fn hold_confirms(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.hold_confirms = true;
+        }
+    }
+
+    /// Sends the confirms held back for `id`, channel by channel, and stops holding them.
+    pub fn release_confirms(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.hold_confirms = false;
+        let held: Vec<(u16, Vec<(u64, bool)>)> = conn
+            .channels
+            .iter_mut()
+            .filter(|(_, c)| !c.closing)
+            .map(|(ch, c)| (*ch, std::mem::take(&mut c.held_confirms)))
+            .collect();
+        for (ch, confirms) in held {
+            for (seq, acked) in confirms {
+                self.send_confirm(id, ch, seq, acked);
+            }
+        }
+    }
+
     /// Channels of `id` that are open (not closing), in number order.
     pub fn open_channels(&self, id: ConnId) -> Vec<u16> {
         self.channels_where(id, |_| true)
@@ -373,6 +427,13 @@ impl Broker {
         self.queues.entry(name.to_owned()).or_default();
     }
 
+    /// Declares `name` (if needed) with `x-max-length` `max_length` and `x-overflow`
+    /// `reject-publish`: a publish to it while it holds `max_length` messages is refused
+    /// (RabbitMQ "Queue Length Limit").
+    pub fn limit_queue(&mut self, name: &str, max_length: usize) {
+        self.queues.entry(name.to_owned()).or_default().max_length = Some(max_length);
+    }
+
     /// Deletes a queue; its consumers are cancelled (basic.cancel to their channels).
     pub fn delete(&mut self, name: &str) {
         let Some(q) = self.queues.remove(name) else {
@@ -430,7 +491,7 @@ impl Broker {
     /// Publishes through the default exchange from the test side (a reply injected by hand).
     /// Returns whether it was routed.
     pub fn publish(&mut self, routing_key: &str, properties: BasicProperties, body: &[u8]) -> bool {
-        let routed = self.route(Message {
+        let routing = self.route(Message {
             exchange: String::new(),
             routing_key: routing_key.to_owned(),
             properties,
@@ -440,7 +501,7 @@ impl Broker {
             seq: 0,
         });
         self.dispatch();
-        routed
+        routing == Routing::Routed
     }
 
     /// Advances the broker's clock: messages past their TTL leave their queues.
@@ -627,6 +688,14 @@ impl Broker {
                 }
             }
             AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => self.on_consume(id, ch, c),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                if let Some(c) = self.chan(id, ch) {
+                    c.confirm.get_or_insert(0);
+                }
+                if !select.nowait {
+                    self.send_method(id, ch, frames::select_ok());
+                }
+            }
             AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => {
                 let tag = c.consumer_tag.to_string();
                 self.remove_consumer(id, ch, &tag);
@@ -823,6 +892,15 @@ impl Broker {
                 .push(format!("{id:?}: body longer than announced on {ch}"));
             return self.connection_error(id, 501, "body too long");
         }
+        // RabbitMQ checks the announced body size against `max_message_size` and closes the
+        // channel (rabbit_channel's `check_msg_size`).
+        if size > self.max_message_size {
+            let text = format!(
+                "PRECONDITION_FAILED - message size {size} is larger than configured max size {}",
+                self.max_message_size
+            );
+            return self.channel_error(id, ch, 406, &text);
+        }
         // RabbitMQ validates per-message TTL: a non-negative integer of at most 2^32 - 1 ms
         // (`check_expiry`, `?MAX_EXPIRY_TIMER`), else PRECONDITION_FAILED on the channel.
         if let Some(e) = properties.expiration() {
@@ -859,8 +937,9 @@ impl Broker {
             expires_at: None,
             seq: 0,
         };
-        let routed = self.route(message);
-        if !routed && p.mandatory {
+        let routing = self.route(message);
+        let routed = routing == Routing::Routed;
+        if routing == Routing::Unroutable && p.mandatory {
             self.returned += 1;
             self.send_method(
                 id,
@@ -876,6 +955,24 @@ impl Broker {
         } else if !routed {
             self.dropped += 1;
         }
+        // In confirm mode every publish is confirmed, after its return if it had one; a
+        // publish a full `reject-publish` queue refused is nacked (RabbitMQ "Publisher
+        // Confirms", "Queue Length Limit").
+        let seq = self.chan(id, ch).and_then(|c| {
+            let seq = c.confirm.as_mut()?;
+            *seq += 1;
+            Some(*seq)
+        });
+        if let Some(seq) = seq {
+            let acked = routing != Routing::Refused;
+            if self.conns.get(&id).is_some_and(|c| c.hold_confirms) {
+                if let Some(c) = self.chan(id, ch) {
+                    c.held_confirms.push((seq, acked));
+                }
+            } else {
+                self.send_confirm(id, ch, seq, acked);
+            }
+        }
         if self.conns.get(&id).is_some_and(|c| c.die_after_publish) {
             self.kill(id);
             if let Some(c) = self.conns.get_mut(&id) {
@@ -885,8 +982,18 @@ impl Broker {
         }
     }
 
-    /// Puts a message where its routing key says. Returns whether anything took it.
-    fn route(&mut self, mut message: Message) -> bool {
+    fn send_confirm(&mut self, id: ConnId, ch: u16, seq: u64, acked: bool) {
+        self.confirms.push((id, ch, seq, acked));
+        let method = if acked {
+            frames::ack(seq, false)
+        } else {
+            frames::nack(seq, false)
+        };
+        self.send_method(id, ch, method);
+    }
+
+    /// Puts a message where its routing key says.
+    fn route(&mut self, mut message: Message) -> Routing {
         if let Some((conn, ch)) = parse_direct_address(&message.routing_key) {
             // A direct reply goes straight to the consumer, never through a queue.
             let tag = self
@@ -897,17 +1004,20 @@ impl Broker {
                 .filter(|c| !c.closing)
                 .and_then(|c| c.direct_reply.clone());
             let Some(tag) = tag else {
-                return false;
+                return Routing::Unroutable;
             };
             self.deliver(conn, ch, &tag, None, message);
-            return true;
+            return Routing::Routed;
         }
         let now = self.now;
         self.next_seq += 1;
         message.seq = self.next_seq;
         let Some(q) = self.queues.get_mut(&message.routing_key) else {
-            return false;
+            return Routing::Unroutable;
         };
+        if q.max_length.is_some_and(|max| q.messages.len() >= max) {
+            return Routing::Refused;
+        }
         message.expires_at = message
             .properties
             .expiration()
@@ -916,7 +1026,7 @@ impl Broker {
             .zip(now)
             .map(|(ms, now)| now + Duration::from_millis(ms));
         q.messages.push_back(message);
-        true
+        Routing::Routed
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1084,6 +1194,7 @@ impl Broker {
         let tags: Vec<String> = chan.consumers.keys().cloned().collect();
         chan.direct_reply = None;
         chan.publish = None;
+        chan.held_confirms.clear();
         let unacked: Vec<(String, Message)> =
             std::mem::take(&mut chan.unacked).into_values().collect();
         for tag in tags {

@@ -83,14 +83,43 @@ pub fn second_node() -> &'static Node {
 /// Exclusive use of the second node for one test: held for the whole test, so that tests which
 /// stop the node or raise an alarm run one at a time. Also starts the node if needed. Take it
 /// in the `#[test]` function, before the test's runtime starts (it blocks).
-pub fn exclusive() -> (MutexGuard<'static, ()>, &'static Node) {
+pub fn exclusive() -> (Lease, &'static Node) {
     static LOCK: Mutex<()> = Mutex::new(());
     // A test that failed while holding it leaves nothing behind that the next must undo (each
     // case restores the node in its own clean-up), so a poisoned lock is still usable.
     let guard = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let node = second_node();
-    (guard, node)
+    // Across processes too: two test binaries (or two checkouts' suites run side by side) must
+    // not stop the node or change its settings under each other. The lock goes with the file
+    // handle, so a process that dies releases it.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(USE_LOCK_FILE)
+        .and_then(|file| file.lock().map(|()| file))
+        .map_err(|e| eprintln!("e2e: cannot lock {USE_LOCK_FILE}: {e}"))
+        .ok();
+    (
+        Lease {
+            _file: file,
+            _guard: guard,
+        },
+        node,
+    )
 }
+
+/// Held while a test uses the second node ([`exclusive`]): the in-process lock and the
+/// cross-process file lock.
+#[derive(Debug)]
+pub struct Lease {
+    // Dropped first: the file lock is released before the in-process one.
+    _file: Option<std::fs::File>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// Serializes the tests that use the second node across processes (see [`exclusive`]).
+const USE_LOCK_FILE: &str = "/tmp/rabbit-fault.use.lock";
 
 /// A memory alarm on a node (`set_vm_memory_high_watermark` far below what it uses): the
 /// broker blocks every publishing connection. Cleared by [`MemoryAlarm::clear`], or when the guard
