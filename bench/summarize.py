@@ -76,6 +76,7 @@ IMPL_NAMES = {
     "smol": "ours (smol)",
     "amqprs": "amqprs (as ours)",
     "amqprs-plain": "amqprs (tutorial)",
+    "tokio-before": "ours (tokio) before",
 }
 
 
@@ -88,6 +89,17 @@ def paired_ratio(runs, base_runs, value):
 
 
 def compare(path):
+    comparison(path, IMPLS, [("tokio", "amqprs"), ("smol", "amqprs"), ("tokio", "amqprs-plain")])
+
+
+def before(path):
+    """`bench.sh before REV`: ours at REV, ours now, amqprs."""
+    comparison(path, ["tokio-before", "tokio", "amqprs"],
+               [("tokio", "tokio-before"), ("tokio", "amqprs"), ("tokio-before", "amqprs")])
+
+
+def comparison(path, impls, pairs):
+    """Medians per setting and implementation, then the paired ratios `pairs` (a / b)."""
     runs = load(path)
     table = {k: medians(g) for k, g in grouped(runs, lambda r: (r["label"], r["impl"])).items()}
     for (label, impl), m in table.items():
@@ -109,17 +121,15 @@ def compare(path):
         return paired_ratio(by_impl.get((label, a), []), by_impl.get((label, b), []), value)
 
     print()
-    print("| setting | measure | " + " | ".join(IMPL_NAMES[i] for i in IMPLS)
-          + " | tokio / amqprs | smol / amqprs | tokio / amqprs (tutorial) |")
-    print("|---|---|" + "---:|" * (len(IMPLS) + 3))
+    print("| setting | measure | " + " | ".join(IMPL_NAMES[i] for i in impls) + " | "
+          + " | ".join(f"{IMPL_NAMES[a]} / {IMPL_NAMES[b]}" for a, b in pairs) + " |")
+    print("|---|---|" + "---:|" * (len(impls) + len(pairs)))
     for label, name in SETTINGS.items():
         for title, key, digits in rows:
-            values = [table.get((label, i), {}).get(key) for i in IMPLS]
+            values = [table.get((label, i), {}).get(key) for i in impls]
             cells = [fmt(v, digits) for v in values]
             print(f"| {name} | {title} | " + " | ".join(cells) + " | "
-                  + f"{paired(label, key, 'tokio', 'amqprs')} | "
-                  + f"{paired(label, key, 'smol', 'amqprs')} | "
-                  + f"{paired(label, key, 'tokio', 'amqprs-plain')} |")
+                  + " | ".join(paired(label, key, a, b) for a, b in pairs) + " |")
     loads = [float(r["load"]) for r in runs if "load" in r]
     if loads:
         print(f"\nmedians of {max(m['runs'] for m in table.values())} runs; 1-min load average "
@@ -370,6 +380,6 @@ def cpu_count():
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"compare": compare, "features": features, "strace": strace, "perf": perf,
+    {"compare": compare, "before": before, "features": features, "strace": strace, "perf": perf,
      "syscalls": syscalls, "runtimes": runtimes, "walk": walk,
      "timeline": timeline, "copied": copied, "copies": copies}[cmd](*args)

@@ -8,6 +8,8 @@
 #                                medians of ROUNDS: C=1/prefetch 1, C=64/prefetch 1,
 #                                C=64/prefetch 64; calls/s, p50, p99, client, server and broker
 #                                CPU per call
+#   scripts/bench.sh before REV  ours (tokio) built at git revision REV vs ours now vs amqprs,
+#                                interleaved as compare does: what a change cost or saved
 #   scripts/bench.sh features    broker CPU per call of each protocol choice at C=64/prefetch
 #                                64 (mandatory, expiration, x-rpc-deadline, direct reply-to,
 #                                multiple acks), switched one at a time on the amqprs programs,
@@ -57,6 +59,16 @@ work=$(mktemp -d)
 trap 'rm -rf "$bins" "$work"' EXIT
 target="${CARGO_TARGET_DIR:-target}/release"
 cp "$target/server" "$target/bench" "$target/smol-server" "$target/smol-bench" "$bins/"
+if [ "$mode" = before ]; then
+  # The earlier revision in a worktree and a target dir of their own (kept between runs, so a
+  # second run of the same REV does not rebuild).
+  rev=$(git rev-parse --verify "${2:?usage: scripts/bench.sh before REV}^{commit}")
+  before_src="target/bench-before/src-${rev:0:12}"
+  [ -d "$before_src" ] || git worktree add -q --detach "$before_src" "$rev"
+  (cd "$before_src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release -q -p transport-tokio --bin server --bin bench)
+  cp target/bench-before/target/release/server "$bins/before-server"
+  cp target/bench-before/target/release/bench "$bins/before-bench"
+fi
 if [ "$mode" != matrix ]; then
   (cd bench/amqprs && cargo build --release -q --locked)
   cp bench/amqprs/target/release/amqprs-server bench/amqprs/target/release/amqprs-bench "$bins/"
@@ -71,6 +83,7 @@ broker=$(broker_pid)
 server_cmd() { # impl prefetch extra-server-flags
   case $1 in
     tokio) echo "$bins/server --prefetch $2 --workers $2 $3" ;;
+    tokio-before) echo "$bins/before-server --prefetch $2 --workers $2 $3" ;;
     smol) echo "$bins/smol-server --prefetch $2 --workers $2 $3" ;;
     amqprs | amqprs-plain) echo "$bins/amqprs-server --prefetch $2 --workers $2 $3" ;;
   esac
@@ -78,6 +91,7 @@ server_cmd() { # impl prefetch extra-server-flags
 client_cmd() { # impl extra-client-flags
   case $1 in
     tokio) echo "$bins/bench $2" ;;
+    tokio-before) echo "$bins/before-bench $2" ;;
     smol) echo "$bins/smol-bench $2" ;;
     # amqprs sending what ours sends per request (mandatory, expiration, x-rpc-deadline) ...
     amqprs) echo "$bins/amqprs-bench --like-ours $2" ;;
@@ -134,7 +148,21 @@ settings=(
 )
 
 compare() {
-  local results="$out_dir/compare.jsonl"
+  interleave compare tokio amqprs smol amqprs-plain
+}
+
+# `before REV`: ours at REV against ours now and amqprs, as compare runs them.
+before() {
+  interleave before tokio-before tokio amqprs
+}
+
+# Every setting of the table for each implementation, ROUNDS times, then the summary.
+#   interleave NAME IMPL...
+interleave() {
+  local name=$1
+  shift
+  local impls=("$@") n=$#
+  local results="$out_dir/$name.jsonl"
   : >"$results"
   for round in $(seq "$rounds"); do
     for s in "${settings[@]}"; do
@@ -143,14 +171,14 @@ compare() {
       # Interleaved, so that a noisy moment hits each implementation alike, and each round
       # starts with the next one: a run right after another behaves differently from one
       # after a pause (A/B runs in a fixed order moved C=1's p50 by 10-15% towards the first).
-      local impls=(tokio amqprs smol amqprs-plain) i
-      for i in 0 1 2 3; do
-        run "$1" "${impls[$(((i + round) % 4))]}" "$2" "$3" "$4" | tee -a "$results"
+      local i
+      for i in $(seq 0 $((n - 1))); do
+        run "$1" "${impls[$(((i + round) % n))]}" "$2" "$3" "$4" | tee -a "$results"
       done
     done
-    echo "compare: round $round of $rounds done" >&2
+    echo "$name: round $round of $rounds done" >&2
   done
-  python3 bench/summarize.py compare "$results" | tee "$out_dir/compare.md"
+  python3 bench/summarize.py "$name" "$results" | tee "$out_dir/$name.md"
 }
 
 features() {
@@ -327,6 +355,7 @@ matrix() {
 echo "bench: mode $mode, $rounds rounds, load $(cut -d' ' -f1-3 /proc/loadavg), broker pid $broker" >&2
 case $mode in
   compare) compare ;;
+  before) before ;;
   features) features ;;
   syscalls) syscalls ;;
   runtimes) runtimes ;;
@@ -335,5 +364,5 @@ case $mode in
   matrix) matrix ;;
   all) compare; features; syscalls; runtimes; timeline; copies ;;
   curves) bash scripts/bench-curves.sh all ;;
-  *) echo "usage: scripts/bench.sh [compare|features|syscalls|runtimes|timeline|copies|matrix|all|curves]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [compare|before REV|features|syscalls|runtimes|timeline|copies|matrix|all|curves]" >&2; exit 2 ;;
 esac
