@@ -1928,3 +1928,39 @@ fn the_client_works_at_channel_max_1_2_and_3() {
         }
     }
 }
+
+/// The publishing channel closes for a reason that names no publish (here an unknown 406):
+/// nothing tells which unconfirmed publish the broker took, so none is typed never-ran; in
+/// exclusive-queue mode each keeps waiting for its reply, and those the broker had enqueued
+/// are answered, on the same connection and reply path.
+#[test]
+fn a_publishing_channel_closed_for_no_known_publish_keeps_its_calls_waiting() {
+    let mut config = client_config(ReplyMode::ExclusiveQueue);
+    config.server_check = None;
+    let mut sim = Sim::new(config, 1, 8);
+    let conn = sim.client.conn;
+    sim.broker.hold_confirms(conn);
+    let calls: Vec<CallId> = (0..3).map(|i| sim.call(&i.to_string(), 5000)).collect();
+    let reply = sim.reply_channel();
+    let publisher = *sim
+        .broker
+        .open_channels(conn)
+        .iter()
+        .find(|ch| **ch != reply)
+        .unwrap();
+    sim.broker
+        .close_channel(conn, publisher, 406, "PRECONDITION_FAILED - something else");
+    sim.settle();
+    for id in &calls {
+        assert!(sim.is_pending(*id), "{id:?}: {:?}", sim.ended);
+    }
+    sim.broker.release_confirms(conn);
+    sim.serve_all(0);
+    for (i, id) in calls.iter().enumerate() {
+        assert_eq!(ok_body(sim.result(*id)), format!("re:{i}").as_bytes());
+    }
+    assert_eq!(sim.client.m.stats().reply_path_rearmed, 0);
+    let later = sim.call("later", 5000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(later)), b"re:later");
+}

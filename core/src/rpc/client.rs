@@ -47,6 +47,9 @@ pub struct ClientConfig {
     /// in the background by the next call. While the count is zero and fresh, calls fail with
     /// `NoServers` at once; while it is zero and stale, calls wait for the refresh. Only calls
     /// through the default exchange (routing key = queue name) are checked.
+    ///
+    /// Needs a channel of its own: off on a connection whose `channel_max` leaves none for it
+    /// (below 3 in exclusive-queue mode, below 2 with direct reply-to).
     pub server_check: Option<Duration>,
     /// Outbound bytes the connection may hold before new requests wait (backpressure when the
     /// network or broker is slower than the callers).
@@ -57,7 +60,10 @@ pub struct ClientConfig {
     ///
     /// RabbitMQ answers a publish to a missing exchange by closing the publishing channel with
     /// 404, which would also drop the requests published after it on that channel. With the
-    /// check on, such a call ends alone with [`RpcError::Refused`] and the broker's words.
+    /// check on, such a call ends alone with [`RpcError::Refused`] and the broker's words
+    /// before it is published. With the check off (or off for want of a channel, as
+    /// [`server_check`](Self::server_check)), the publisher confirms still end that call alone
+    /// with `Refused`, and the calls published after it on the channel are sent again.
     pub exchange_check: Option<Duration>,
     /// Whether each request is published `mandatory` (on by default).
     ///
@@ -296,6 +302,22 @@ enum Phase {
 /// requests to be published on the consuming channel (RabbitMQ "Direct Reply-to"), so there
 /// the two are one. A third channel runs the passive declares of the server and exchange
 /// checks, whose 404s close it.
+///
+/// Publisher confirms (RabbitMQ "Publisher Confirms"): the publishing channel is in confirm
+/// mode, so the client knows which requests the broker took. A `basic.nack` ends its call
+/// [`RpcError::QueueFull`] at once. When the broker refuses a publish by closing the publishing
+/// channel, the refused call alone ends [`RpcError::Refused`] (never ran), the calls the broker
+/// discarded after it are sent again, and the calls it took go on waiting for their replies
+/// (in exclusive-queue mode, where the reply path is another channel). With direct reply-to
+/// the reply path dies with the channel: the calls the broker took end
+/// [`RpcError::ReplyPathLost`] (may have run; idempotent ones are sent again), the others as
+/// above. See `settle_unconfirmed` for why the culprit is told by the broker's words.
+///
+/// Few channels (the broker's or the URI's `channel_max`): the client never needs more than
+/// the broker allows. Below three channels (two with direct reply-to) the checks are off on
+/// that connection (no [`RpcError::NoServers`]; a missing exchange is still found, by the
+/// broker's refusal, and ends that call alone); at one channel, exclusive-queue mode also
+/// publishes on the reply path's channel and keeps the isolation of direct reply-to.
 #[derive(Debug)]
 pub struct RpcClient {
     conn: Connection,
