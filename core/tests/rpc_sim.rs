@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use amqp_rpc_sim::broker::Broker;
 use amqp_rpc_sim::rpc::*;
+use amqp_rpc_sim::xorshift;
 
 const MODES: [ReplyMode; 2] = [ReplyMode::DirectReplyTo, ReplyMode::ExclusiveQueue];
 const Q: &str = "rpc";
@@ -1963,4 +1964,88 @@ fn a_publishing_channel_closed_for_no_known_publish_keeps_its_calls_waiting() {
     let later = sim.call("later", 5000);
     sim.serve_all(0);
     assert_eq!(ok_body(sim.result(later)), b"re:later");
+}
+
+/// Random mixes of good calls, calls the broker refuses (a body above its `max_message_size`,
+/// a missing exchange, a full `reject-publish` queue), confirms held back and released,
+/// servers taking requests, and time, in both reply modes, from fixed seeds: every call ends
+/// exactly once, by its deadline, and a call typed never-ran was never received by a server.
+#[test]
+fn refusals_among_calls_end_once_and_never_ran_means_never_received() {
+    const LIMITED: &str = "limited";
+    for mode in MODES {
+        for seed in 1..=24u64 {
+            let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut broker = Broker::new();
+            broker.max_message_size = 1000;
+            broker.limit_queue(LIMITED, 2);
+            let mut config = client_config(mode);
+            config.server_check = None;
+            config.exchange_check = None;
+            let mut sim = Sim::with_connection(config, conn_config(), broker, 1, 4);
+            let conn = sim.client.conn;
+            let mut started = Vec::new();
+            let mut received = std::collections::BTreeSet::new();
+            let mut holding = false;
+            for _ in 0..60 {
+                let (now, wall) = (sim.now, sim.wall());
+                let timeout = Duration::from_millis(200 + xorshift(&mut rng) % 2000);
+                let mut request = CallRequest::new(Q, "g", timeout);
+                match xorshift(&mut rng) % 12 {
+                    0..=4 => {}
+                    5 => request.body = Bytes::from(vec![b'b'; 2000]),
+                    6 => request.exchange = "no-such-exchange".into(),
+                    7 => request.routing_key = LIMITED.into(),
+                    8 => {
+                        holding = !holding;
+                        if holding {
+                            sim.broker.hold_confirms(conn);
+                        } else {
+                            sim.broker.release_confirms(conn);
+                        }
+                        sim.settle();
+                        continue;
+                    }
+                    9 | 10 => {
+                        if let Some(req) = sim.take(0) {
+                            received.insert(req.properties.correlation_id().clone().unwrap());
+                            sim.reply(0, req, Ok(Bytes::from_static(b"re")));
+                        }
+                        continue;
+                    }
+                    _ => {
+                        sim.advance(Duration::from_millis(xorshift(&mut rng) % 300));
+                        continue;
+                    }
+                }
+                request.idempotent = xorshift(&mut rng) % 2 == 0;
+                // A body above the limit the client learned is refused at the call site.
+                if let Ok(id) = sim.client.m.call(now, wall, request) {
+                    started.push(id);
+                    sim.settle();
+                }
+            }
+            sim.broker.release_confirms(conn);
+            sim.settle();
+            for _ in 0..20 {
+                while let Some(req) = sim.take(0) {
+                    received.insert(req.properties.correlation_id().clone().unwrap());
+                    sim.reply(0, req, Ok(Bytes::from_static(b"re")));
+                }
+                sim.advance(Duration::from_millis(200));
+            }
+            for id in &started {
+                let result = sim.result(*id);
+                let corr = sim_key().issue(*id);
+                if let Err(e) = result {
+                    assert!(
+                        e.may_have_run() || !received.contains(&corr),
+                        "{mode:?} seed {seed}: {id:?} ended {e:?} but a server received it"
+                    );
+                }
+            }
+            assert_eq!(sim.ended.len(), started.len(), "{mode:?} seed {seed}");
+            assert_eq!(sim.client.m.in_flight(), 0);
+        }
+    }
 }
