@@ -2018,7 +2018,7 @@ fn refusals_among_calls_end_once_and_never_ran_means_never_received() {
                         continue;
                     }
                 }
-                request.idempotent = xorshift(&mut rng) % 2 == 0;
+                request.idempotent = xorshift(&mut rng) & 1 == 0;
                 // A body above the limit the client learned is refused at the call site.
                 if let Ok(id) = sim.client.m.call(now, wall, request) {
                     started.push(id);
