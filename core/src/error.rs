@@ -361,6 +361,26 @@ pub enum RpcError {
     /// broker cancelled the reply consumer (its queue was deleted, its node went away) or
     /// closed its channel. The client arms a new reply path at once. May have run.
     ReplyPathLost,
+    /// The broker nacked the request (RabbitMQ sends `basic.nack` for a publish a
+    /// `reject-publish` queue at its length limit refused, or, rarely, when a queue failed
+    /// internally; RabbitMQ "Publisher Confirms", "Queue Length Limit"). Never ran.
+    ///
+    /// Only `x-overflow: reject-publish` (or `reject-publish-dlx`) tells the publisher: a queue
+    /// with the default `drop-head` overflow takes the request and drops its oldest message
+    /// instead, and a dead-lettered or expired request is dropped without a word to the
+    /// publisher. Those calls end [`RpcError::TimedOut`] at their deadline, so use
+    /// `reject-publish` on request queues with a length limit, and a deadline the caller can
+    /// afford to wait.
+    QueueFull,
+    /// The reply is larger than the client accepts
+    /// ([`crate::ConnectionConfig::max_body_size`]): its body was skipped, never buffered.
+    /// The server ran the request. May have run (it did).
+    ReplyTooLarge {
+        /// The body size the reply's header announced, in bytes.
+        size: u64,
+        /// The client's limit, in bytes.
+        limit: u64,
+    },
 }
 
 impl RpcError {
@@ -371,9 +391,13 @@ impl RpcError {
             | RpcError::NoServers
             | RpcError::Expired
             | RpcError::Rejected { .. }
-            | RpcError::Refused { .. } => false,
+            | RpcError::Refused { .. }
+            | RpcError::QueueFull => false,
             RpcError::ConnectionLost { sent } => *sent,
-            RpcError::TimedOut | RpcError::Remote { .. } | RpcError::ReplyPathLost => true,
+            RpcError::TimedOut
+            | RpcError::Remote { .. }
+            | RpcError::ReplyPathLost
+            | RpcError::ReplyTooLarge { .. } => true,
         }
     }
 }
@@ -403,6 +427,13 @@ impl fmt::Display for RpcError {
             RpcError::ReplyPathLost => {
                 f.write_str("reply path lost after the request was sent (it may have run)")
             }
+            RpcError::QueueFull => f.write_str(
+                "the broker refused the request: the request queue is full (it did not run)",
+            ),
+            RpcError::ReplyTooLarge { size, limit } => write!(
+                f,
+                "reply of {size} bytes is larger than the client's limit of {limit} (the request ran)"
+            ),
         }
     }
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use amqp_rpc_sim::broker::Broker;
 use amqp_rpc_sim::rpc::*;
+use amqp_rpc_sim::xorshift;
 
 const MODES: [ReplyMode; 2] = [ReplyMode::DirectReplyTo, ReplyMode::ExclusiveQueue];
 const Q: &str = "rpc";
@@ -35,14 +36,21 @@ struct Sim {
 
 impl Sim {
     fn new(config: ClientConfig, servers: usize, prefetch: u16) -> Self {
+        Self::with_connection(config, conn_config(), Broker::new(), servers, prefetch)
+    }
+
+    /// A simulation whose client has connection settings `conn`, on `broker`.
+    fn with_connection(
+        config: ClientConfig,
+        conn: amqp_rpc_core::ConnectionConfig,
+        mut broker: Broker,
+        servers: usize,
+        prefetch: u16,
+    ) -> Self {
         let base = base_instant();
-        let mut broker = Broker::new();
         // The queue exists before anyone serves it (as after a first server's declare).
         broker.declare(Q);
-        let client = Wire::new(
-            RpcClient::new(config, conn_config(), sim_key(), base),
-            &mut broker,
-        );
+        let client = Wire::new(RpcClient::new(config, conn, sim_key(), base), &mut broker);
         let servers = (0..servers)
             .map(|_| {
                 Wire::new(
@@ -988,19 +996,20 @@ fn a_refused_idempotent_call_is_not_resent_in_a_loop() {
             c
         });
         sim.settle();
-        assert_eq!(
-            *err(sim.result(bad)),
-            match mode {
-                ReplyMode::ExclusiveQueue => RpcError::ConnectionLost { sent: true },
-                _ => RpcError::ReplyPathLost,
+        // The broker's words name the exchange: the call is the culprit, never resent.
+        match err(sim.result(bad)) {
+            RpcError::Refused { code, text } => {
+                assert_eq!(code.0, 404);
+                assert!(text.contains("no-such-exchange"), "{text}");
             }
-        );
+            other => panic!("{other:?}"),
+        }
         let stats = sim.client.m.stats();
-        assert_eq!(stats.requests_sent, 3, "first send and two resends");
+        assert_eq!(stats.requests_sent, 1, "the culprit is not sent again");
         let rearmed = if mode == ReplyMode::ExclusiveQueue {
             0
         } else {
-            3
+            1
         };
         assert_eq!(stats.reply_path_rearmed, rearmed);
         let good = sim.call("ok", 1000);
@@ -1737,4 +1746,306 @@ fn shutdown_while_subscribing_never_serves() {
     // caller on the channel the server had left.
     assert_eq!(ok_body(sim.result(id)), b"stale");
     assert_eq!(sim.broker.queue_len(Q), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publisher confirms: one refused publish harms only itself (issue 21)
+// ---------------------------------------------------------------------------------------------
+
+/// A body above the broker's `max_message_size` (but within the client's configured limit)
+/// closes the publishing channel with 406. The oversized call alone ends `Refused` with the
+/// broker's words, never ran; calls confirmed before it, and calls published before it whose
+/// confirms had not come (the broker had enqueued them), go on waiting and are answered in
+/// exclusive-queue mode; the calls after it, which the broker discarded, are sent again and
+/// answered. The limit the broker named is used for later calls, refused before sending.
+#[test]
+fn an_oversized_request_ends_alone_and_the_others_are_answered() {
+    for mode in MODES {
+        let mut broker = Broker::new();
+        broker.max_message_size = 1000;
+        let mut sim = Sim::with_connection(client_config(mode), conn_config(), broker, 1, 64);
+        let confirmed: Vec<CallId> = (0..4).map(|i| sim.call(&format!("c{i}"), 5000)).collect();
+        let conn = sim.client.conn;
+        sim.broker.hold_confirms(conn);
+        let unconfirmed: Vec<CallId> = (0..4).map(|i| sim.call(&format!("u{i}"), 5000)).collect();
+        let big = sim.call_with(CallRequest::new(
+            Q,
+            vec![b'x'; 2000],
+            Duration::from_secs(5),
+        ));
+        let after: Vec<CallId> = (0..4).map(|i| sim.call(&format!("a{i}"), 5000)).collect();
+        match err(sim.result(big)) {
+            e @ RpcError::Refused { code, text } => {
+                assert_eq!(code.0, 406);
+                assert!(
+                    text.contains("message size 2000 is larger than configured max size 1000"),
+                    "{text}"
+                );
+                assert!(!e.may_have_run());
+            }
+            other => panic!("{other:?}"),
+        }
+        sim.broker.release_confirms(conn);
+        sim.serve_all(0);
+        let answered: Vec<&CallId> = match mode {
+            ReplyMode::ExclusiveQueue => {
+                confirmed.iter().chain(&unconfirmed).chain(&after).collect()
+            }
+            // The publishing channel is the reply path's: the calls it had taken lost their
+            // reply path (they may have run); those the broker discarded went out again.
+            _ => {
+                for id in confirmed.iter().chain(&unconfirmed) {
+                    assert_eq!(*err(sim.result(*id)), RpcError::ReplyPathLost);
+                }
+                after.iter().collect()
+            }
+        };
+        for id in answered {
+            assert!(ok_body(sim.result(*id)).starts_with(b"re:"), "{id:?}");
+        }
+        assert_eq!(sim.ended.len(), 13, "every call ended once");
+        assert!(sim.client.up, "no reconnect");
+        // The broker's limit is now the client's.
+        let (now, wall) = (sim.now, sim.wall());
+        assert_eq!(
+            sim.client.m.call(
+                now,
+                wall,
+                CallRequest::new(Q, vec![0u8; 1001], Duration::from_secs(1))
+            ),
+            Err(UsageError::MessageTooLarge {
+                size: 1001,
+                limit: 1000
+            })
+        );
+    }
+}
+
+/// A request queue with `x-max-length` and `x-overflow: reject-publish` is full: the broker
+/// nacks the publish, and the call ends `QueueFull` at once (never ran), counted; the calls
+/// the queue took wait for a server.
+#[test]
+fn a_full_request_queue_ends_calls_queue_full_at_once() {
+    for mode in MODES {
+        let mut broker = Broker::new();
+        broker.limit_queue(Q, 3);
+        let mut config = client_config(mode);
+        // No server yet: the calls must go out to find the queue full.
+        config.server_check = None;
+        let mut sim = Sim::with_connection(config, conn_config(), broker, 0, 1);
+        let calls: Vec<CallId> = (0..5).map(|i| sim.call(&i.to_string(), 10_000)).collect();
+        for id in &calls[3..] {
+            let e = err(sim.result(*id));
+            assert_eq!(*e, RpcError::QueueFull);
+            assert!(!e.may_have_run());
+        }
+        for id in &calls[..3] {
+            assert!(sim.is_pending(*id));
+        }
+        assert_eq!(sim.client.m.stats().requests_nacked, 2);
+    }
+}
+
+/// A reply above the client's `max_body_size` ends its call at once with `ReplyTooLarge`
+/// (the request ran), counted; an unroutable request whose return is above it still ends
+/// `NotRouted`.
+#[test]
+fn a_reply_too_large_ends_its_call_at_once() {
+    for mode in MODES {
+        let mut conn = conn_config();
+        conn.max_body_size = 1000;
+        let mut config = client_config(mode);
+        config.server_check = None;
+        let mut sim = Sim::with_connection(config, conn, Broker::new(), 1, 8);
+        let big = sim.call("big", 5000);
+        let small = sim.call("small", 5000);
+        let req = sim.take(0).unwrap();
+        sim.reply(0, req, Ok(Bytes::from(vec![b'r'; 2000])));
+        assert_eq!(
+            *err(sim.result(big)),
+            RpcError::ReplyTooLarge {
+                size: 2000,
+                limit: 1000
+            }
+        );
+        assert!(err(sim.result(big)).may_have_run());
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(small)), b"re:small");
+        let unroutable = sim.call_with(CallRequest::new(
+            "nowhere",
+            vec![b'x'; 2000],
+            Duration::from_secs(5),
+        ));
+        assert_eq!(*err(sim.result(unroutable)), RpcError::NotRouted);
+        assert_eq!(sim.client.m.stats().replies_too_large, 2);
+    }
+}
+
+/// The client works on as few channels as the broker allows (its `channel_max`, here asked
+/// down by the client as the URI's `channel_max` does), in both reply modes: it never opens
+/// more, and calls are answered. The server check runs only with a channel to spare.
+#[test]
+fn the_client_works_at_channel_max_1_2_and_3() {
+    for mode in MODES {
+        for channel_max in 1..=3u16 {
+            let mut conn = conn_config();
+            conn.channel_max = channel_max;
+            let mut sim = Sim::with_connection(client_config(mode), conn, Broker::new(), 1, 8);
+            assert!(sim.client.m.is_ready(), "{mode:?} {channel_max}");
+            let calls: Vec<CallId> = (0..4).map(|i| sim.call(&i.to_string(), 5000)).collect();
+            sim.serve_all(0);
+            for (i, id) in calls.iter().enumerate() {
+                assert_eq!(
+                    ok_body(sim.result(*id)),
+                    format!("re:{i}").as_bytes(),
+                    "{mode:?} {channel_max}"
+                );
+            }
+            let open = sim.broker.open_channels(sim.client.conn);
+            assert!(
+                open.len() <= usize::from(channel_max),
+                "{mode:?} {channel_max}: {open:?}"
+            );
+            // A call to a missing exchange still ends alone (by the confirms when the checks
+            // are off), and the next call is answered.
+            let bad = sim.call_with({
+                let mut c = CallRequest::new(Q, "bad", Duration::from_secs(5));
+                c.exchange = "no-such-exchange".into();
+                c
+            });
+            assert!(
+                matches!(err(sim.result(bad)), RpcError::Refused { code, .. } if code.0 == 404),
+                "{mode:?} {channel_max}: {:?}",
+                sim.result(bad)
+            );
+            let good = sim.call("good", 5000);
+            sim.serve_all(0);
+            assert_eq!(
+                ok_body(sim.result(good)),
+                b"re:good",
+                "{mode:?} {channel_max}"
+            );
+            assert!(sim.client.up, "no reconnect");
+        }
+    }
+}
+
+/// The publishing channel closes for a reason that names no publish (here an unknown 406):
+/// nothing tells which unconfirmed publish the broker took, so none is typed never-ran; in
+/// exclusive-queue mode each keeps waiting for its reply, and those the broker had enqueued
+/// are answered, on the same connection and reply path.
+#[test]
+fn a_publishing_channel_closed_for_no_known_publish_keeps_its_calls_waiting() {
+    let mut config = client_config(ReplyMode::ExclusiveQueue);
+    config.server_check = None;
+    let mut sim = Sim::new(config, 1, 8);
+    let conn = sim.client.conn;
+    sim.broker.hold_confirms(conn);
+    let calls: Vec<CallId> = (0..3).map(|i| sim.call(&i.to_string(), 5000)).collect();
+    let reply = sim.reply_channel();
+    let publisher = *sim
+        .broker
+        .open_channels(conn)
+        .iter()
+        .find(|ch| **ch != reply)
+        .unwrap();
+    sim.broker
+        .close_channel(conn, publisher, 406, "PRECONDITION_FAILED - something else");
+    sim.settle();
+    for id in &calls {
+        assert!(sim.is_pending(*id), "{id:?}: {:?}", sim.ended);
+    }
+    sim.broker.release_confirms(conn);
+    sim.serve_all(0);
+    for (i, id) in calls.iter().enumerate() {
+        assert_eq!(ok_body(sim.result(*id)), format!("re:{i}").as_bytes());
+    }
+    assert_eq!(sim.client.m.stats().reply_path_rearmed, 0);
+    let later = sim.call("later", 5000);
+    sim.serve_all(0);
+    assert_eq!(ok_body(sim.result(later)), b"re:later");
+}
+
+/// Random mixes of good calls, calls the broker refuses (a body above its `max_message_size`,
+/// a missing exchange, a full `reject-publish` queue), confirms held back and released,
+/// servers taking requests, and time, in both reply modes, from fixed seeds: every call ends
+/// exactly once, by its deadline, and a call typed never-ran was never received by a server.
+#[test]
+fn refusals_among_calls_end_once_and_never_ran_means_never_received() {
+    const LIMITED: &str = "limited";
+    for mode in MODES {
+        for seed in 1..=24u64 {
+            let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut broker = Broker::new();
+            broker.max_message_size = 1000;
+            broker.limit_queue(LIMITED, 2);
+            let mut config = client_config(mode);
+            config.server_check = None;
+            config.exchange_check = None;
+            let mut sim = Sim::with_connection(config, conn_config(), broker, 1, 4);
+            let conn = sim.client.conn;
+            let mut started = Vec::new();
+            let mut received = std::collections::BTreeSet::new();
+            let mut holding = false;
+            for _ in 0..60 {
+                let (now, wall) = (sim.now, sim.wall());
+                let timeout = Duration::from_millis(200 + xorshift(&mut rng) % 2000);
+                let mut request = CallRequest::new(Q, "g", timeout);
+                match xorshift(&mut rng) % 12 {
+                    0..=4 => {}
+                    5 => request.body = Bytes::from(vec![b'b'; 2000]),
+                    6 => request.exchange = "no-such-exchange".into(),
+                    7 => request.routing_key = LIMITED.into(),
+                    8 => {
+                        holding = !holding;
+                        if holding {
+                            sim.broker.hold_confirms(conn);
+                        } else {
+                            sim.broker.release_confirms(conn);
+                        }
+                        sim.settle();
+                        continue;
+                    }
+                    9 | 10 => {
+                        if let Some(req) = sim.take(0) {
+                            received.insert(req.properties.correlation_id().clone().unwrap());
+                            sim.reply(0, req, Ok(Bytes::from_static(b"re")));
+                        }
+                        continue;
+                    }
+                    _ => {
+                        sim.advance(Duration::from_millis(xorshift(&mut rng) % 300));
+                        continue;
+                    }
+                }
+                request.idempotent = xorshift(&mut rng) & 1 == 0;
+                // A body above the limit the client learned is refused at the call site.
+                if let Ok(id) = sim.client.m.call(now, wall, request) {
+                    started.push(id);
+                    sim.settle();
+                }
+            }
+            sim.broker.release_confirms(conn);
+            sim.settle();
+            for _ in 0..20 {
+                while let Some(req) = sim.take(0) {
+                    received.insert(req.properties.correlation_id().clone().unwrap());
+                    sim.reply(0, req, Ok(Bytes::from_static(b"re")));
+                }
+                sim.advance(Duration::from_millis(200));
+            }
+            for id in &started {
+                let result = sim.result(*id);
+                let corr = sim_key().issue(*id);
+                if let Err(e) = result {
+                    assert!(
+                        e.may_have_run() || !received.contains(&corr),
+                        "{mode:?} seed {seed}: {id:?} ended {e:?} but a server received it"
+                    );
+                }
+            }
+            assert_eq!(sim.ended.len(), started.len(), "{mode:?} seed {seed}");
+            assert_eq!(sim.client.m.in_flight(), 0);
+        }
+    }
 }

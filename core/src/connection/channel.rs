@@ -410,9 +410,12 @@ impl Channel {
     /// A broker `basic.ack` or `basic.nack` (RabbitMQ "Publisher Confirms").
     fn on_broker_confirm(&mut self, tag: u64, multiple: bool, acked: bool) -> ChannelStep {
         match self.confirms.as_mut() {
-            Some(confirms) => {
-                ChannelStep::ReportAll(confirms.on_broker_confirm(self.id, tag, multiple, acked))
+            Some(confirms) if multiple => {
+                ChannelStep::ReportAll(confirms.on_broker_confirm_multiple(self.id, tag, acked))
             }
+            Some(confirms) => confirms
+                .on_broker_confirm_one(self.id, tag, acked)
+                .map_or(ChannelStep::Nothing, ChannelStep::Report),
             None => ChannelStep::protocol(
                 ReplyCode::COMMAND_INVALID,
                 format!(

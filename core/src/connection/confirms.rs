@@ -24,16 +24,16 @@ impl Confirms {
         DeliveryTag(self.next_seq)
     }
 
-    /// A broker `basic.ack` (`acked`) or `basic.nack`: one [`Event::PublishConfirmed`] per
-    /// publish it settles. Tags that settle nothing (already settled, never sent) are ignored.
-    pub(crate) fn on_broker_confirm(
+    /// A broker `basic.ack` (`acked`) or `basic.nack` with `multiple` set: one
+    /// [`Event::PublishConfirmed`] per publish it settles. Tags that settle nothing (already
+    /// settled, never sent) are ignored.
+    pub(crate) fn on_broker_confirm_multiple(
         &mut self,
         channel: ChannelId,
         tag: u64,
-        multiple: bool,
         acked: bool,
     ) -> Vec<Event> {
-        self.settle(tag, multiple)
+        self.settle_up_to(tag)
             .into_iter()
             .map(|seq| Event::PublishConfirmed {
                 channel,
@@ -43,24 +43,38 @@ impl Confirms {
             .collect()
     }
 
-    /// Removes and returns the sequence numbers a broker ack or nack settles.
-    pub(crate) fn settle(&mut self, tag: u64, multiple: bool) -> Vec<DeliveryTag> {
-        if multiple && tag == 0 {
+    /// A broker `basic.ack` or `basic.nack` of one publish: its event, if it settles one.
+    /// Nothing is allocated (this runs once per publish when the broker confirms one by one).
+    pub(crate) fn on_broker_confirm_one(
+        &mut self,
+        channel: ChannelId,
+        tag: u64,
+        acked: bool,
+    ) -> Option<Event> {
+        // Confirms come mostly in publish order: the front first, then a binary search.
+        let index = match self.unsettled.front() {
+            Some(&front) if front == tag => 0,
+            _ => self.unsettled.binary_search(&tag).ok()?,
+        };
+        let seq = self.unsettled.remove(index)?;
+        Some(Event::PublishConfirmed {
+            channel,
+            seq: DeliveryTag(seq),
+            acked,
+        })
+    }
+
+    /// Removes and returns the sequence numbers a broker ack or nack with `multiple` settles:
+    /// every one up to `tag`.
+    fn settle_up_to(&mut self, tag: u64) -> Vec<DeliveryTag> {
+        let n = if tag == 0 {
             // "If the multiple field is 1, and the delivery tag is zero, this indicates
             // acknowledgement of all outstanding messages" (spec, basic.ack delivery-tag).
-            self.unsettled.drain(..).map(DeliveryTag).collect()
-        } else if multiple {
-            let n = self.unsettled.partition_point(|&s| s <= tag);
-            self.unsettled.drain(..n).map(DeliveryTag).collect()
+            self.unsettled.len()
         } else {
-            match self.unsettled.binary_search(&tag) {
-                Ok(i) => {
-                    self.unsettled.remove(i);
-                    vec![DeliveryTag(tag)]
-                }
-                Err(_) => Vec::new(),
-            }
-        }
+            self.unsettled.partition_point(|&s| s <= tag)
+        };
+        self.unsettled.drain(..n).map(DeliveryTag).collect()
     }
 }
 
@@ -68,19 +82,32 @@ impl Confirms {
 mod tests {
     use super::*;
 
+    const CH: ChannelId = ChannelId(1);
+
+    fn seqs(events: Vec<Event>) -> Vec<u64> {
+        events
+            .into_iter()
+            .map(|e| match e {
+                Event::PublishConfirmed { seq, .. } => seq.0,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
     fn confirms_settle_single_and_multiple() {
         let mut c = Confirms::default();
         for _ in 0..5 {
             c.next();
         }
-        assert_eq!(c.settle(2, false), vec![DeliveryTag(2)]);
-        assert_eq!(c.settle(2, false), vec![]);
+        assert!(c.on_broker_confirm_one(CH, 2, true).is_some());
+        assert_eq!(c.on_broker_confirm_one(CH, 2, true), None);
         assert_eq!(
-            c.settle(4, true),
-            vec![DeliveryTag(1), DeliveryTag(3), DeliveryTag(4)]
+            seqs(c.on_broker_confirm_multiple(CH, 4, true)),
+            vec![1, 3, 4]
         );
-        assert_eq!(c.settle(9, true), vec![DeliveryTag(5)]);
+        assert_eq!(seqs(c.on_broker_confirm_multiple(CH, 9, false)), vec![5]);
+        assert_eq!(c.on_broker_confirm_one(CH, 9, true), None);
     }
 
     #[test]
@@ -89,10 +116,10 @@ mod tests {
         for _ in 0..3 {
             c.next();
         }
-        assert_eq!(c.settle(0, false), vec![]);
+        assert_eq!(c.on_broker_confirm_one(CH, 0, true), None);
         assert_eq!(
-            c.settle(0, true),
-            vec![DeliveryTag(1), DeliveryTag(2), DeliveryTag(3)]
+            seqs(c.on_broker_confirm_multiple(CH, 0, true)),
+            vec![1, 2, 3]
         );
     }
 }

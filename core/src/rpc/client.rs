@@ -13,8 +13,8 @@ use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED
 use crate::connection::{
     Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply, Returned,
 };
-use crate::error::{ChannelError, ConnectionError, RpcError, UsageError};
-use crate::ids::{ChannelId, RequestId};
+use crate::error::{ChannelError, ConnectionError, Initiator, RpcError, UsageError};
+use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 use crate::timers::TimerTable;
 use crate::types::BasicProperties;
 
@@ -47,6 +47,9 @@ pub struct ClientConfig {
     /// in the background by the next call. While the count is zero and fresh, calls fail with
     /// `NoServers` at once; while it is zero and stale, calls wait for the refresh. Only calls
     /// through the default exchange (routing key = queue name) are checked.
+    ///
+    /// Needs a channel of its own: off on a connection whose `channel_max` leaves none for it
+    /// (below 3 in exclusive-queue mode, below 2 with direct reply-to).
     pub server_check: Option<Duration>,
     /// Outbound bytes the connection may hold before new requests wait (backpressure when the
     /// network or broker is slower than the callers).
@@ -57,7 +60,10 @@ pub struct ClientConfig {
     ///
     /// RabbitMQ answers a publish to a missing exchange by closing the publishing channel with
     /// 404, which would also drop the requests published after it on that channel. With the
-    /// check on, such a call ends alone with [`RpcError::Refused`] and the broker's words.
+    /// check on, such a call ends alone with [`RpcError::Refused`] and the broker's words
+    /// before it is published. With the check off (or off for want of a channel, as
+    /// [`server_check`](Self::server_check)), the publisher confirms still end that call alone
+    /// with `Refused`, and the calls published after it on the channel are sent again.
     pub exchange_check: Option<Duration>,
     /// Whether each request is published `mandatory` (on by default).
     ///
@@ -201,6 +207,12 @@ pub struct ClientStats {
     /// Times the broker cancelled the reply consumer or closed its channel and the client armed
     /// a new reply path.
     pub reply_path_rearmed: u64,
+    /// Replies (or returned requests) whose body was above
+    /// [`ConnectionConfig::max_body_size`], skipped unread; a pending call ends
+    /// [`RpcError::ReplyTooLarge`] (or `NotRouted` for a return).
+    pub replies_too_large: u64,
+    /// Requests the broker nacked (the call ended [`RpcError::QueueFull`]).
+    pub requests_nacked: u64,
 }
 
 /// A call that has not ended.
@@ -216,8 +228,6 @@ struct Call {
     /// Whether it was ever published (an idempotent call waiting to be sent again was): a
     /// server may have run it, whatever happens next.
     published: bool,
-    /// The channel of its last publish, to tell which calls a closed publishing channel took.
-    sent_on: Option<ChannelId>,
     /// Times a channel it was sent on was lost (the connection lived). An idempotent call is
     /// sent again at most [`MAX_CHANNEL_RESENDS`] times this way, so that a request the broker
     /// refuses for a reason no check foresaw cannot close channels in a loop.
@@ -226,6 +236,25 @@ struct Call {
 
 /// Resends of an idempotent call after channel (not connection) losses.
 const MAX_CHANNEL_RESENDS: u32 = 2;
+
+/// Resends of a call whose publish the broker discarded because an earlier publish on the same
+/// channel was refused (the call is innocent, and did not run); beyond it the call ends
+/// `ConnectionLost { sent: false }`. Bounds a stream of refused publishes from keeping an
+/// innocent call going round.
+const MAX_DISCARD_RESENDS: u32 = 8;
+
+/// A publish on the publishing channel (in confirm mode) the broker has not confirmed yet.
+/// Kept in publish order, so in ascending `seq` order: a confirm settles the front entry in the
+/// common case, and finding any other is a binary search. One slot per publish in flight,
+/// nothing allocated per call.
+#[derive(Debug, Clone, Copy)]
+struct Unconfirmed {
+    seq: DeliveryTag,
+    call: CallId,
+    /// Whether the call had been published before this publish (an idempotent call sent
+    /// again): if this publish is discarded, the call may still have run from the earlier one.
+    published_before: bool,
+}
 
 /// How a call ended, remembered for a while to tell duplicate replies from late ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,14 +302,39 @@ enum Phase {
 /// requests to be published on the consuming channel (RabbitMQ "Direct Reply-to"), so there
 /// the two are one. A third channel runs the passive declares of the server and exchange
 /// checks, whose 404s close it.
+///
+/// Publisher confirms (RabbitMQ "Publisher Confirms"): the publishing channel is in confirm
+/// mode, so the client knows which requests the broker took. A `basic.nack` ends its call
+/// [`RpcError::QueueFull`] at once. When the broker refuses a publish by closing the publishing
+/// channel, the refused call alone ends [`RpcError::Refused`] (never ran), the calls the broker
+/// discarded after it are sent again, and the calls it took go on waiting for their replies
+/// (in exclusive-queue mode, where the reply path is another channel). With direct reply-to
+/// the reply path dies with the channel: the calls the broker took end
+/// [`RpcError::ReplyPathLost`] (may have run; idempotent ones are sent again), the others as
+/// above. See `settle_unconfirmed` for why the culprit is told by the broker's words.
+///
+/// Few channels (the broker's or the URI's `channel_max`): the client never needs more than
+/// the broker allows. Below three channels (two with direct reply-to) the checks are off on
+/// that connection (no [`RpcError::NoServers`]; a missing exchange is still found, by the
+/// broker's refusal, and ends that call alone); at one channel, exclusive-queue mode also
+/// publishes on the reply path's channel and keeps the isolation of direct reply-to.
 #[derive(Debug)]
 pub struct RpcClient {
     conn: Connection,
     conn_config: ConnectionConfig,
     config: ClientConfig,
     phase: Phase,
-    /// The publishing channel in [`ReplyMode::ExclusiveQueue`] mode.
+    /// The publishing channel in [`ReplyMode::ExclusiveQueue`] mode, unless it is shared with
+    /// the reply path (`shared`).
     publisher: Option<ChannelId>,
+    /// Publishes go on the reply path's channel: always with direct reply-to (RabbitMQ requires
+    /// it), and in exclusive-queue mode when the broker allows a single channel.
+    shared: bool,
+    /// The server and exchange checks are off on this connection: the broker allows too few
+    /// channels to give their passive declares (whose 404 closes a channel) one of their own.
+    probe_off: bool,
+    /// Publishes on the publishing channel not confirmed yet, in publish order.
+    unconfirmed: VecDeque<Unconfirmed>,
     ids: CorrelationKey,
     next_call: u64,
     calls: HashMap<CallId, Call>,
@@ -329,6 +383,9 @@ impl RpcClient {
             config,
             phase: Phase::Connecting,
             publisher: None,
+            shared: false,
+            probe_off: false,
+            unconfirmed: VecDeque::new(),
             ids,
             next_call: 0,
             calls: HashMap::new(),
@@ -504,7 +561,6 @@ impl RpcClient {
             request: Box::new(request),
             sent: false,
             published: false,
-            sent_on: None,
             channel_losses: 0,
         };
         self.timers.set(Timer::Call(id), call.deadline);
@@ -542,6 +598,7 @@ impl RpcClient {
         self.conn = Connection::new(self.conn_config.clone(), now);
         self.phase = Phase::Connecting;
         self.publisher = None;
+        self.unconfirmed.clear();
         self.arm_failures = 0;
         self.arm_error = None;
         self.probe.forget_connection();
@@ -607,6 +664,7 @@ impl RpcClient {
     fn on_event(&mut self, now: Instant, event: Event) {
         match event {
             Event::Connected => {
+                self.count_channels();
                 self.open_publisher();
                 self.arm();
             }
@@ -632,10 +690,19 @@ impl RpcClient {
             }
             Event::Delivery(delivery) => self.on_reply(delivery),
             Event::Returned(returned) => self.on_returned(returned),
-            Event::ContentTooLarge { .. } => {
-                // A reply too large to buffer: its call ends at its deadline. (Replies are
-                // consumed no-ack, so there is nothing to reject.)
-            }
+            Event::PublishConfirmed {
+                channel,
+                seq,
+                acked,
+            } if self.confirm_channel() == Some(channel) => self.on_confirmed(seq, acked),
+            // A reply (or a returned request) too large to buffer: its body is skipped as it
+            // arrives. Replies are consumed no-ack, so there is nothing to reject.
+            Event::ContentTooLarge {
+                delivery_tag,
+                body_size,
+                properties,
+                ..
+            } => self.on_too_large(delivery_tag.is_none(), body_size, &properties),
             Event::Blocked { reason } => self.events.push_back(ClientEvent::Blocked { reason }),
             Event::Unblocked => self.events.push_back(ClientEvent::Unblocked),
             Event::Closed(error) => {
@@ -647,6 +714,7 @@ impl RpcClient {
                 );
                 self.probe.forget_connection();
                 self.publisher = None;
+                self.unconfirmed.clear();
                 // The client gave the connection up because the broker kept refusing the reply
                 // path: say so in the broker's words, not as a close of our own.
                 let error = match (self.arm_error.take(), error) {
@@ -676,6 +744,10 @@ impl RpcClient {
             // The probe's own channel: its next look opens another.
             return;
         }
+        let publishing = self.confirm_channel() == Some(error.channel);
+        if publishing {
+            self.settle_unconfirmed(&error);
+        }
         if self.rpc_channel() == Some(error.channel) {
             // The reply path is gone with its channel (and, with direct reply-to, the
             // publishing channel too): calls sent may have run.
@@ -697,40 +769,206 @@ impl RpcClient {
             } else {
                 self.arm();
             }
-        } else if self.publisher == Some(error.channel) {
-            // A publish was refused (a check could not foresee it, e.g. an exchange deleted
-            // since it was checked). The broker discarded what followed it on the channel, and
-            // which publish it was is not said: the calls sent on it may or may not have gone
-            // through. The reply path is intact.
+        } else if publishing {
+            // The reply path is intact: calls whose publish the broker took (confirmed, or
+            // maybe taken, see `settle_unconfirmed`) go on waiting for their replies there.
             self.publisher = None;
-            let channel = error.channel;
-            self.lose_sent_calls(
-                now,
-                |call| call.sent_on == Some(channel),
-                RpcError::ConnectionLost { sent: true },
-                true,
-            );
             self.open_publisher();
         }
     }
 
-    /// Opens the publishing channel of [`ReplyMode::ExclusiveQueue`] mode.
+    /// The publishing channel closed: sorts the publishes the broker had not confirmed.
+    ///
+    /// RabbitMQ handles a channel's publishes in order, and a publish it refuses (406 body
+    /// above `max_message_size`, 404 no such exchange, 403 access refused) closes the channel
+    /// at once with `channel.close` naming the reason (AMQP 0-9-1 §1.2 "soft errors"); what the
+    /// client had sent after it is discarded unread. Confirms, though, are not in order with
+    /// the publishes' handling: a publish to a queue is confirmed once the queue has it, which
+    /// can be after the channel handled (and refused) a later publish. So the unconfirmed
+    /// publishes fall in three groups, in publish order:
+    ///
+    /// - before the culprit: handled, maybe enqueued, its confirm lost with the channel. It
+    ///   may run: the call keeps waiting for its reply (on the reply path, when that lives),
+    ///   and ends `TimedOut` at its deadline only if it was truly lost;
+    /// - the culprit: ends [`RpcError::Refused`] with the broker's code and text. Never ran;
+    /// - after it: discarded by the broker, never ran. Innocent: sent again on the next
+    ///   publishing channel within its deadline, at most [`MAX_DISCARD_RESENDS`] times.
+    ///
+    /// The culprit is found by the broker's words, never guessed from the position (the first
+    /// unconfirmed publish may be an innocent one whose confirm was late): the size in
+    /// "message size N is larger than configured max size M" names the body size, and the
+    /// exchange in "no exchange 'X'" or "access to exchange 'X'" names the exchange. A close
+    /// whose culprit is not found this way (the broker's words are unknown, or an operator
+    /// closed the channel) leaves every unconfirmed publish in the first group.
+    fn settle_unconfirmed(&mut self, error: &ChannelError) {
+        let unconfirmed = std::mem::take(&mut self.unconfirmed);
+        let Some(culprit) = self.culprit(error, &unconfirmed) else {
+            return;
+        };
+        for (i, entry) in unconfirmed.iter().enumerate() {
+            match i.cmp(&culprit) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => self.end(
+                    entry.call,
+                    Err(RpcError::Refused {
+                        code: error.code,
+                        text: error.text.clone(),
+                    }),
+                ),
+                std::cmp::Ordering::Greater => self.resend_discarded(*entry),
+            }
+        }
+    }
+
+    /// The position in `unconfirmed` of the publish whose refusal closed the channel, if the
+    /// broker's words name it; see [`RpcClient::settle_unconfirmed`].
+    fn culprit(
+        &mut self,
+        error: &ChannelError,
+        unconfirmed: &VecDeque<Unconfirmed>,
+    ) -> Option<usize> {
+        if error.initiator != Initiator::Server {
+            return None;
+        }
+        let calls = &self.calls;
+        let position = |matches: &dyn Fn(&CallRequest) -> bool| {
+            unconfirmed.iter().position(|entry| {
+                calls
+                    .get(&entry.call)
+                    .is_some_and(|call| call.sent && matches(&call.request))
+            })
+        };
+        match error.code {
+            ReplyCode(406) => {
+                let (size, limit) = size_refusal(&error.text)?;
+                let found = position(&|request| request.body.len() as u64 == size);
+                // The broker's limit is lower than the one configured: later calls above it
+                // are refused before sending, instead of closing the channel again.
+                if found.is_some() && limit < self.conn_config.max_message_size {
+                    self.conn_config.max_message_size = limit;
+                }
+                found
+            }
+            ReplyCode(403) | ReplyCode(404) => {
+                let exchange = quoted_exchange(&error.text)?;
+                position(&|request| {
+                    request.exchange == exchange
+                        || (request.exchange.is_empty() && exchange == "amq.default")
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A publish the broker discarded (it came after a refused one on the same channel): the
+    /// call did not run from it, and goes out again.
+    fn resend_discarded(&mut self, entry: Unconfirmed) {
+        let Some(call) = self.calls.get_mut(&entry.call) else {
+            return;
+        };
+        if !call.sent {
+            return;
+        }
+        call.sent = false;
+        call.published = entry.published_before;
+        if call.channel_losses < MAX_DISCARD_RESENDS {
+            call.channel_losses += 1;
+            self.held.push_back(entry.call);
+        } else {
+            let sent = call.published;
+            self.end(entry.call, Err(RpcError::ConnectionLost { sent }));
+        }
+    }
+
+    /// The broker confirmed (`acked`) or refused a publish on the publishing channel.
+    fn on_confirmed(&mut self, seq: DeliveryTag, acked: bool) {
+        // Confirms come mostly in publish order (and with `multiple` always in order).
+        let index = match self.unconfirmed.front() {
+            Some(front) if front.seq == seq => 0,
+            _ => match self.unconfirmed.binary_search_by_key(&seq, |u| u.seq) {
+                Ok(index) => index,
+                Err(_) => return,
+            },
+        };
+        let Some(entry) = self.unconfirmed.remove(index) else {
+            return;
+        };
+        // An ack means the broker has the request (a return, for an unroutable one, came
+        // before it and ended the call): the call waits for its reply. A nack means it
+        // refused it (RabbitMQ: a `reject-publish` queue at its length limit).
+        if !acked && self.calls.get(&entry.call).is_some_and(|c| c.sent) {
+            self.stats.requests_nacked += 1;
+            self.end(entry.call, Err(RpcError::QueueFull));
+        }
+    }
+
+    /// A message too large to buffer arrived: a reply (`returned` false) or a returned request.
+    fn on_too_large(&mut self, returned: bool, size: u64, properties: &BasicProperties) {
+        self.stats.replies_too_large += 1;
+        let Some(id) = self.parse_correlation_id(properties.correlation_id().as_ref()) else {
+            return;
+        };
+        if returned {
+            // A returned request of any size was not routed: never ran.
+            if self.calls.get(&id).is_some_and(|c| c.sent) {
+                self.end(id, Err(RpcError::NotRouted));
+            }
+        } else if self.calls.get(&id).is_some_and(|c| c.published) {
+            let limit = self.conn_config.max_body_size;
+            self.end(id, Err(RpcError::ReplyTooLarge { size, limit }));
+        }
+    }
+
+    /// Counts the channels the broker allows (AMQP 0-9-1 `connection.tune`'s `channel_max`,
+    /// 0 meaning no limit but the 16-bit channel number): the reply path needs one, a
+    /// separate publishing channel (exclusive-queue mode) one, the checks' passive declares
+    /// one. With fewer, the client shares rather than hang on a channel it cannot open:
+    ///
+    /// - the checks go first: without a channel of their own their 404s would close a
+    ///   channel calls depend on, so [`ClientConfig::server_check`] and
+    ///   [`ClientConfig::exchange_check`] are off on this connection (no `NoServers`; a call
+    ///   to a missing exchange still ends alone, `Refused`, by the publisher confirms);
+    /// - then, at a single channel, exclusive-queue mode publishes on the reply path's
+    ///   channel, as direct reply-to always does: a refused publish then also loses the reply
+    ///   path, and the calls waiting on it end as with direct reply-to.
+    fn count_channels(&mut self) {
+        let channel_max = match self.conn.tune().channel_max {
+            0 => u16::MAX,
+            n => n,
+        };
+        self.shared = self.config.reply_mode == ReplyMode::DirectReplyTo || channel_max < 2;
+        let needed = if self.shared { 2 } else { 3 };
+        self.probe_off = channel_max < needed;
+    }
+
+    /// Opens the publishing channel of [`ReplyMode::ExclusiveQueue`] mode, in confirm mode
+    /// (pipelined behind `channel.open`).
     fn open_publisher(&mut self) {
-        if self.config.reply_mode == ReplyMode::ExclusiveQueue && self.phase != Phase::ShutDown {
-            // Fails only when the connection is closing; its Closed event follows.
-            self.publisher = self.conn.open_channel().ok();
+        if self.shared || self.phase == Phase::ShutDown {
+            return;
+        }
+        // Fails only when the connection is closing; its Closed event follows.
+        self.publisher = self.conn.open_channel().ok();
+        if let Some(channel) = self.publisher {
+            let _ = self.conn.confirm_select(channel);
+        }
+    }
+
+    /// The channel requests are published on (in confirm mode), open or not yet.
+    fn confirm_channel(&self) -> Option<ChannelId> {
+        if self.shared {
+            self.rpc_channel()
+        } else {
+            self.publisher
         }
     }
 
     /// The channel requests go out on now, if any.
     fn publish_channel(&self) -> Option<ChannelId> {
-        let Phase::Ready { channel, .. } = &self.phase else {
+        let Phase::Ready { .. } = &self.phase else {
             return None;
         };
-        let channel = match self.config.reply_mode {
-            ReplyMode::DirectReplyTo => *channel,
-            ReplyMode::ExclusiveQueue => self.publisher?,
-        };
+        let channel = self.confirm_channel()?;
         self.conn.is_channel_usable(channel).then_some(channel)
     }
 
@@ -738,6 +976,11 @@ impl RpcClient {
     fn arm(&mut self) {
         // An error means the connection is closing; its Closed event is on its way.
         if let Ok(channel) = self.conn.open_channel() {
+            if self.shared {
+                // Requests go out on this channel too: confirm them (before anything else, so
+                // that every publish on it is numbered).
+                let _ = self.conn.confirm_select(channel);
+            }
             self.arm_on(channel);
         }
     }
@@ -938,6 +1181,22 @@ impl RpcClient {
         {
             return Gate::Wait;
         }
+        // The broker refused a body this size before (and told its limit, see `culprit`):
+        // sending it again would close the publishing channel again.
+        let size = call.request.body.len() as u64;
+        let limit = self.conn_config.max_message_size;
+        if size > limit {
+            return Gate::Fail(RpcError::Refused {
+                code: ReplyCode(406),
+                text: format!(
+                    "message size {size} is larger than the broker's max size {limit} \
+                     (it refused an earlier message above it)"
+                ),
+            });
+        }
+        if self.probe_off {
+            return Gate::Send;
+        }
         if !call.request.exchange.is_empty() {
             let Some(interval) = self.config.exchange_check else {
                 return Gate::Send;
@@ -1024,11 +1283,18 @@ impl RpcClient {
             &properties,
             &request.body,
         ) {
-            Ok(_) => {
+            Ok(seq) => {
+                let published_before = call.published;
                 call.sent = true;
                 call.published = true;
-                call.sent_on = Some(channel);
                 self.stats.requests_sent += 1;
+                if let Some(seq) = seq {
+                    self.unconfirmed.push_back(Unconfirmed {
+                        seq,
+                        call: id,
+                        published_before,
+                    });
+                }
             }
             // The body is above the broker's limit or a header does not fit in a frame:
             // nothing was sent.
@@ -1152,6 +1418,30 @@ impl From<Verdict> for Gate {
             Verdict::Fail(error) => Gate::Fail(error),
         }
     }
+}
+
+/// The body size and the limit in RabbitMQ's refusal of a message above `max_message_size`:
+/// "PRECONDITION_FAILED - message size N is larger than configured max size M"
+/// (`rabbit_channel:check_msg_size`).
+fn size_refusal(text: &str) -> Option<(u64, u64)> {
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &text[text.find(marker)? + marker.len()..];
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse().ok()
+    };
+    Some((number_after("message size ")?, number_after("max size ")?))
+}
+
+/// The exchange a RabbitMQ refusal names: "NOT_FOUND - no exchange 'X' in vhost '/'" or
+/// "ACCESS_REFUSED - access to exchange 'X' in vhost '/' refused for user 'U'".
+fn quoted_exchange(text: &str) -> Option<&str> {
+    let marker = ["no exchange '", "access to exchange '"]
+        .into_iter()
+        .find(|m| text.contains(m))?;
+    let rest = &text[text.find(marker)? + marker.len()..];
+    // The name ends at the quote before " in vhost" (a name may itself hold quotes).
+    let end = rest.rfind("' in vhost").or_else(|| rest.rfind('\''))?;
+    Some(&rest[..end])
 }
 
 /// The error code and rejected flag of an error reply, or `None` for a successful reply.
