@@ -5,6 +5,7 @@
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
@@ -794,4 +795,162 @@ fn a_channel_max_of_one_replies_on_the_consuming_channel() {
     }
     assert_eq!(broker.unacked(server.conn), 0);
     broker.assert_no_violations();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 item 1: every settle decision reaches the wire in the turn that made it
+// ---------------------------------------------------------------------------------------------
+
+/// A server driven the way `driver/src/io_loop.rs` drives it, without a client: requests are
+/// published straight to the broker. One turn is the handler's `on_wake` (which takes
+/// requests with `poll_request` while workers are free), then `poll_transmit`; a turn runs only when something wakes the loop (bytes from the broker, or
+/// a handler's answer), as in the driver.
+struct Driven {
+    now: Instant,
+    broker: Broker,
+    server: Wire<RpcServer>,
+    workers: usize,
+    running: VecDeque<Request>,
+}
+
+const REPLIES: &str = "replies";
+
+impl Driven {
+    fn new(prefetch: u16, workers: usize) -> Self {
+        let now = base_instant();
+        let mut broker = Broker::new();
+        broker.declare(Q);
+        broker.declare(REPLIES);
+        let mut config = ServerConfig::new(Q);
+        config.prefetch = prefetch;
+        let server = Wire::new(RpcServer::new(config, conn_config(), now), &mut broker);
+        let mut d = Self {
+            now,
+            broker,
+            server,
+            workers,
+            running: VecDeque::new(),
+        };
+        // The protocol header goes first, before any input.
+        d.turn();
+        d.run(100);
+        assert!(d.server.m.is_serving());
+        d
+    }
+
+    fn turn(&mut self) {
+        let now = self.now;
+        let wall = wall(base_instant(), now);
+        while self.server.m.in_flight() < self.workers {
+            match self.server.m.poll_request(now, wall) {
+                Some(r) => self.running.push_back(r),
+                None => break,
+            }
+        }
+        let _ = server_events(&mut self.server.m);
+        let mut buf = Vec::new();
+        if self.server.m.poll_transmit(now, &mut buf) > 0 {
+            self.broker.feed(self.server.conn, now, &buf);
+        }
+    }
+
+    /// Runs up to `wakes` wakes, 5 ms apart: bytes from the broker first, else one handler's answer (the
+    /// request's body echoed). Returns when nothing can wake the loop any more.
+    fn run(&mut self, wakes: usize) {
+        for _ in 0..wakes {
+            let out = self.broker.take_output(self.server.conn);
+            if !out.is_empty() {
+                let now = self.now;
+                self.server.m.handle_input(now, &out);
+            } else if let Some(req) = self.running.pop_front() {
+                let now = self.now;
+                let body = req.body.clone();
+                self.server
+                    .m
+                    .reply(now, req.token, Ok::<_, HandlerError>(body));
+            } else {
+                return;
+            }
+            // A turn takes a while: a request whose budget is a millisecond expires on the way.
+            self.now += Duration::from_millis(5);
+            self.turn();
+        }
+        panic!("still busy after {wakes} wakes");
+    }
+
+    fn publish(&mut self, properties: BasicProperties, body: &str) {
+        assert!(self.broker.publish(Q, properties, body.as_bytes()));
+    }
+
+    fn good(&mut self, i: usize) {
+        let properties = BasicProperties::default()
+            .with_reply_to(ShortString::from(REPLIES))
+            .with_correlation_id(ShortString::from(format!("c{i}")));
+        self.publish(properties, &format!("r{i}"));
+    }
+
+    fn answered(&mut self) -> usize {
+        std::iter::from_fn(|| self.broker.take(REPLIES)).count()
+    }
+}
+
+/// One request the server drops without running, then 20 good ones, at prefetch 1: each drop
+/// is acked in the turn that decided it, so the broker delivers the next request and all 20
+/// are answered, with one worker or two.
+fn a_dropped_request_does_not_stall_prefetch_one(bad: BasicProperties, reason: DropReason) {
+    for workers in [1, 2] {
+        let mut d = Driven::new(1, workers);
+        d.publish(bad.clone(), "bad");
+        for i in 0..20 {
+            d.good(i);
+        }
+        d.run(1000);
+        assert_eq!(d.answered(), 20, "{reason:?}, {workers} workers");
+        assert_eq!(d.broker.queue_len(Q), 0);
+        assert_eq!(d.broker.unacked(d.server.conn), 0);
+        let stats = d.server.m.stats();
+        let dropped =
+            stats.dropped_no_reply_to + stats.dropped_expired + stats.dropped_too_many_deliveries;
+        assert_eq!(dropped, 1, "{reason:?}");
+        d.broker.assert_no_violations();
+    }
+}
+
+#[test]
+fn prefetch_one_survives_a_request_without_reply_to() {
+    let bad = BasicProperties::default().with_correlation_id(ShortString::from("bad"));
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::NoReplyTo);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_expired_by_its_deadline_header() {
+    // A minute before the simulation's wall clock starts.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(amqp_rpc_core::rpc::DEADLINE_HEADER),
+        AMQPValue::LongLongInt(i64::try_from(WALL0).unwrap() - 60_000),
+    );
+    let bad = BasicProperties::default()
+        .with_reply_to(ShortString::from(REPLIES))
+        .with_correlation_id(ShortString::from("bad"))
+        .with_headers(headers);
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::Expired);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_expired_by_its_expiration() {
+    let bad = BasicProperties::default()
+        .with_reply_to(ShortString::from(REPLIES))
+        .with_correlation_id(ShortString::from("bad"))
+        .with_expiration(ShortString::from("1"));
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::Expired);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_delivered_too_often() {
+    let bad = with_delivery_count(10).with_reply_to(ShortString::from(REPLIES));
+    a_dropped_request_does_not_stall_prefetch_one(
+        bad,
+        DropReason::TooManyDeliveries { deliveries: 11 },
+    );
 }

@@ -339,7 +339,7 @@ pub struct RpcServer {
     unsettled: HashMap<RequestKey, Remembered>,
     /// Stamps [`Remembered::seq`], to forget the oldest entry first.
     unsettled_seq: u64,
-    /// Acks owed, sent coalesced at the driver's next turn ([`RpcServer::handle_transmitted`]).
+    /// Acks owed, sent coalesced at the end of the turn ([`RpcServer::poll_transmit`]).
     acks: AckWindow,
     /// Reused by [`RpcServer::flush_acks`].
     ack_scratch: Vec<Ack>,
@@ -406,17 +406,14 @@ impl RpcServer {
         self.pump(now);
     }
 
-    /// The driver's write buffer is empty (see [`crate::Machine::handle_transmitted`]): the
-    /// acks owed for the requests answered since the last call are queued now, after their
-    /// replies, coalesced (one `basic.ack` with `multiple` for the leading run of answered
-    /// deliveries, AMQP 0-9-1 §1.8.3.13). Call it before every [`RpcServer::poll_transmit`].
-    pub fn handle_transmitted(&mut self, now: Instant) {
-        let _ = now;
-        self.flush_acks();
-    }
-
-    /// Appends frames ready to send to `buf`.
+    /// Appends frames ready to send to `buf`. The acks owed go first, coalesced: one
+    /// `basic.ack` with `multiple` for the leading run of answered deliveries (AMQP 0-9-1
+    /// §1.8.3.13), after the replies they follow. Every settle decision made since the last
+    /// call (a reply's, or a drop's in [`RpcServer::poll_request`]) leaves in this call: an
+    /// ack held for a later turn would never leave at prefetch 1, where no later delivery
+    /// comes to make one.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
+        self.flush_acks();
         self.conn.poll_transmit(now, buf)
     }
 
@@ -949,7 +946,7 @@ impl RpcServer {
         let _ = self.conn.reject(channel, tag, requeue);
     }
 
-    /// Queues the acks owed (see [`RpcServer::handle_transmitted`]).
+    /// Queues the acks owed (see [`RpcServer::poll_transmit`]).
     fn flush_acks(&mut self) {
         if !self.acks.has_acks() {
             return;
