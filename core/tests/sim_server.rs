@@ -954,3 +954,182 @@ fn prefetch_one_survives_a_request_delivered_too_often() {
         DropReason::TooManyDeliveries { deliveries: 11 },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 item 2: a request is acked only once its reply is confirmed
+// ---------------------------------------------------------------------------------------------
+
+impl Sim {
+    /// The reply channel: the server's open channel that is not the consuming one.
+    fn publisher_channel(&self) -> u16 {
+        let consuming = self.server_channel();
+        let open = self.broker.open_channels(self.server.conn);
+        let others: Vec<u16> = open.into_iter().filter(|c| *c != consuming).collect();
+        assert_eq!(others.len(), 1, "one reply channel: {others:?}");
+        others[0]
+    }
+
+    /// Requests the broker delivered to the server so far.
+    fn received(&self) -> u64 {
+        self.server.m.stats().received
+    }
+}
+
+/// The broker routes the reply at once but holds its confirm: the request stays unacked until
+/// the confirm comes, then is acked.
+#[test]
+fn the_ack_waits_for_the_replys_confirm() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    sim.broker.hold_confirms(conn);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for i in 0..2 {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes(), "routed at once");
+    }
+    assert_eq!(sim.broker.unacked(conn), 2, "no ack before the confirm");
+    assert_eq!(sim.server.m.stats().replied_ok, 0, "counted when confirmed");
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.server.m.stats().replied_ok, 2);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// The reply channel dies while its confirms are held: neither request is acked; both replies
+/// are published again on a fresh reply channel, one at a time, and acked once confirmed.
+/// Nothing is requeued and no handler runs twice.
+#[test]
+fn a_reply_channel_death_never_acks_an_unconfirmed_reply() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let publisher = sim.publisher_channel();
+    sim.broker.hold_confirms(conn);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for i in 0..2 {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+    }
+    assert_eq!(sim.broker.unacked(conn), 2);
+    // The held confirms die with the channel.
+    sim.broker
+        .close_channel(conn, publisher, 541, "INTERNAL_ERROR");
+    sim.settle();
+    assert_eq!(
+        sim.broker.unacked(conn),
+        2,
+        "no ack for a reply the broker never confirmed"
+    );
+    // One at a time on the fresh channel: one republished, its confirm held.
+    assert_eq!(sim.server.m.stats().replies_republished, 1);
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0, "acked once confirmed");
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+    assert_eq!(sim.received(), 2, "no redelivery");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.replied_ok, 2);
+    assert_eq!(stats.replies_republished, 2);
+    assert_ne!(sim.publisher_channel(), publisher, "a fresh reply channel");
+}
+
+/// The broker's `max_message_size` is lower than the server was told (1000 bytes, the server's
+/// connection at the default 128 MiB): a 2000-byte reply among three good ones, all published
+/// in one turn, makes the broker close the reply channel (406). No request is acked while its
+/// reply is unconfirmed; the server reads the broker's limit from its words, and the oversized
+/// reply becomes `reply_too_large` for its caller at once; the good replies behind it are
+/// published again; nothing is requeued, no handler runs twice, and later oversized replies
+/// become `reply_too_large` before they are published.
+#[test]
+fn a_reply_the_broker_refuses_for_its_size_becomes_reply_too_large() {
+    let mut sim = Sim::prefetch(4);
+    sim.broker.max_message_size = 1000;
+    let conn = sim.server.conn;
+    let ids: Vec<CallId> = (0..4).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..4).map(|_| sim.take().unwrap()).collect();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let body = if i == 1 {
+            vec![b'x'; 2000]
+        } else {
+            format!("r{i}").into_bytes()
+        };
+        let now = sim.now;
+        sim.server
+            .m
+            .reply(now, req.token, Ok::<_, HandlerError>(Bytes::from(body)));
+    }
+    sim.settle();
+    assert_eq!(sim.remote_code(ids[1]), REPLY_TOO_LARGE);
+    for i in [0, 2, 3] {
+        assert_eq!(sim.ok(ids[i]), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+    assert_eq!(sim.received(), 4, "no redelivery");
+    let stats = sim.server.m.stats();
+    assert_eq!(
+        (
+            stats.replied_ok,
+            stats.replied_error,
+            stats.replies_too_large
+        ),
+        (3, 1, 1),
+        "{stats:?}"
+    );
+    // The limit is known now: the next oversized reply never reaches the broker.
+    let publisher = sim.publisher_channel();
+    let id = sim.call("big", 60_000);
+    let req = sim.take().unwrap();
+    sim.reply(req, Ok(Bytes::from(vec![b'y'; 1500])));
+    assert_eq!(sim.remote_code(id), REPLY_TOO_LARGE);
+    assert_eq!(sim.publisher_channel(), publisher, "the channel stayed up");
+    assert_eq!(sim.server.m.stats().replies_too_large, 2);
+}
+
+/// A reply the broker refuses again when it is alone in flight, and not for its size, is the
+/// culprit: its request is acked without a reply (reported, counted) so that it cannot circle,
+/// and the server goes back to pipelining.
+#[test]
+fn a_culprit_refused_when_alone_is_settled_and_reported() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let id = sim.call("a", 60_000);
+    let req = sim.take().unwrap();
+    sim.broker.hold_confirms(conn);
+    sim.reply(req, Ok(Bytes::from("a")));
+    // Twice: once pipelined (published again, alone), once alone (the culprit).
+    for _ in 0..2 {
+        let publisher = sim.publisher_channel();
+        sim.broker
+            .close_channel(conn, publisher, 406, "PRECONDITION_FAILED - refused");
+        sim.settle();
+    }
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    assert_eq!(sim.ok(id), b"a", "the first publish was routed");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.replies_refused, 1, "{stats:?}");
+    assert_eq!(sim.broker.unacked(conn), 0, "settled, not requeued");
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert!(sim.server_events.iter().any(|e| matches!(
+        e,
+        ServerEvent::ReplyRefused { error, .. } if error.code.0 == 406
+    )));
+    // Pipelining again on a fresh channel.
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..2).map(|_| sim.take().unwrap()).collect();
+    for (i, req) in reqs.into_iter().enumerate() {
+        sim.reply_in_turn(req, &format!("r{i}"));
+    }
+    sim.settle();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0);
+}
