@@ -1133,3 +1133,37 @@ fn a_culprit_refused_when_alone_is_settled_and_reported() {
     }
     assert_eq!(sim.broker.unacked(conn), 0);
 }
+
+/// A request whose `reply_to` is a forged direct reply-to name (`amq.rabbitmq.reply-to.x.y`)
+/// among good calls. RabbitMQ 3.10 closes the whole connection (541) of whoever publishes to
+/// such a name; the server recognises that it names no pid and drops the request (acked,
+/// counted) instead of answering: the good calls are answered, the connection never closes.
+#[test]
+fn a_forged_direct_reply_to_is_dropped_not_answered() {
+    let mut sim = Sim::prefetch(4);
+    sim.broker.crash_on_dead_direct_reply_to = true;
+    let conn = sim.server.conn;
+    let mut ids = vec![sim.call("0", 60_000)];
+    let forged = BasicProperties::default()
+        .with_reply_to(ShortString::from("amq.rabbitmq.reply-to.x.y"))
+        .with_correlation_id(ShortString::from("forged"));
+    assert!(sim.broker.publish(Q, forged, b"f"));
+    ids.extend((1..3).map(|i| sim.call(&i.to_string(), 60_000)));
+    let reqs: Vec<Request> = std::iter::from_fn(|| sim.take()).collect();
+    assert_eq!(reqs.len(), 3, "the forged one never runs");
+    for req in reqs {
+        let body = req.body.clone();
+        sim.reply(req, Ok(body));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), i.to_string().as_bytes());
+    }
+    assert!(!sim.broker.is_dead(conn), "the connection stayed up");
+    assert_eq!(sim.server.m.stats().dropped_bad_reply_to, 1);
+    assert_eq!(
+        sim.dropped(),
+        [(DropReason::BadReplyTo, Some("forged".into()))]
+    );
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}

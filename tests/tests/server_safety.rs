@@ -12,16 +12,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use amqp_rpc_cli::fib_handler;
 use amqp_rpc_core::types::{AMQPValue, BasicProperties, FieldTable, ShortString};
 use amqp_rpc_core::{Connection, ConnectionConfig, ConnectionError, Event};
+use e2e_tests::broker::connection_pids;
 use e2e_tests::broker::QueueGuard;
 use e2e_tests::calls::{call, connect, expect_fib, CALL_TIMEOUT};
 use e2e_tests::e2e_tests;
-use e2e_tests::rt::{blocking, within, TestRuntime};
-use e2e_tests::servers::{server_options, TestServer};
+use e2e_tests::rt::{blocking, spawn, within, TestRuntime};
+use e2e_tests::servers::{fault_server_options, server_options, TestServer};
 
 e2e_tests! {
     prefetch_one_survives_a_request_without_reply_to,
     prefetch_one_survives_a_request_past_its_deadline,
     two_workers_at_prefetch_one_survive_a_request_without_reply_to,
+    forged_direct_reply_to_harms_no_innocent_call,
 }
 
 /// How long 20 calls to a healthy server may take, all told. Well below half the default
@@ -168,4 +170,58 @@ async fn prefetch_one_survives_a_request_past_its_deadline<R: TestRuntime>() {
         .with_headers(headers);
     let stats = dropped_request_then_twenty::<R>("drop-expired", bad, 1).await;
     assert_eq!(stats.dropped_expired, 1);
+}
+
+/// Issue 20 item 2: requests whose `reply_to` is a forged direct reply-to name among 64 good
+/// calls in flight. RabbitMQ 3.10.8 closes the connection of whoever publishes to such a name
+/// (541 INTERNAL_ERROR, measured: `amq.rabbitmq.reply-to.x.y`); before, that was the server's,
+/// every request in flight went back to the queue and innocent callers timed out. The server
+/// drops them unanswered (counted), keeps its connection, and every good call is answered.
+async fn forged_direct_reply_to_harms_no_innocent_call<R: TestRuntime>() {
+    let queue = QueueGuard::new("forged-reply-to");
+    let name = format!("{}-server", queue.name());
+    let options = fault_server_options(&e2e_tests::broker::uri(), queue.name(), &name, 16);
+    let mut server = TestServer::start::<R, _, _>(options, fib_handler).await;
+    let pids = connection_pids(&name).expect("rabbitmqctl");
+    let client = connect::<R>(Default::default()).await;
+    expect_fib(call(&client, queue.name(), "1", CALL_TIMEOUT).await, 1);
+    let good: Vec<_> = (0..64u32)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.name().to_owned());
+            spawn::<R, _>(async move {
+                let n = 10 + i % 20;
+                (n, call(&client, &queue, n.to_string(), CALL_TIMEOUT).await)
+            })
+        })
+        .collect();
+    let forged: Vec<(BasicProperties, &[u8])> = ["x.y", "g2Q.abc", "Zm9v.bar"]
+        .iter()
+        .map(|suffix| {
+            let properties = BasicProperties::default()
+                .with_reply_to(ShortString::from(format!("amq.rabbitmq.reply-to.{suffix}")))
+                .with_correlation_id(ShortString::from(format!("forged-{suffix}")));
+            (properties, &b"5"[..])
+        })
+        .collect();
+    let target = queue.name().to_owned();
+    blocking(move || raw_publish(&target, &forged))
+        .await
+        .expect("raw publish");
+    within::<R, _>(TWENTY_CALLS, "the 64 good calls", async {
+        for task in good {
+            let (n, result) = task.join().await;
+            expect_fib(result, n);
+        }
+    })
+    .await;
+    assert_eq!(
+        server.times_ready_again(),
+        0,
+        "the server never reconnected"
+    );
+    assert_eq!(connection_pids(&name).expect("rabbitmqctl"), pids);
+    client.close().await;
+    let report = server.stop::<R>().await;
+    assert_eq!(report.stats.dropped_bad_reply_to, 3, "{:?}", report.stats);
+    assert_eq!(report.stats.replied_ok, 65);
 }

@@ -63,6 +63,7 @@ mod json;
 mod outbox;
 mod policy;
 mod probe;
+mod reply_to;
 mod response;
 mod server;
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::acks::{Ack, AckWindow};
 use super::outbox::{refused_size_limit, Outbox, Outgoing};
 use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::reply_to::is_answerable;
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
@@ -252,6 +253,9 @@ pub struct ServerStats {
     pub dropped_no_reply_to: u64,
     /// Requests acked and dropped because their caller's budget ran out in the prefetch buffer.
     pub dropped_expired: u64,
+    /// Requests acked and dropped because their `reply_to` is a direct reply-to name that
+    /// names no channel ([`DropReason::BadReplyTo`]).
+    pub dropped_bad_reply_to: u64,
     /// Requests rejected without requeue because they were delivered more often than
     /// [`ServerConfig::max_deliveries`].
     pub dropped_too_many_deliveries: u64,
@@ -491,6 +495,7 @@ impl RpcServer {
             let deadline = self.deadline(&delivery.properties, received, now, Some(wall));
             let facts = RequestFacts {
                 has_reply_to: reply_to.is_some(),
+                answerable: reply_to.as_ref().is_none_or(|r| is_answerable(r.as_str())),
                 expired: deadline.is_some_and(|d| d <= now),
                 deliveries,
                 max_deliveries: self.config.max_deliveries.max(1),
@@ -526,6 +531,10 @@ impl RpcServer {
                         }
                         DropReason::Expired => {
                             self.stats.dropped_expired += 1;
+                            self.ack(delivery.channel, delivery.delivery_tag);
+                        }
+                        DropReason::BadReplyTo => {
+                            self.stats.dropped_bad_reply_to += 1;
                             self.ack(delivery.channel, delivery.delivery_tag);
                         }
                         DropReason::TooManyDeliveries { .. } => {
@@ -796,7 +805,7 @@ impl RpcServer {
                 match properties
                     .reply_to()
                     .clone()
-                    .filter(|r| !r.as_str().is_empty())
+                    .filter(|r| !r.as_str().is_empty() && is_answerable(r.as_str()))
                 {
                     Some(reply_to) => {
                         // The event carries no redelivered flag; the broker's count is all we
@@ -975,6 +984,8 @@ impl RpcServer {
                     .reply_to()
                     .as_ref()
                     .is_some_and(|r| !r.as_str().is_empty()),
+                // Not answered on this path either way: given back.
+                answerable: true,
                 expired: self
                     .deadline(&delivery.properties, received, now, None)
                     .is_some_and(|d| d <= now),
@@ -1019,6 +1030,8 @@ impl RpcServer {
     fn token_request_facts(&self, facts: &TokenFacts, now: Instant) -> RequestFacts {
         RequestFacts {
             has_reply_to: !facts.reply_to.as_str().is_empty(),
+            // Tokens are handed out for answerable requests only.
+            answerable: true,
             expired: facts.deadline.is_some_and(|d| d <= now),
             deliveries: facts.deliveries,
             max_deliveries: self.config.max_deliveries.max(1),
