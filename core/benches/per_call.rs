@@ -181,8 +181,7 @@ impl Pair {
                 .m
                 .reply(now, request.token, Ok(Bytes::from_static(REPLY_BODY)));
             buf.clear();
-            // The ack goes out at the driver's turn, after the reply.
-            server.m.handle_transmitted(now);
+            // The ack goes out at the end of the turn, after the reply.
             server.m.poll_transmit(now, &mut buf);
             broker.feed(server.conn, now, &buf);
             let to_client = broker.take_output(client.conn);
@@ -264,7 +263,6 @@ impl Pair {
         self.server
             .reply(self.now, request.token, Ok(Bytes::from_static(REPLY_BODY)));
         buf.clear();
-        self.server.handle_transmitted(self.now);
         self.server.poll_transmit(self.now, buf);
         black_box(&buf);
     }

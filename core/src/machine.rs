@@ -80,4 +80,4 @@ macro_rules! impl_machine {
 
 impl_machine!(Connection, Event, c => c.is_closed());
 impl_machine!(RpcClient, ClientEvent, c => c.connection().is_closed(), handle_transmitted);
-impl_machine!(RpcServer, ServerEvent, s => s.connection().is_closed(), handle_transmitted);
+impl_machine!(RpcServer, ServerEvent, s => s.connection().is_closed());

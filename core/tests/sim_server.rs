@@ -5,6 +5,7 @@
 // In a test an unwrap is an assertion.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
@@ -794,4 +795,375 @@ fn a_channel_max_of_one_replies_on_the_consuming_channel() {
     }
     assert_eq!(broker.unacked(server.conn), 0);
     broker.assert_no_violations();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 item 1: every settle decision reaches the wire in the turn that made it
+// ---------------------------------------------------------------------------------------------
+
+/// A server driven the way `driver/src/io_loop.rs` drives it, without a client: requests are
+/// published straight to the broker. One turn is the handler's `on_wake` (which takes
+/// requests with `poll_request` while workers are free), then `poll_transmit`; a turn runs only when something wakes the loop (bytes from the broker, or
+/// a handler's answer), as in the driver.
+struct Driven {
+    now: Instant,
+    broker: Broker,
+    server: Wire<RpcServer>,
+    workers: usize,
+    running: VecDeque<Request>,
+}
+
+const REPLIES: &str = "replies";
+
+impl Driven {
+    fn new(prefetch: u16, workers: usize) -> Self {
+        let now = base_instant();
+        let mut broker = Broker::new();
+        broker.declare(Q);
+        broker.declare(REPLIES);
+        let mut config = ServerConfig::new(Q);
+        config.prefetch = prefetch;
+        let server = Wire::new(RpcServer::new(config, conn_config(), now), &mut broker);
+        let mut d = Self {
+            now,
+            broker,
+            server,
+            workers,
+            running: VecDeque::new(),
+        };
+        // The protocol header goes first, before any input.
+        d.turn();
+        d.run(100);
+        assert!(d.server.m.is_serving());
+        d
+    }
+
+    fn turn(&mut self) {
+        let now = self.now;
+        let wall = wall(base_instant(), now);
+        while self.server.m.in_flight() < self.workers {
+            match self.server.m.poll_request(now, wall) {
+                Some(r) => self.running.push_back(r),
+                None => break,
+            }
+        }
+        let _ = server_events(&mut self.server.m);
+        let mut buf = Vec::new();
+        if self.server.m.poll_transmit(now, &mut buf) > 0 {
+            self.broker.feed(self.server.conn, now, &buf);
+        }
+    }
+
+    /// Runs up to `wakes` wakes, 5 ms apart: bytes from the broker first, else one handler's answer (the
+    /// request's body echoed). Returns when nothing can wake the loop any more.
+    fn run(&mut self, wakes: usize) {
+        for _ in 0..wakes {
+            let out = self.broker.take_output(self.server.conn);
+            if !out.is_empty() {
+                let now = self.now;
+                self.server.m.handle_input(now, &out);
+            } else if let Some(req) = self.running.pop_front() {
+                let now = self.now;
+                let body = req.body.clone();
+                self.server
+                    .m
+                    .reply(now, req.token, Ok::<_, HandlerError>(body));
+            } else {
+                return;
+            }
+            // A turn takes a while: a request whose budget is a millisecond expires on the way.
+            self.now += Duration::from_millis(5);
+            self.turn();
+        }
+        panic!("still busy after {wakes} wakes");
+    }
+
+    fn publish(&mut self, properties: BasicProperties, body: &str) {
+        assert!(self.broker.publish(Q, properties, body.as_bytes()));
+    }
+
+    fn good(&mut self, i: usize) {
+        let properties = BasicProperties::default()
+            .with_reply_to(ShortString::from(REPLIES))
+            .with_correlation_id(ShortString::from(format!("c{i}")));
+        self.publish(properties, &format!("r{i}"));
+    }
+
+    fn answered(&mut self) -> usize {
+        std::iter::from_fn(|| self.broker.take(REPLIES)).count()
+    }
+}
+
+/// One request the server drops without running, then 20 good ones, at prefetch 1: each drop
+/// is acked in the turn that decided it, so the broker delivers the next request and all 20
+/// are answered, with one worker or two.
+fn a_dropped_request_does_not_stall_prefetch_one(bad: BasicProperties, reason: DropReason) {
+    for workers in [1, 2] {
+        let mut d = Driven::new(1, workers);
+        d.publish(bad.clone(), "bad");
+        for i in 0..20 {
+            d.good(i);
+        }
+        d.run(1000);
+        assert_eq!(d.answered(), 20, "{reason:?}, {workers} workers");
+        assert_eq!(d.broker.queue_len(Q), 0);
+        assert_eq!(d.broker.unacked(d.server.conn), 0);
+        let stats = d.server.m.stats();
+        let dropped =
+            stats.dropped_no_reply_to + stats.dropped_expired + stats.dropped_too_many_deliveries;
+        assert_eq!(dropped, 1, "{reason:?}");
+        d.broker.assert_no_violations();
+    }
+}
+
+#[test]
+fn prefetch_one_survives_a_request_without_reply_to() {
+    let bad = BasicProperties::default().with_correlation_id(ShortString::from("bad"));
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::NoReplyTo);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_expired_by_its_deadline_header() {
+    // A minute before the simulation's wall clock starts.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(amqp_rpc_core::rpc::DEADLINE_HEADER),
+        AMQPValue::LongLongInt(i64::try_from(WALL0).unwrap() - 60_000),
+    );
+    let bad = BasicProperties::default()
+        .with_reply_to(ShortString::from(REPLIES))
+        .with_correlation_id(ShortString::from("bad"))
+        .with_headers(headers);
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::Expired);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_expired_by_its_expiration() {
+    let bad = BasicProperties::default()
+        .with_reply_to(ShortString::from(REPLIES))
+        .with_correlation_id(ShortString::from("bad"))
+        .with_expiration(ShortString::from("1"));
+    a_dropped_request_does_not_stall_prefetch_one(bad, DropReason::Expired);
+}
+
+#[test]
+fn prefetch_one_survives_a_request_delivered_too_often() {
+    let bad = with_delivery_count(10).with_reply_to(ShortString::from(REPLIES));
+    a_dropped_request_does_not_stall_prefetch_one(
+        bad,
+        DropReason::TooManyDeliveries { deliveries: 11 },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 item 2: a request is acked only once its reply is confirmed
+// ---------------------------------------------------------------------------------------------
+
+impl Sim {
+    /// The reply channel: the server's open channel that is not the consuming one.
+    fn publisher_channel(&self) -> u16 {
+        let consuming = self.server_channel();
+        let open = self.broker.open_channels(self.server.conn);
+        let others: Vec<u16> = open.into_iter().filter(|c| *c != consuming).collect();
+        assert_eq!(others.len(), 1, "one reply channel: {others:?}");
+        others[0]
+    }
+
+    /// Requests the broker delivered to the server so far.
+    fn received(&self) -> u64 {
+        self.server.m.stats().received
+    }
+}
+
+/// The broker routes the reply at once but holds its confirm: the request stays unacked until
+/// the confirm comes, then is acked.
+#[test]
+fn the_ack_waits_for_the_replys_confirm() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    sim.broker.hold_confirms(conn);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for i in 0..2 {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes(), "routed at once");
+    }
+    assert_eq!(sim.broker.unacked(conn), 2, "no ack before the confirm");
+    assert_eq!(sim.server.m.stats().replied_ok, 0, "counted when confirmed");
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.server.m.stats().replied_ok, 2);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+/// The reply channel dies while its confirms are held: neither request is acked; both replies
+/// are published again on a fresh reply channel, one at a time, and acked once confirmed.
+/// Nothing is requeued and no handler runs twice.
+#[test]
+fn a_reply_channel_death_never_acks_an_unconfirmed_reply() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let publisher = sim.publisher_channel();
+    sim.broker.hold_confirms(conn);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for i in 0..2 {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+    }
+    assert_eq!(sim.broker.unacked(conn), 2);
+    // The held confirms die with the channel.
+    sim.broker
+        .close_channel(conn, publisher, 541, "INTERNAL_ERROR");
+    sim.settle();
+    assert_eq!(
+        sim.broker.unacked(conn),
+        2,
+        "no ack for a reply the broker never confirmed"
+    );
+    // One at a time on the fresh channel: one republished, its confirm held.
+    assert_eq!(sim.server.m.stats().replies_republished, 1);
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0, "acked once confirmed");
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+    assert_eq!(sim.received(), 2, "no redelivery");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.replied_ok, 2);
+    assert_eq!(stats.replies_republished, 2);
+    assert_ne!(sim.publisher_channel(), publisher, "a fresh reply channel");
+}
+
+/// The broker's `max_message_size` is lower than the server was told (1000 bytes, the server's
+/// connection at the default 128 MiB): a 2000-byte reply among three good ones, all published
+/// in one turn, makes the broker close the reply channel (406). No request is acked while its
+/// reply is unconfirmed; the server reads the broker's limit from its words, and the oversized
+/// reply becomes `reply_too_large` for its caller at once; the good replies behind it are
+/// published again; nothing is requeued, no handler runs twice, and later oversized replies
+/// become `reply_too_large` before they are published.
+#[test]
+fn a_reply_the_broker_refuses_for_its_size_becomes_reply_too_large() {
+    let mut sim = Sim::prefetch(4);
+    sim.broker.max_message_size = 1000;
+    let conn = sim.server.conn;
+    let ids: Vec<CallId> = (0..4).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..4).map(|_| sim.take().unwrap()).collect();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let body = if i == 1 {
+            vec![b'x'; 2000]
+        } else {
+            format!("r{i}").into_bytes()
+        };
+        let now = sim.now;
+        sim.server
+            .m
+            .reply(now, req.token, Ok::<_, HandlerError>(Bytes::from(body)));
+    }
+    sim.settle();
+    assert_eq!(sim.remote_code(ids[1]), REPLY_TOO_LARGE);
+    for i in [0, 2, 3] {
+        assert_eq!(sim.ok(ids[i]), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0, "nothing requeued");
+    assert_eq!(sim.received(), 4, "no redelivery");
+    let stats = sim.server.m.stats();
+    assert_eq!(
+        (
+            stats.replied_ok,
+            stats.replied_error,
+            stats.replies_too_large
+        ),
+        (3, 1, 1),
+        "{stats:?}"
+    );
+    // The limit is known now: the next oversized reply never reaches the broker.
+    let publisher = sim.publisher_channel();
+    let id = sim.call("big", 60_000);
+    let req = sim.take().unwrap();
+    sim.reply(req, Ok(Bytes::from(vec![b'y'; 1500])));
+    assert_eq!(sim.remote_code(id), REPLY_TOO_LARGE);
+    assert_eq!(sim.publisher_channel(), publisher, "the channel stayed up");
+    assert_eq!(sim.server.m.stats().replies_too_large, 2);
+}
+
+/// A reply the broker refuses again when it is alone in flight, and not for its size, is the
+/// culprit: its request is acked without a reply (reported, counted) so that it cannot circle,
+/// and the server goes back to pipelining.
+#[test]
+fn a_culprit_refused_when_alone_is_settled_and_reported() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let id = sim.call("a", 60_000);
+    let req = sim.take().unwrap();
+    sim.broker.hold_confirms(conn);
+    sim.reply(req, Ok(Bytes::from("a")));
+    // Twice: once pipelined (published again, alone), once alone (the culprit).
+    for _ in 0..2 {
+        let publisher = sim.publisher_channel();
+        sim.broker
+            .close_channel(conn, publisher, 406, "PRECONDITION_FAILED - refused");
+        sim.settle();
+    }
+    sim.broker.release_confirms(conn);
+    sim.settle();
+    assert_eq!(sim.ok(id), b"a", "the first publish was routed");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.replies_refused, 1, "{stats:?}");
+    assert_eq!(sim.broker.unacked(conn), 0, "settled, not requeued");
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert!(sim.server_events.iter().any(|e| matches!(
+        e,
+        ServerEvent::ReplyRefused { error, .. } if error.code.0 == 406
+    )));
+    // Pipelining again on a fresh channel.
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    let reqs: Vec<Request> = (0..2).map(|_| sim.take().unwrap()).collect();
+    for (i, req) in reqs.into_iter().enumerate() {
+        sim.reply_in_turn(req, &format!("r{i}"));
+    }
+    sim.settle();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.unacked(conn), 0);
+}
+
+/// A request whose `reply_to` is a forged direct reply-to name (`amq.rabbitmq.reply-to.x.y`)
+/// among good calls. RabbitMQ 3.10 closes the whole connection (541) of whoever publishes to
+/// such a name; the server recognises that it names no pid and drops the request (acked,
+/// counted) instead of answering: the good calls are answered, the connection never closes.
+#[test]
+fn a_forged_direct_reply_to_is_dropped_not_answered() {
+    let mut sim = Sim::prefetch(4);
+    sim.broker.crash_on_dead_direct_reply_to = true;
+    let conn = sim.server.conn;
+    let mut ids = vec![sim.call("0", 60_000)];
+    let forged = BasicProperties::default()
+        .with_reply_to(ShortString::from("amq.rabbitmq.reply-to.x.y"))
+        .with_correlation_id(ShortString::from("forged"));
+    assert!(sim.broker.publish(Q, forged, b"f"));
+    ids.extend((1..3).map(|i| sim.call(&i.to_string(), 60_000)));
+    let reqs: Vec<Request> = std::iter::from_fn(|| sim.take()).collect();
+    assert_eq!(reqs.len(), 3, "the forged one never runs");
+    for req in reqs {
+        let body = req.body.clone();
+        sim.reply(req, Ok(body));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), i.to_string().as_bytes());
+    }
+    assert!(!sim.broker.is_dead(conn), "the connection stayed up");
+    assert_eq!(sim.server.m.stats().dropped_bad_reply_to, 1);
+    assert_eq!(
+        sim.dropped(),
+        [(DropReason::BadReplyTo, Some("forged".into()))]
+    );
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
 }

@@ -410,6 +410,15 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                     correlation_id = correlation_id.as_deref().unwrap_or(""),
                     "reply too large to publish; sent a reply_too_large error reply instead"
                 ),
+                ServerEvent::ReplyRefused {
+                    correlation_id,
+                    error,
+                } => tracing::warn!(
+                    %error,
+                    correlation_id = correlation_id.as_deref().unwrap_or(""),
+                    "the broker refused a reply even alone in flight; its request was acked \
+                     without a reply so that it cannot loop"
+                ),
                 ServerEvent::Disconnected(error) => {
                     tracing::warn!(%error, "connection lost");
                     self.last_error = Some(error);

@@ -1,5 +1,5 @@
 //! The server's acks, coalesced: a request answered is not acked at once but marked, and the
-//! driver's next turn ([`crate::rpc::RpcServer::handle_transmitted`]) acks every marked
+//! end of the turn ([`crate::rpc::RpcServer::poll_transmit`]) acks every marked
 //! request of the channel's settled prefix with one `basic.ack` whose `multiple` flag is set.
 //!
 //! A multiple ack settles every unacked delivery up to and including the tag it names (AMQP

@@ -46,9 +46,11 @@
 //!   running it (invalid input), so retrying the same request is pointless;
 //! - body: a human-readable UTF-8 message.
 //!
-//! The server publishes the reply and then acknowledges the request. A server that dies between
-//! the two gets its request redelivered to another server, which replies again: clients drop
-//! replies whose correlation id they no longer wait for. Likewise, when the server's channel or
+//! The server publishes the reply and then acknowledges the request, once the broker has
+//! confirmed the reply (publisher confirms on the server's reply channel): a reply the broker
+//! refused or lost never leaves its request acked. A server that dies between the two gets its
+//! request redelivered to another server, which replies again: clients drop replies whose
+//! correlation id they no longer wait for. Likewise, when the server's channel or
 //! connection was replaced while a handler ran, its reply is still published (on the current
 //! channel) and only the ack is void: the broker redelivers the request, and the caller drops
 //! the second reply.
@@ -58,8 +60,10 @@ mod client;
 mod correlation;
 #[cfg(feature = "json")]
 mod json;
+mod outbox;
 mod policy;
 mod probe;
+mod reply_to;
 mod response;
 mod server;
 

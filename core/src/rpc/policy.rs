@@ -7,6 +7,9 @@
 pub(crate) struct RequestFacts {
     /// The request names a queue to reply to.
     pub has_reply_to: bool,
+    /// A reply to it could reach someone without harm (see `reply_to.rs`: a direct reply-to
+    /// name that decodes to no pid makes RabbitMQ close the server's connection).
+    pub answerable: bool,
     /// The caller has given up by now: the budget the request carries (its `expiration`,
     /// counted from when it reached us, or its `x-rpc-deadline` plus the clock-skew tolerance)
     /// has run out.
@@ -41,6 +44,10 @@ pub enum DropReason {
     NoReplyTo,
     /// The caller's budget ran out while the request waited. Acked.
     Expired,
+    /// Its `reply_to` is a direct reply-to name that names no channel (forged or garbled):
+    /// nobody can hear a reply, and publishing one would make RabbitMQ 3.10 close the server's
+    /// connection (541 INTERNAL_ERROR). Acked.
+    BadReplyTo,
     /// Delivered more often than [`crate::rpc::ServerConfig::max_deliveries`]: it keeps
     /// killing the servers that take it (a poison message). Rejected without requeue, so the
     /// broker dead-letters it where the queue has a dead-letter exchange.
@@ -74,6 +81,7 @@ pub(crate) enum Decision {
 pub(crate) fn decide(facts: RequestFacts, handler: HandlerOutcome) -> Decision {
     match handler {
         HandlerOutcome::NotRun if !facts.has_reply_to => Decision::Drop(DropReason::NoReplyTo),
+        HandlerOutcome::NotRun if !facts.answerable => Decision::Drop(DropReason::BadReplyTo),
         HandlerOutcome::NotRun if facts.expired => Decision::Drop(DropReason::Expired),
         HandlerOutcome::NotRun if facts.deliveries > facts.max_deliveries => {
             Decision::Drop(DropReason::TooManyDeliveries {
@@ -124,9 +132,18 @@ mod tests {
             ((true, false, 1, ShuttingDown), Reject { requeue: true }),
             ((true, false, 2, ShuttingDown), Reject { requeue: true }),
         ];
+        let bad = RequestFacts {
+            has_reply_to: true,
+            answerable: false,
+            expired: false,
+            deliveries: 1,
+            max_deliveries: 2,
+        };
+        assert_eq!(decide(bad, NotRun), Drop(DropReason::BadReplyTo));
         for ((has_reply_to, expired, deliveries, handler), want) in table {
             let facts = RequestFacts {
                 has_reply_to,
+                answerable: true,
                 expired,
                 deliveries,
                 max_deliveries: 2,

@@ -8,13 +8,15 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
 
 use super::acks::{Ack, AckWindow};
+use super::outbox::{refused_size_limit, Outbox, Outgoing};
 use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::reply_to::is_answerable;
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
     Connection, ConnectionConfig, ConsumeOptions, Delivery, Event, QueueOptions, Reply,
 };
-use crate::error::{ConnectionError, UsageError};
+use crate::error::{ChannelError, ConnectionError, UsageError};
 use crate::ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 use crate::types::BasicProperties;
 
@@ -219,6 +221,16 @@ pub enum ServerEvent {
         /// Why the reply could not be published.
         error: UsageError,
     },
+    /// The broker refused a reply even when it was the only one in flight: it closed the reply
+    /// channel for it (say, a forged direct reply-to address), or the `reply_too_large` error
+    /// reply that replaced it. The request is acked without a reply, so that it cannot circle
+    /// (counted in [`ServerStats::replies_refused`]); its caller times out.
+    ReplyRefused {
+        /// The request's correlation id, for the logs.
+        correlation_id: Option<String>,
+        /// The broker's words: the reply code and text it closed the reply channel with.
+        error: ChannelError,
+    },
     /// The connection closed. Requests in flight cannot be acked any more; the broker
     /// redelivers them. [`RpcServer::reconnect`] starts over.
     Disconnected(ConnectionError),
@@ -241,6 +253,9 @@ pub struct ServerStats {
     pub dropped_no_reply_to: u64,
     /// Requests acked and dropped because their caller's budget ran out in the prefetch buffer.
     pub dropped_expired: u64,
+    /// Requests acked and dropped because their `reply_to` is a direct reply-to name that
+    /// names no channel ([`DropReason::BadReplyTo`]).
+    pub dropped_bad_reply_to: u64,
     /// Requests rejected without requeue because they were delivered more often than
     /// [`ServerConfig::max_deliveries`].
     pub dropped_too_many_deliveries: u64,
@@ -253,9 +268,19 @@ pub struct ServerStats {
     /// requeued the request already), but the reply itself is still published on the current
     /// channel, so that the caller hears at once (counted in `replied_ok`/`replied_error`).
     pub stale_replies: u64,
-    /// Stale replies that could not be published because no channel was usable (the caller
-    /// then hears from the redelivered copy, or times out).
+    /// Stale replies that could not be published because no channel was usable, and replies
+    /// still unconfirmed when the connection closed (the caller then hears from the
+    /// redelivered copy, or times out).
     pub stale_replies_lost: u64,
+    /// Replies the broker refused even when alone in flight (see
+    /// [`ServerEvent::ReplyRefused`]); their requests were acked without a reply.
+    pub replies_refused: u64,
+    /// Replies the broker nacked (`basic.nack`: it could not take them, RabbitMQ "Publisher
+    /// Confirms"); their requests were requeued, to be run again.
+    pub replies_nacked: u64,
+    /// Replies published again on a fresh reply channel after the broker closed the one they
+    /// were on before confirming them.
+    pub replies_republished: u64,
 }
 
 /// Error code of the error reply that replaces a reply too large to publish.
@@ -271,6 +296,11 @@ pub const HANDLER_PANICKED: &str = "handler_panicked";
 /// forgotten first. Entries are removed when the request is settled, so only requests whose
 /// redelivery went to another server linger.
 const MAX_REMEMBERED_DELIVERIES: usize = 4096;
+
+/// How many times per connection the reply channel is opened again after the broker closed it
+/// under unconfirmed replies; past that, replies go on the consuming channel (no confirms, the
+/// order-based guarantee) until the next connection, rather than a channel per reply.
+const MAX_REPLY_CHANNEL_DEATHS: u32 = 16;
 
 /// Header RabbitMQ sets on deliveries from quorum queues: how many times the message was
 /// delivered before and not acked (RabbitMQ "Quorum Queues", "Poison Message Handling").
@@ -339,7 +369,7 @@ pub struct RpcServer {
     unsettled: HashMap<RequestKey, Remembered>,
     /// Stamps [`Remembered::seq`], to forget the oldest entry first.
     unsettled_seq: u64,
-    /// Acks owed, sent coalesced at the driver's next turn ([`RpcServer::handle_transmitted`]).
+    /// Acks owed, sent coalesced at the end of the turn ([`RpcServer::poll_transmit`]).
     acks: AckWindow,
     /// Reused by [`RpcServer::flush_acks`].
     ack_scratch: Vec<Ack>,
@@ -357,6 +387,16 @@ pub struct RpcServer {
     /// after channel for a broker that refuses our replies): replies then go on the consuming
     /// channel.
     publisher: Option<ChannelId>,
+    /// Replies on the reply channel waiting for their confirm, or for their turn (see
+    /// `outbox.rs`): a request is acked only once the broker confirmed its reply.
+    outbox: Outbox<TokenFacts>,
+    /// How often the broker closed the reply channel on this connection under unconfirmed
+    /// replies (bounded by [`MAX_REPLY_CHANNEL_DEATHS`]).
+    publisher_deaths: u32,
+    /// The broker's `max_message_size` as its refusal of a reply told it, when lower than the
+    /// connection's [`ConnectionConfig::max_message_size`]: later replies above it become
+    /// [`REPLY_TOO_LARGE`] error replies before they are published.
+    reply_limit: Option<u64>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
@@ -378,6 +418,9 @@ impl RpcServer {
             acks: AckWindow::default(),
             ack_scratch: Vec::new(),
             publisher: None,
+            outbox: Outbox::default(),
+            publisher_deaths: 0,
+            reply_limit: None,
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
@@ -406,17 +449,14 @@ impl RpcServer {
         self.pump(now);
     }
 
-    /// The driver's write buffer is empty (see [`crate::Machine::handle_transmitted`]): the
-    /// acks owed for the requests answered since the last call are queued now, after their
-    /// replies, coalesced (one `basic.ack` with `multiple` for the leading run of answered
-    /// deliveries, AMQP 0-9-1 §1.8.3.13). Call it before every [`RpcServer::poll_transmit`].
-    pub fn handle_transmitted(&mut self, now: Instant) {
-        let _ = now;
-        self.flush_acks();
-    }
-
-    /// Appends frames ready to send to `buf`.
+    /// Appends frames ready to send to `buf`. The acks owed go first, coalesced: one
+    /// `basic.ack` with `multiple` for the leading run of answered deliveries (AMQP 0-9-1
+    /// §1.8.3.13), after the replies they follow. Every settle decision made since the last
+    /// call (a reply's, or a drop's in [`RpcServer::poll_request`]) leaves in this call: an
+    /// ack held for a later turn would never leave at prefetch 1, where no later delivery
+    /// comes to make one.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
+        self.flush_acks();
         self.conn.poll_transmit(now, buf)
     }
 
@@ -455,6 +495,7 @@ impl RpcServer {
             let deadline = self.deadline(&delivery.properties, received, now, Some(wall));
             let facts = RequestFacts {
                 has_reply_to: reply_to.is_some(),
+                answerable: reply_to.as_ref().is_none_or(|r| is_answerable(r.as_str())),
                 expired: deadline.is_some_and(|d| d <= now),
                 deliveries,
                 max_deliveries: self.config.max_deliveries.max(1),
@@ -490,6 +531,10 @@ impl RpcServer {
                         }
                         DropReason::Expired => {
                             self.stats.dropped_expired += 1;
+                            self.ack(delivery.channel, delivery.delivery_tag);
+                        }
+                        DropReason::BadReplyTo => {
+                            self.stats.dropped_bad_reply_to += 1;
                             self.ack(delivery.channel, delivery.delivery_tag);
                         }
                         DropReason::TooManyDeliveries { .. } => {
@@ -550,9 +595,15 @@ impl RpcServer {
     // -----------------------------------------------------------------------------------------
 
     /// Answers a request: publishes the reply (or error reply) to its `reply_to` with its
-    /// correlation id, then acks it. A reply that cannot be published as it is (body above
-    /// the broker's `max_message_size`, header above frame_max) is replaced by an error reply
-    /// [`REPLY_TOO_LARGE`]. A token from a channel that has since closed is counted stale: its
+    /// correlation id, then acks it once the reply is safe: on the reply channel (in confirm
+    /// mode) when the broker confirms the reply; a reply the broker nacks requeues the request
+    /// instead ([`ServerStats::replies_nacked`]), and one whose channel closes before its
+    /// confirm is published again on a fresh channel, never acked unconfirmed. Without a reply
+    /// channel (`channel_max` 1, or the broker kept closing it) the reply goes on the
+    /// consuming channel, ahead of the ack in that channel's order. A reply that cannot be
+    /// published as it is (body above the broker's `max_message_size`, as configured in
+    /// [`ConnectionConfig::max_message_size`] or as the broker's refusal of an earlier reply
+    /// told it; header above frame_max) is replaced by an error reply [`REPLY_TOO_LARGE`]. A token from a channel that has since closed is counted stale: its
     /// ack is void (the broker has requeued that request), but the reply is still published
     /// on the current channel when one is usable, since it goes to `reply_to` through the
     /// default exchange and does not depend on the delivery's channel.
@@ -571,22 +622,19 @@ impl RpcServer {
         self.in_flight = self.in_flight.saturating_sub(1);
         let request_facts = self.token_request_facts(&facts, now);
         if decide(request_facts, HandlerOutcome::Answered) == Decision::ReplyThenAck {
-            let current = facts.epoch == self.epoch && self.conn.is_channel_usable(facts.channel);
-            let channel = if current {
-                Some(self.publisher_channel().unwrap_or(facts.channel))
-            } else {
+            if !self.is_current(&facts) {
                 self.stats.stale_replies += 1;
-                self.publisher_channel().or_else(|| self.reply_channel())
-            };
-            match channel {
-                Some(channel) => self.publish_reply(channel, &facts, result),
-                None => self.stats.stale_replies_lost += 1,
             }
-            if current {
-                // Queued after the reply, at the next turn at the latest.
-                self.ack(facts.channel, facts.delivery_tag);
-                self.forget(&facts);
-            }
+            let is_error = result.is_err();
+            let (properties, body) = reply_message(&facts, result);
+            self.send_reply(Outgoing {
+                seq: None,
+                facts,
+                properties,
+                body,
+                is_error,
+                is_fallback: false,
+            });
         }
         self.maybe_finish_shutdown(now);
     }
@@ -690,10 +738,20 @@ impl RpcServer {
             Event::Connected => {
                 // The consuming channel first: under a `channel_max` of 1 it gets the only one.
                 self.check_queue();
-                self.publisher = self.conn.open_channel().ok();
+                self.publisher_deaths = 0;
+                self.open_publisher();
             }
             Event::ChannelClosed(error) if self.publisher == Some(error.channel) => {
-                self.publisher = None;
+                self.on_publisher_closed(error);
+                self.maybe_finish_shutdown(now);
+            }
+            Event::PublishConfirmed {
+                channel,
+                seq,
+                acked,
+            } if self.publisher == Some(channel) => {
+                self.on_confirm(seq, acked);
+                self.maybe_finish_shutdown(now);
             }
             Event::Completed {
                 channel,
@@ -747,7 +805,7 @@ impl RpcServer {
                 match properties
                     .reply_to()
                     .clone()
-                    .filter(|r| !r.as_str().is_empty())
+                    .filter(|r| !r.as_str().is_empty() && is_answerable(r.as_str()))
                 {
                     Some(reply_to) => {
                         // The event carries no redelivered flag; the broker's count is all we
@@ -784,6 +842,9 @@ impl RpcServer {
             }
             Event::Closed(error) => {
                 self.publisher = None;
+                // Unconfirmed: their requests go back to the queue with the connection.
+                let lost = self.outbox.drain().count();
+                self.stats.stale_replies_lost += u64::try_from(lost).unwrap_or(u64::MAX);
                 self.buffer.clear();
                 self.acks.clear();
                 self.epoch += 1;
@@ -923,6 +984,8 @@ impl RpcServer {
                     .reply_to()
                     .as_ref()
                     .is_some_and(|r| !r.as_str().is_empty()),
+                // Not answered on this path either way: given back.
+                answerable: true,
                 expired: self
                     .deadline(&delivery.properties, received, now, None)
                     .is_some_and(|d| d <= now),
@@ -949,7 +1012,7 @@ impl RpcServer {
         let _ = self.conn.reject(channel, tag, requeue);
     }
 
-    /// Queues the acks owed (see [`RpcServer::handle_transmitted`]).
+    /// Queues the acks owed (see [`RpcServer::poll_transmit`]).
     fn flush_acks(&mut self) {
         if !self.acks.has_acks() {
             return;
@@ -967,6 +1030,8 @@ impl RpcServer {
     fn token_request_facts(&self, facts: &TokenFacts, now: Instant) -> RequestFacts {
         RequestFacts {
             has_reply_to: !facts.reply_to.as_str().is_empty(),
+            // Tokens are handed out for answerable requests only.
+            answerable: true,
             expired: facts.deadline.is_some_and(|d| d <= now),
             deliveries: facts.deliveries,
             max_deliveries: self.config.max_deliveries.max(1),
@@ -1046,60 +1111,237 @@ impl RpcServer {
         }
     }
 
-    /// Publishes the reply on `channel`; one too large to publish becomes a
-    /// [`REPLY_TOO_LARGE`] error reply. [`Connection::publish`] checks both limits before it
-    /// sends anything: publishing the oversized reply anyway would make the broker close the
-    /// channel (406), which voids every delivery tag on it and requeues the request, to fail
-    /// the same way again.
-    fn publish_reply(
+    /// Whether the request of `facts` came on the consuming channel as it is now: only then
+    /// can its delivery tag be acked.
+    fn is_current(&self, facts: &TokenFacts) -> bool {
+        facts.epoch == self.epoch && self.conn.is_channel_usable(facts.channel)
+    }
+
+    /// Publishes a reply: on the reply channel, confirm-gated (its request is acked when the
+    /// broker confirms it), waiting its turn when the outbox is careful; without a reply
+    /// channel, on the consuming channel, where the ack queued after it is handled after it
+    /// (RabbitMQ handles a channel's commands in order, and a publish it refuses closes the
+    /// channel before the ack is read, which voids the ack).
+    fn send_reply(&mut self, mut reply: Outgoing<TokenFacts>) {
+        if let Some(channel) = self.publisher_channel() {
+            if !self.outbox.may_publish() {
+                self.outbox.wait(reply);
+                return;
+            }
+            match self.publish_now(channel, &mut reply) {
+                Some(Some(seq)) => self.outbox.published(reply, seq),
+                // Not in confirm mode after all (cannot happen: confirm.select went first).
+                Some(None) => self.replied(reply),
+                None => self.settle_unpublished(reply),
+            }
+            return;
+        }
+        let current = self.is_current(&reply.facts);
+        let channel = if current {
+            Some(reply.facts.channel)
+        } else {
+            self.reply_channel()
+        };
+        let Some(channel) = channel else {
+            self.stats.stale_replies_lost += 1;
+            return;
+        };
+        match self.publish_now(channel, &mut reply) {
+            Some(_) => self.replied(reply),
+            None => self.settle_unpublished(reply),
+        }
+    }
+
+    /// Publishes `reply` on `channel`, its sequence number if the channel is in confirm mode. A
+    /// reply too large to publish (body above the broker's `max_message_size`, as configured
+    /// or as learned from a refusal; header above frame_max) is replaced by a
+    /// [`REPLY_TOO_LARGE`] error reply first: publishing it would make the broker close the
+    /// channel (406). `None` when nothing could be published.
+    fn publish_now(
         &mut self,
         channel: ChannelId,
-        facts: &TokenFacts,
-        result: Result<Response, HandlerError>,
-    ) {
-        let is_error = result.is_err();
-        let (properties, body) = reply_message(facts, result);
-        let reply_to = facts.reply_to.as_str();
-        match self
-            .conn
-            .publish(channel, "", reply_to, false, &properties, &body)
-        {
-            Ok(_) if is_error => self.stats.replied_error += 1,
-            Ok(_) => self.stats.replied_ok += 1,
-            Err(error @ (UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. })) => {
-                self.stats.replies_too_large += 1;
-                let message = match &error {
-                    UsageError::MessageTooLarge { size, limit } => format!(
-                        "the reply of {size} bytes exceeds the broker's max_message_size of {limit}"
-                    ),
-                    _ => "the reply's headers exceed the negotiated frame_max".to_owned(),
-                };
-                let fallback = Err(HandlerError::Failed {
-                    code: REPLY_TOO_LARGE.into(),
-                    message,
-                });
-                let (properties, body) = reply_message(facts, fallback);
-                // A short error reply fits any frame_max >= 4096; should the broker's limit
-                // be smaller still, the caller times out as it would have anyway.
-                if self
-                    .conn
-                    .publish(channel, "", reply_to, false, &properties, &body)
-                    .is_ok()
+        reply: &mut Outgoing<TokenFacts>,
+    ) -> Option<Option<DeliveryTag>> {
+        // Twice at most: the replacement is a fallback, never replaced again.
+        for _ in 0..2 {
+            let size = u64::try_from(reply.body.len()).unwrap_or(u64::MAX);
+            let result = match self.reply_limit {
+                Some(limit) if size > limit => Err(UsageError::MessageTooLarge { size, limit }),
+                _ => self.conn.publish(
+                    channel,
+                    "",
+                    reply.facts.reply_to.as_str(),
+                    false,
+                    &reply.properties,
+                    &reply.body,
+                ),
+            };
+            match result {
+                Ok(seq) => return Some(seq),
+                Err(error @ (UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. }))
+                    if !reply.is_fallback =>
                 {
-                    self.stats.replied_error += 1;
+                    self.replace_too_large(reply, error);
                 }
-                self.events.push_back(ServerEvent::ReplyTooLarge {
-                    correlation_id: facts.correlation_id.as_ref().map(|c| c.as_str().to_owned()),
+                // A short error reply fits any frame_max >= 4096 and any sane size limit;
+                // otherwise the channel is going away.
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Replaces `reply` by a [`REPLY_TOO_LARGE`] error reply, counted and reported.
+    fn replace_too_large(&mut self, reply: &mut Outgoing<TokenFacts>, error: UsageError) {
+        self.stats.replies_too_large += 1;
+        let message = match &error {
+            UsageError::MessageTooLarge { size, limit } => format!(
+                "the reply of {size} bytes exceeds the broker's max_message_size of {limit}"
+            ),
+            _ => "the reply's headers exceed the negotiated frame_max".to_owned(),
+        };
+        let fallback = Err(HandlerError::Failed {
+            code: REPLY_TOO_LARGE.into(),
+            message,
+        });
+        (reply.properties, reply.body) = reply_message(&reply.facts, fallback);
+        reply.is_error = true;
+        reply.is_fallback = true;
+        self.events.push_back(ServerEvent::ReplyTooLarge {
+            correlation_id: reply
+                .facts
+                .correlation_id
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
+            error,
+        });
+    }
+
+    /// The reply is safe (confirmed, or ahead of the ack on the same channel): count it and
+    /// ack its request, if its delivery tag is still good.
+    fn replied(&mut self, reply: Outgoing<TokenFacts>) {
+        if reply.is_error {
+            self.stats.replied_error += 1;
+        } else {
+            self.stats.replied_ok += 1;
+        }
+        self.settle_answered(&reply.facts);
+    }
+
+    /// No reply could be published (not even the short error reply): the request is acked
+    /// all the same, since running it again would end the same way; its caller times out.
+    fn settle_unpublished(&mut self, reply: Outgoing<TokenFacts>) {
+        self.settle_answered(&reply.facts);
+    }
+
+    fn settle_answered(&mut self, facts: &TokenFacts) {
+        if self.is_current(facts) {
+            // Queued now, sent at the end of the turn, coalesced.
+            self.ack(facts.channel, facts.delivery_tag);
+            self.forget(facts);
+        }
+    }
+
+    /// Opens the reply channel and puts it in confirm mode, pipelined: replies may be published
+    /// at once (AMQP 0-9-1 §2.2.5; a publish after `confirm.select` is numbered, RabbitMQ
+    /// "Publisher Confirms").
+    fn open_publisher(&mut self) {
+        self.publisher = self.conn.open_channel().ok();
+        if let Some(channel) = self.publisher {
+            if self.conn.confirm_select(channel).is_err() {
+                self.publisher = None;
+            }
+        }
+    }
+
+    /// Publishes the replies whose turn has come (all of them unless the outbox is careful).
+    fn publish_waiting(&mut self) {
+        let Some(channel) = self.publisher_channel() else {
+            return;
+        };
+        while let Some(mut reply) = self.outbox.next_to_publish() {
+            self.stats.replies_republished += 1;
+            match self.publish_now(channel, &mut reply) {
+                Some(Some(seq)) => self.outbox.published(reply, seq),
+                Some(None) => self.replied(reply),
+                None => self.settle_unpublished(reply),
+            }
+        }
+    }
+
+    /// The broker settled a reply: acked, its request is acked; nacked, its request is
+    /// requeued (reject with requeue, once: it stays remembered, so its next delivery counts
+    /// against [`ServerConfig::max_deliveries`]), and runs again.
+    fn on_confirm(&mut self, seq: DeliveryTag, acked: bool) {
+        let Some(reply) = self.outbox.confirmed(seq) else {
+            return;
+        };
+        if acked {
+            self.replied(reply);
+        } else {
+            self.stats.replies_nacked += 1;
+            if self.is_current(&reply.facts) {
+                self.reject(reply.facts.channel, reply.facts.delivery_tag, true);
+            }
+        }
+        self.publish_waiting();
+    }
+
+    /// The broker closed the reply channel. None of its unconfirmed replies is known to be
+    /// safe, so none of their requests is acked: they are published again on a fresh channel,
+    /// one at a time, so that the reply the broker refuses is named when it is alone in flight
+    /// (see `outbox.rs`). A size refusal tells the broker's limit: later replies above it
+    /// become [`REPLY_TOO_LARGE`] error replies before they are published.
+    fn on_publisher_closed(&mut self, error: ChannelError) {
+        self.publisher = None;
+        if let Some(limit) = refused_size_limit(&error.text) {
+            self.reply_limit = Some(self.reply_limit.map_or(limit, |l| l.min(limit)));
+        }
+        let ours = self.outbox.has_unconfirmed();
+        if let Some(mut culprit) = self.outbox.channel_died() {
+            if !culprit.is_fallback && refused_size_limit(&error.text).is_some() {
+                let size = u64::try_from(culprit.body.len()).unwrap_or(u64::MAX);
+                let limit = self.reply_limit.unwrap_or(0);
+                self.replace_too_large(&mut culprit, UsageError::MessageTooLarge { size, limit });
+                self.outbox.wait_first(culprit);
+            } else {
+                self.stats.replies_refused += 1;
+                self.events.push_back(ServerEvent::ReplyRefused {
+                    correlation_id: culprit
+                        .facts
+                        .correlation_id
+                        .as_ref()
+                        .map(|c| c.as_str().to_owned()),
                     error,
                 });
+                self.settle_unpublished(culprit);
             }
-            // The channel or connection is going away; the broker requeues the request.
-            Err(_) => {}
+        }
+        if !ours && !self.outbox.has_waiting() {
+            // Nothing of ours in flight: the broker refuses this channel itself (a 403, an
+            // operator). Replies go on the consuming channel until the next connection.
+            return;
+        }
+        if self.publisher_deaths < MAX_REPLY_CHANNEL_DEATHS {
+            self.publisher_deaths += 1;
+            self.open_publisher();
+        }
+        if self.publisher.is_some() {
+            self.publish_waiting();
+        } else {
+            // Rare, and bounded by the prefetch window: a Vec is fine here.
+            let waiting: Vec<_> = self.outbox.drain().collect();
+            for reply in waiting {
+                self.send_reply(reply);
+            }
         }
     }
 
     fn maybe_finish_shutdown(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Draining { .. }) && self.in_flight == 0 {
+        if matches!(self.phase, Phase::Draining { .. })
+            && self.in_flight == 0
+            && self.outbox.is_empty()
+        {
             if self.conn.is_closed() {
                 self.phase = Phase::Stopped;
                 self.events.push_back(ServerEvent::Stopped);
