@@ -869,7 +869,7 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         "soak: {:.1} min on {} against {} ({}), {} callers, timeout {:?}, a fault every {} s, \
          the reply consumer cancelled every {} s, {}‰ bad calls, {}‰ dropped futures, {}‰ \
          oversized replies, {}‰ oversized requests, a forged reply_to every {} s, a \
-         reject-publish window every {} s; broker max_message_size {limit_line}",
+         reject-publish window every {} s; broker: {limit_line}",
         args.minutes,
         R::NAME,
         node.uri(),
@@ -1559,7 +1559,12 @@ async fn reject_windows<R: TestRuntime>(
     let what = format!("the policy {policy}");
     // The queue's name (`e2e-soak-<hex>`) has no regex metacharacter but `-`.
     let pattern = format!("^{queue}$");
-    while pause::<R>(every, &stop).await {
+    // The first window a third of a period early: apart from the reply consumer's cancels
+    // (every 30 s by default, from the start) and the faults (offset by half a period), so that
+    // the report can tell their effects apart.
+    let mut period = every - every / 3;
+    while pause::<R>(period, &stop).await {
+        period = every;
         let from = Instant::now();
         books.rejecting.store(true, Ordering::SeqCst);
         Undo::push(&what, &node, &["clear_policy", &policy]);
