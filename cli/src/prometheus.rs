@@ -7,13 +7,14 @@
 //! [`MAX_CONNECTIONS`] at once (the next ones are closed at once with a 503), each bounded in
 //! size ([`MAX_REQUEST_HEAD`]) and in total time ([`CONNECTION_DEADLINE`], not per read: a
 //! slowloris that trickles a byte a second is closed at the deadline too). So one client cannot
-//! hold the endpoint: a slow or idle connection delays no other scrape, and more than the bound
-//! of them delay a scrape by the deadline at most, with memory bounded all along.
+//! hold the endpoint: a slow or idle connection delays no other scrape; only more than the bound
+//! of them at once can turn a scrape away (a 503, for the deadline at most); memory stays
+//! bounded all along.
 //!
 //! Why not a maintained HTTP server crate: a scrape is one small GET every few seconds, and
-//! these bounds are the ~80 lines below; hyper (what the exporter's own listener uses) would
-//! bring a tokio runtime into the smol programs, and any server crate a dependency tree larger
-//! than this file, for no feature the endpoint needs (no keep-alive, no TLS, no routing).
+//! these bounds take about a hundred lines here; hyper (what the exporter's own listener uses)
+//! would bring a tokio runtime into the smol programs, and any server crate a dependency tree
+//! larger than this file, for no feature the endpoint needs (no keep-alive, no TLS, no routing).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
