@@ -2,15 +2,26 @@
 //! format, served over HTTP at `/metrics`.
 //!
 //! The recorder is metrics-exporter-prometheus's, built without its HTTP listener (that one is
-//! hyper on a tokio runtime, and the programs also run on smol). A std thread answers the
-//! scrapes instead, one connection at a time: a scrape is a small GET every few seconds, and
-//! each connection is bounded in size ([`MAX_REQUEST_HEAD`]) and time ([`IO_TIMEOUT`]), so a
-//! stuck or hostile peer delays the next scrape by seconds at most and never grows memory.
+//! hyper on a tokio runtime, and the programs also run on smol). Std threads answer the scrapes
+//! instead: one accepts, and each connection has a thread of its own, at most
+//! [`MAX_CONNECTIONS`] at once (the next ones are closed at once with a 503), each bounded in
+//! size ([`MAX_REQUEST_HEAD`]) and in total time ([`CONNECTION_DEADLINE`], not per read: a
+//! slowloris that trickles a byte a second is closed at the deadline too). So one client cannot
+//! hold the endpoint: a slow or idle connection delays no other scrape; only more than the bound
+//! of them at once can turn a scrape away (a 503, for the deadline at most); memory stays
+//! bounded all along.
+//!
+//! Why not a maintained HTTP server crate: a scrape is one small GET every few seconds, and
+//! these bounds take about a hundred lines here; hyper (what the exporter's own listener uses)
+//! would bring a tokio runtime into the smol programs, and any server crate a dependency tree
+//! larger than this file, for no feature the endpoint needs (no keep-alive, no TLS, no routing).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -25,8 +36,14 @@ pub const SECONDS_BUCKETS: [f64; 19] = [
 /// The most of a request's head (request line and headers) read before answering 431.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
-/// How long a scrape's connection may take to send its request or read the answer.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most connections served at once; the next ones are closed as soon as accepted. Above
+/// what a few Prometheus servers scraping at once need, far below a process's descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long one connection may last in all, from its accept to the last byte of the answer:
+/// a scrape of the local process takes milliseconds, so a peer still sending its request (or
+/// reading the answer) after this is stuck or hostile, and is closed.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How often the recorder's upkeep runs (it drains the histograms' buffers).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -47,21 +64,80 @@ pub fn serve_metrics(addr: SocketAddr) -> io::Result<SocketAddr> {
             std::thread::sleep(UPKEEP_EVERY);
             upkeep.run_upkeep();
         })?;
+    respond(listener, Arc::new(move || handle.render()))?;
+    Ok(local)
+}
+
+/// What renders the metrics page (the recorder's handle; a fixed text in the tests).
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Answers the scrapes that reach `listener`, for ever: a thread accepts, and each connection
+/// is answered on a thread of its own, at most [`MAX_CONNECTIONS`] at once, each within
+/// [`CONNECTION_DEADLINE`] in all. So a peer that trickles its request or never sends one
+/// holds one slot for two seconds at most, and delays no other scrape.
+fn respond(listener: TcpListener, render: Render) -> io::Result<()> {
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        let _ = answer(stream, &handle);
-                    }
+                let stream = match stream {
+                    Ok(stream) => stream,
                     // A failed accept (the peer gone already, out of file descriptors) ends one
                     // scrape, not the endpoint; the pause keeps a lasting failure from spinning.
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let Some(slot) = Slot::take(&open) else {
+                    refuse(stream);
+                    continue;
+                };
+                let render = Arc::clone(&render);
+                // Should the thread not start, the closure (stream and slot) is dropped: the
+                // connection is closed and its slot freed.
+                let _ = std::thread::Builder::new()
+                    .name("metrics-scrape".into())
+                    .stack_size(SCRAPE_STACK)
+                    .spawn(move || {
+                        let _slot = slot;
+                        let _ = answer(stream, &*render);
+                    });
             }
         })?;
-    Ok(local)
+    Ok(())
+}
+
+/// A scrape thread's stack: rendering builds its text on the heap.
+const SCRAPE_STACK: usize = 256 * 1024;
+
+/// One of the [`MAX_CONNECTIONS`] connections served at once; freed when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A slot, if fewer than [`MAX_CONNECTIONS`] are taken.
+    fn take(open: &Arc<AtomicUsize>) -> Option<Slot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Slot(Arc::clone(open)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Closes a connection over the bound at once, with a 503 if the socket takes it without
+/// waiting (a fresh connection's send buffer is empty, so it does).
+fn refuse(stream: TcpStream) {
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write(&status(503, "Service Unavailable"));
+    }
 }
 
 /// [`serve_metrics`] for a program: says where on stderr, or why not and returns exit code 1.
@@ -88,15 +164,51 @@ fn install_recorder() -> io::Result<PrometheusHandle> {
 }
 
 /// Reads one request from `stream` and writes its answer, then closes the connection
-/// (HTTP/1.0: no keep-alive, no chunking).
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+/// (HTTP/1.0: no keep-alive, no chunking), all within [`CONNECTION_DEADLINE`].
+fn answer(stream: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> {
+    let mut stream = Deadline {
+        stream,
+        at: Instant::now() + CONNECTION_DEADLINE,
+    };
     let head = read_head(&mut stream);
-    stream.write_all(&response(head.as_deref().map_err(|e| *e), || {
-        handle.render()
-    }))?;
+    stream.write_all(&response(head.as_deref().map_err(|e| *e), render))?;
     stream.flush()
+}
+
+/// A connection whose every read and write ends by `at`: each waits at most the time left
+/// (a socket timeout is per call, so a byte every second would otherwise last for ever).
+struct Deadline {
+    stream: TcpStream,
+    at: Instant,
+}
+
+impl Deadline {
+    /// The time left, or `TimedOut` once there is none (a zero socket timeout is an error).
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 /// What [`read_head`] found wrong.
@@ -252,6 +364,165 @@ mod tests {
             10 * MAX_REQUEST_HEAD as u64 - MAX_REQUEST_HEAD as u64
         );
         assert!(answer_to(&vec![b'a'; MAX_REQUEST_HEAD + 1]).starts_with("HTTP/1.0 431 "));
+    }
+
+    /// How long a test scrape waits for its answer before it gives up.
+    const SCRAPE_LIMIT: Duration = Duration::from_secs(5);
+
+    /// A responder on a port of its own, its page a fixed text.
+    fn responder() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test port");
+        let addr = listener.local_addr().expect("its address");
+        respond(listener, Arc::new(|| "m_total 3\n".to_owned())).expect("spawn the responder");
+        addr
+    }
+
+    /// One scrape: the status line, or why none came within [`SCRAPE_LIMIT`]; how long it took.
+    fn scrape(addr: SocketAddr) -> (Result<String, String>, Duration) {
+        let started = Instant::now();
+        let status = (|| {
+            let mut stream =
+                TcpStream::connect_timeout(&addr, SCRAPE_LIMIT).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(SCRAPE_LIMIT))
+                .map_err(|e| e.to_string())?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out).map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out);
+            Ok(text.lines().next().unwrap_or_default().to_owned())
+        })();
+        (status, started.elapsed())
+    }
+
+    /// A slowloris: sends `GET /metrics` (never the blank line) a byte `every`, at most
+    /// `bytes` of it; returns how long after its connect the responder closed it (it answered
+    /// or hung up), `None` if it was still open after the last byte and one more period.
+    fn trickle(
+        addr: SocketAddr,
+        every: Duration,
+        bytes: usize,
+    ) -> std::thread::JoinHandle<Option<Duration>> {
+        let mut stream = TcpStream::connect(addr).expect("connect the slowloris");
+        let started = Instant::now();
+        stream.set_read_timeout(Some(every)).expect("set a timeout");
+        std::thread::spawn(move || {
+            for byte in b"GET /metrics HTTP/1.0\r\nHost: slow\r\nX-Slow: "
+                .iter()
+                .cycle()
+                .take(bytes)
+            {
+                if stream.write_all(&[*byte]).is_err() {
+                    return Some(started.elapsed());
+                }
+                // Waits out the period, unless the responder answers or closes first.
+                let mut sink = [0u8; 64];
+                match stream.read(&mut sink) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    _ => return Some(started.elapsed()),
+                }
+            }
+            None
+        })
+    }
+
+    #[test]
+    fn a_slowloris_does_not_delay_a_concurrent_scrape() {
+        let addr = responder();
+        let slow = trickle(addr, Duration::from_millis(500), 12);
+        std::thread::sleep(Duration::from_millis(100));
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let (status, elapsed) = scrape(addr);
+            assert_eq!(
+                status.as_deref(),
+                Ok("HTTP/1.0 200 OK"),
+                "after {elapsed:?}"
+            );
+            took.push(elapsed);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        eprintln!("scrapes beside a slowloris (a byte every 500 ms) took {took:?}");
+        let slowest = took.iter().max().copied().unwrap_or_default();
+        assert!(slowest < Duration::from_secs(1), "{took:?}");
+        let _ = slow.join();
+    }
+
+    #[test]
+    fn idle_connections_do_not_delay_a_scrape() {
+        let addr = responder();
+        let idle: Vec<TcpStream> = (0..20)
+            .map(|_| TcpStream::connect(addr).expect("connect an idle peer"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, elapsed) = scrape(addr);
+        eprintln!("a scrape beside 20 idle connections took {elapsed:?}");
+        assert_eq!(
+            status.as_deref(),
+            Ok("HTTP/1.0 200 OK"),
+            "after {elapsed:?}"
+        );
+        assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+        drop(idle);
+    }
+
+    #[test]
+    fn connections_over_the_bound_are_closed_at_once() {
+        let addr = responder();
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).expect("connect an idle peer"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let mut over = TcpStream::connect(addr).expect("connect one more");
+        over.set_read_timeout(Some(SCRAPE_LIMIT))
+            .expect("set a timeout");
+        let mut out = Vec::new();
+        // An answer (503), an end or a reset all close it; a timeout means it was kept waiting.
+        let ended = over.read_to_end(&mut out);
+        let elapsed = started.elapsed();
+        assert!(
+            !matches!(&ended, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+            "{ended:?} after {elapsed:?}"
+        );
+        assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+        if !out.is_empty() {
+            assert!(
+                out.starts_with(b"HTTP/1.0 503 "),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        // Their slots are free again once they go.
+        drop(idle);
+        std::thread::sleep(Duration::from_millis(200));
+        let (status, elapsed) = scrape(addr);
+        assert_eq!(
+            status.as_deref(),
+            Ok("HTTP/1.0 200 OK"),
+            "after {elapsed:?}"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_closed_at_its_total_deadline() {
+        let addr = responder();
+        // A byte every 200 ms, for up to 5 s: never the 2 s of silence a per-read timeout needs.
+        let closed = trickle(addr, Duration::from_millis(200), 25)
+            .join()
+            .expect("the slowloris thread");
+        let closed = closed.expect("still open after 5 s");
+        assert!(
+            closed >= CONNECTION_DEADLINE - Duration::from_millis(50)
+                && closed < CONNECTION_DEADLINE + Duration::from_millis(500),
+            "closed after {closed:?}"
+        );
     }
 
     #[test]

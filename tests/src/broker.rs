@@ -7,9 +7,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::QueueKind;
-use amqp_rpc_core::types::{AMQPValue, FieldTable, LongString, ShortString};
+use amqp_rpc_core::types::{AMQPValue, BasicProperties, FieldTable, LongString, ShortString};
 use amqp_rpc_core::{
-    ChannelId, Connection, ConnectionError, Event, QueueOptions, Reply, RequestId, UsageError,
+    ChannelId, Connection, ConnectionError, Event, QueueOptions, Reply, ReplyCode, RequestId,
+    UsageError,
 };
 use amqp_rpc_driver::{ConnectOptions, DEFAULT_URI};
 
@@ -121,6 +122,41 @@ impl Node {
             Err(e) if e.contains("404") || e.contains("NOT_FOUND") => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Publishes one message to the default exchange with `routing_key`, from a connection of
+    /// its own, on a channel in confirm mode, and says how the broker settled it: a raw publish,
+    /// with any properties (e.g. a forged `reply_to`) and any size up to the URI's
+    /// `max_message_size` (e.g. above the broker's own limit).
+    pub fn publish(
+        &self,
+        routing_key: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Result<Published, String> {
+        drive(
+            &self.uri,
+            |conn, ch| {
+                conn.confirm_select(ch)?;
+                conn.publish(ch, "", routing_key, false, properties, body)
+            },
+            |seq, event| match event {
+                Event::PublishConfirmed {
+                    seq: settled,
+                    acked,
+                    ..
+                } if Some(*settled) == *seq => Some(if *acked {
+                    Published::Acked
+                } else {
+                    Published::Nacked
+                }),
+                Event::ChannelClosed(error) => Some(Published::ChannelClosed {
+                    code: error.code,
+                    text: error.text.clone(),
+                }),
+                _ => None,
+            },
+        )
     }
 
     /// Erlang pids of this node's connections named `name` (see [`connection_pids`]).
@@ -289,6 +325,22 @@ pub struct ReplyPath {
     pub consumed_queues: Vec<String>,
 }
 
+/// How the broker settled a [`Node::publish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// `basic.ack`: the broker took it (routed, or dropped as unroutable).
+    Acked,
+    /// `basic.nack`: the broker refused it (e.g. a queue's `overflow: reject-publish`).
+    Nacked,
+    /// The broker closed the channel instead (e.g. 406 above its `max_message_size`).
+    ChannelClosed {
+        /// The `channel.close` reply code.
+        code: ReplyCode,
+        /// Its reply text.
+        text: String,
+    },
+}
+
 /// A name no other test uses, e.g. `e2e-round_trip-tokio-1f0c…`.
 pub fn unique_name(what: &str) -> String {
     format!("e2e-{what}-{}", uuid::Uuid::new_v4().simple())
@@ -381,13 +433,30 @@ pub fn queue_status(name: &str) -> Result<Option<QueueStatus>, String> {
     Node::main().queue_status(name)
 }
 
-/// Connects, opens a channel, runs one synchronous request and closes: a blocking driver of the
-/// core's [`Connection`] over a `std` socket, within 10 seconds in all. The outer error is a
-/// connection failure, the inner one the request's (its channel closed).
+/// Connects, opens a channel, runs one synchronous request and closes (see [`drive`]). The
+/// outer error is a connection failure, the inner one the request's (its channel closed).
 fn admin_request(
     uri: &str,
     command: impl FnOnce(&mut Connection, ChannelId) -> Result<RequestId, UsageError>,
 ) -> Result<Result<Reply, String>, String> {
+    drive(uri, command, |request, event| match event {
+        Event::Completed {
+            request: r, reply, ..
+        } if r == request => Some(Ok(reply.clone())),
+        Event::Failed { request: r, error } if r == request => Some(Err(error.to_string())),
+        _ => None,
+    })
+}
+
+/// A blocking driver of the core's [`Connection`] over a `std` socket, within 10 seconds in
+/// all: connects, opens a channel, runs `start` on it, then hands every later event to `settle`
+/// with what `start` returned until `settle` gives the outcome, and closes. Fails when the
+/// connection fails or closes before an outcome.
+fn drive<S, T>(
+    uri: &str,
+    start: impl FnOnce(&mut Connection, ChannelId) -> Result<S, UsageError>,
+    mut settle: impl FnMut(&S, &Event) -> Option<T>,
+) -> Result<T, String> {
     const LIMIT: Duration = Duration::from_secs(10);
     let options = ConnectOptions::from_uri(uri).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + LIMIT;
@@ -401,9 +470,9 @@ fn admin_request(
         .set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(|e| e.to_string())?;
     let mut conn = Connection::new(options.connection, Instant::now());
-    let mut command = Some(command);
-    let mut request = None;
-    let mut result: Option<Result<Reply, String>> = None;
+    let mut start = Some(start);
+    let mut started: Option<S> = None;
+    let mut result: Option<T> = None;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -412,27 +481,18 @@ fn admin_request(
         conn.poll_transmit(now, &mut out);
         stream.write_all(&out).map_err(|e| e.to_string())?;
         while let Some(event) = conn.poll_event() {
-            match event {
-                Event::Connected => {
-                    let run = command.take().ok_or("connected twice")?;
+            match (&event, &started) {
+                (Event::Closed(error), _) => return result.ok_or_else(|| error.to_string()),
+                (Event::Connected, _) => {
+                    let run = start.take().ok_or("connected twice")?;
                     let channel = conn.open_channel().map_err(|e| e.to_string())?;
-                    request = Some(run(&mut conn, channel).map_err(|e| e.to_string())?);
+                    started = Some(run(&mut conn, channel).map_err(|e| e.to_string())?);
                 }
-                Event::Completed {
-                    request: r, reply, ..
-                } if Some(r) == request => {
-                    result = Some(Ok(reply));
-                    let _ = conn.close(now);
-                }
-                Event::Failed { request: r, error } if Some(r) == request => {
-                    result = Some(Err(error.to_string()));
-                    let _ = conn.close(now);
-                }
-                Event::Closed(error) => {
-                    return match result {
-                        Some(r) => Ok(r),
-                        None => Err(error.to_string()),
-                    };
+                (_, Some(started)) if result.is_none() => {
+                    result = settle(started, &event);
+                    if result.is_some() {
+                        let _ = conn.close(now);
+                    }
                 }
                 _ => {}
             }
@@ -446,7 +506,7 @@ fn admin_request(
             });
         }
         if Instant::now() >= deadline {
-            return Err(format!("admin request took more than {LIMIT:?}"));
+            return Err(format!("admin connection took more than {LIMIT:?}"));
         }
         // Write what the events produced before reading again.
         out.clear();

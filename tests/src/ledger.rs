@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use amqp_rpc_cli::cpu::proc_status_kib;
 use amqp_rpc_cli::fib;
+use amqp_rpc_core::rpc::REPLY_TOO_LARGE;
+use amqp_rpc_core::ReplyCode;
 use amqp_rpc_driver::{CallError, CallRequest, Client, RpcError, RpcReply, Runtime};
 
 use crate::broker::Node;
@@ -44,6 +46,9 @@ pub enum Class {
     NotRouted,
     /// An error reply for a request that ran.
     Remote,
+    /// The error reply `reply_too_large` (`Remote { code: REPLY_TOO_LARGE }`): the request ran,
+    /// and its handler's answer exceeded the broker's `max_message_size`.
+    ReplyTooLarge,
     /// An error reply for a request refused before running.
     Rejected,
     /// Backpressure: the client's in-flight limit.
@@ -52,6 +57,12 @@ pub enum Class {
     Closed,
     /// `Refused`: the broker refused the publish (e.g. 404, no such exchange); never ran.
     Refused,
+    /// `Refused { code: 406 }`: the broker refused the publish as a precondition failure, e.g.
+    /// a body above its `max_message_size`; never ran.
+    RefusedPrecondition,
+    /// `QueueFull`: the request queue's length limit with `overflow: reject-publish` refused
+    /// the request (the broker nacked it); never ran.
+    QueueFull,
     /// `ReplyPathLost`: the reply consumer was cancelled after the request was sent; may have
     /// run.
     ReplyPathLost,
@@ -76,10 +87,18 @@ impl Class {
                 RpcError::Expired => Class::Expired,
                 RpcError::NoServers => Class::NoServers,
                 RpcError::NotRouted => Class::NotRouted,
+                RpcError::Remote { code, .. } if code == REPLY_TOO_LARGE => Class::ReplyTooLarge,
                 RpcError::Remote { .. } => Class::Remote,
                 RpcError::Rejected { .. } => Class::Rejected,
+                RpcError::Refused { code, .. } if *code == ReplyCode::PRECONDITION_FAILED => {
+                    Class::RefusedPrecondition
+                }
                 RpcError::Refused { .. } => Class::Refused,
                 RpcError::ReplyPathLost => Class::ReplyPathLost,
+                // `RpcError::QueueFull` is named here rather than matched while this tree does
+                // not have the variant yet; where it has, `RpcError::QueueFull { .. } =>
+                // Class::QueueFull` replaces this arm (the Debug name is the same either way).
+                e if format!("{e:?}").starts_with("QueueFull") => Class::QueueFull,
                 _ => Class::Other,
             },
             Err(CallError::TooManyCalls { .. }) => Class::TooManyCalls,
@@ -697,6 +716,26 @@ mod tests {
                     .unwrap_or_else(|| "a panic without a message".to_owned()),
             ),
         }
+    }
+
+    #[test]
+    fn broker_limits_and_reply_too_large_have_classes_of_their_own() {
+        let class = |e: RpcError| Class::of::<()>(&Err(CallError::Rpc(e)));
+        let remote = |code: &str| RpcError::Remote {
+            code: code.into(),
+            message: String::new(),
+        };
+        let refused = |code: ReplyCode| RpcError::Refused {
+            code,
+            text: String::new(),
+        };
+        assert_eq!(class(remote(REPLY_TOO_LARGE)), Class::ReplyTooLarge);
+        assert_eq!(class(remote("failed")), Class::Remote);
+        assert_eq!(
+            class(refused(ReplyCode::PRECONDITION_FAILED)),
+            Class::RefusedPrecondition
+        );
+        assert_eq!(class(refused(ReplyCode::NOT_FOUND)), Class::Refused);
     }
 
     #[test]

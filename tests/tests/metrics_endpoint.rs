@@ -1,7 +1,7 @@
 //! The server program's `--metrics-addr`: the program (built here as the `cli-program` bin) runs
 //! against the real broker, a client makes calls, and a plain TCP scrape of `/metrics` during
 //! the run shows them in the Prometheus text: requests and deliveries counted, the handler
-//! histogram's count, the in-flight gauge.
+//! histogram's count, the in-flight gauge; and idle or slow connections do not delay a scrape.
 //! `cargo test -p e2e-tests --test metrics_endpoint`.
 
 use std::io::{Read, Write};
@@ -36,8 +36,16 @@ async fn scrape_shows_the_calls<R: TestRuntime>() {
         .wait_line::<R>("Awaiting RPC requests", Duration::from_secs(15))
         .await;
 
-    // Served before any call, with the right content type.
+    // One client cannot hold the endpoint (issue 20 item 5): beside 20 idle connections and
+    // one that sent half a request, a scrape is answered at once.
+    let holders = blocking(move || hold(port)).await;
+    let started = Instant::now();
     let first = blocking(move || scrape(port, "/metrics")).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}: {first}");
+    drop(holders);
+
+    // Served before any call, with the right content type.
     assert!(first.starts_with("HTTP/1.0 200 OK\r\n"), "{first}");
     assert!(
         first.contains("Content-Type: text/plain; version=0.0.4"),
@@ -91,6 +99,19 @@ async fn scrape_shows_the_calls<R: TestRuntime>() {
 fn free_port() -> u16 {
     let probe = TcpListener::bind("127.0.0.1:0").expect("bind a probe");
     probe.local_addr().expect("probe's address").port()
+}
+
+/// 20 idle connections to the endpoint, and one that sent half a request.
+fn hold(port: u16) -> Vec<TcpStream> {
+    let mut held: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect an idle peer"))
+        .collect();
+    let mut half = TcpStream::connect(("127.0.0.1", port)).expect("connect a slow peer");
+    half.write_all(b"GET /metr").expect("send half a request");
+    held.push(half);
+    // Long enough for the endpoint to have accepted them all.
+    std::thread::sleep(Duration::from_millis(200));
+    held
 }
 
 /// One HTTP/1.0 GET of `path`: the whole response, head and body.

@@ -5,11 +5,15 @@
 //! cargo run --release -p e2e-tests --bin soak -- [--minutes 10] [--fault-every 30]
 //!     [--reply-cancel-every 30] [--bad-per-mille 10] [--drop-per-mille 10]
 //!     [--transport tokio|smol] [--node second|main] [--callers 8] [--timeout-ms 5000]
+//!     [--broker-max-message-size BYTES] [--oversized-reply-per-mille 0]
+//!     [--oversized-request-per-mille 0] [--forged-reply-every 0] [--reject-publish-window 0]
 //! ```
 //!
 //! It runs against the second RabbitMQ node by default (`scripts/second-node.sh`; started if
-//! needed and stopped at the end if it started it), because one of its faults restarts the
-//! node; `--node main` uses the main broker and skips that fault. A server runs in a process
+//! needed and stopped at the end if it started it), holding its exclusive lease
+//! ([`node::exclusive`]) for the whole run, because one of its faults restarts the node and
+//! the options below change the node's settings; `--node main` uses the main broker and skips
+//! that fault, and refuses the options that change broker settings (the main broker is shared). A server runs in a process
 //! of its own (this binary again, with `--serve`), so it can be killed; the client runs here,
 //! through a fault-injecting proxy, with `--callers` callers calling in a loop.
 //!
@@ -18,7 +22,26 @@
 //!   exist, half with a body above the client's `max_message_size` ([`MAX_MESSAGE_SIZE`]);
 //! - `--drop-per-mille` (1 %) calls whose future the caller drops after a random delay of up to
 //!   [`MAX_DROP_DELAY`] (a `select` with a timer);
+//! - `--oversized-reply-per-mille` (off by default; 1 is the issues' 0.1 %) calls whose
+//!   handler answer ([`REPLY_BYTES`]) is one byte above the broker's limit;
+//! - `--oversized-request-per-mille` (off by default) calls whose body is one byte above the
+//!   broker's limit and below the client's own, so that the broker is what refuses them;
 //! - the rest ordinary calls, fib(n) for varying n.
+//!
+//! The broker's limit is `--broker-max-message-size` (below the client's [`MAX_MESSAGE_SIZE`];
+//! both oversized kinds need it): set on the node at the start with `rabbitmqctl eval
+//! 'application:set_env(rabbit, max_message_size, N).'` (RabbitMQ 3.10 reads it when a channel
+//! opens, so it is set before any connection, verified on a new channel, and checked again
+//! after each node restart), and restored at exit, whatever the verdict ([`Undo`]).
+//!
+//! Beside the calls:
+//! - every `--forged-reply-every` seconds, a request whose `reply_to` is a forged
+//!   `amq.rabbitmq.reply-to.<garbage>` name is published to the request queue from a raw
+//!   connection of its own ([`Node::publish`]): its reply can reach nobody, and it must harm no
+//!   call;
+//! - every `--reject-publish-window` seconds, for [`REJECT_PUBLISH_FOR`], a policy gives the
+//!   request queue `max-length` 0 with `overflow: reject-publish`: the broker nacks every
+//!   request, and calls end with `QueueFull` (never ran), during that window only.
 //!
 //! Every `--reply-cancel-every` seconds the broker cancels the client's reply consumer
 //! (`rabbitmqctl delete_queue` of its exclusive reply queue), and every `--fault-every`
@@ -34,10 +57,13 @@
 //! A live line every [`LIVE_EVERY`]: calls per second, errors by kind and class, RSS. At the
 //! end, the report and its verdict. Every call must be accounted for:
 //! - each kind's calls end once each (0 lost, 0 ended twice), with the right value or an error
-//!   of the class its kind expects ([`expected`]: the one place that says so);
-//! - an error of a fault's class ([`Class::RECOVERY`], or `ReplyPathLost`) only while a fault
-//!   and its recovery last: such an error anywhere else ("stray") means a call was harmed by
-//!   another's fault, e.g. a bad call that took the shared channel down;
+//!   of the class its kind expects ([`expected`]: the one place that says so): every bad call
+//!   with its own typed error;
+//! - an error of a fault's class ([`FAULT_CLASSES`]) only while a fault and its recovery last,
+//!   and `QueueFull` only while a reject-publish window lasts ([`Window`]): such an error
+//!   anywhere else ("stray") means a call was harmed by another's fault, e.g. a bad call or a
+//!   forged request that took a shared channel down: no innocent call harmed;
+//! - every forged request was taken by the broker, every reject-publish policy cleared;
 //! - the service recovers from each fault within [`RECOVERY_LIMIT`];
 //! - no dropped call keeps its slot: with the link stalled, [`DROP_BATCH`] calls are dropped,
 //!   then the client still takes its full `max_in_flight` ([`MAX_IN_FLIGHT`]) of new calls
@@ -57,12 +83,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use amqp_rpc_cli::fib_handler;
-use amqp_rpc_driver::{CallRequest, Client, ReplyMode, Server};
-use e2e_tests::broker::{unique_name, Node, QueueGuard};
+use amqp_rpc_core::types::{BasicProperties, ShortString};
+use amqp_rpc_core::ReplyCode;
+use amqp_rpc_driver::{CallRequest, Client, HandlerError, ReplyMode, Request, Server};
+use bytes::Bytes;
+use e2e_tests::broker::{unique_name, Node, Published, QueueGuard};
 use e2e_tests::faults::Proxy;
 use e2e_tests::ledger::{assert_queue_drained, rss_kib, Class, Ledger, Summary};
 use e2e_tests::memory::{self, Heap, Sampler};
-use e2e_tests::node::{second_node, AppStopped};
+use e2e_tests::node::{self as node, second_node, AppStopped};
 use e2e_tests::process::ChildProcess;
 use e2e_tests::proxy::FaultMode;
 use e2e_tests::rt::{blocking, sleep, spawn, timeout, Smol, Task, TestRuntime, Tokio};
@@ -101,6 +130,18 @@ const HEAP_MARGIN_KIB: u64 = 4 * 1024;
 static HEAP: Heap = memory::heap();
 /// "At once", for the fresh call after the run.
 const PROMPT: Duration = Duration::from_secs(2);
+/// How long each reject-publish window lasts.
+const REJECT_PUBLISH_FOR: Duration = Duration::from_secs(3);
+/// How long after its policy is cleared a window still explains `QueueFull`: the broker applies
+/// a policy change to the queue asynchronously, and a nacked call ends a moment later.
+const POLICY_LAG: Duration = Duration::from_secs(1);
+/// The request body of a [`Kind::OversizedReply`] call: `reply-bytes:N` asks the soak's
+/// server for an answer of N bytes.
+const REPLY_BYTES: &[u8] = b"reply-bytes:";
+/// The largest answer [`REPLY_BYTES`] may ask for (the request comes from the network).
+const MAX_REPLY_BYTES: usize = 1024 * 1024;
+/// The lowest `--broker-max-message-size`: room for every ordinary request and reply.
+const MIN_BROKER_LIMIT: u64 = 1024;
 
 /// What a call is, and so how it may end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,14 +154,20 @@ enum Kind {
     TooLarge,
     /// Its future dropped by the caller after up to [`MAX_DROP_DELAY`].
     Dropped,
+    /// Asks for an answer one byte above the broker's `max_message_size`.
+    OversizedReply,
+    /// A body above the broker's `max_message_size`, below the client's.
+    OversizedRequest,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 6] = [
         Kind::Normal,
         Kind::UnknownExchange,
         Kind::TooLarge,
         Kind::Dropped,
+        Kind::OversizedReply,
+        Kind::OversizedRequest,
     ];
 
     fn describe(self) -> &'static str {
@@ -129,12 +176,17 @@ impl Kind {
             Kind::UnknownExchange => "unknown exchange",
             Kind::TooLarge => "body too large",
             Kind::Dropped => "dropped future",
+            Kind::OversizedReply => "oversized reply",
+            Kind::OversizedRequest => "oversized request",
         }
     }
 }
 
 /// How a call of `kind` may end, whenever it ends: the one place that says so. (Besides these,
-/// any call may end with an error of a fault's class while a fault lasts: [`FAULT_CLASSES`].)
+/// any call may end with an error of a fault's class while a fault lasts, [`FAULT_CLASSES`],
+/// and with `QueueFull` while a reject-publish window lasts, [`REJECT_PUBLISH_CLASSES`]. A
+/// forged request is no call of the client: nothing comes back from it, and what is expected
+/// of it is that every call still ends as said here.)
 fn expected(kind: Kind) -> &'static [Class] {
     match kind {
         Kind::Normal => &[Class::Ok],
@@ -144,8 +196,18 @@ fn expected(kind: Kind) -> &'static [Class] {
         Kind::TooLarge => &[Class::Invalid],
         // Dropped (a cancellation, not an outcome), or answered before the caller dropped it.
         Kind::Dropped => &[Class::Dropped, Class::Ok],
+        // The server ran it and answers `Remote { code: "reply_too_large" }` in place of an
+        // answer the broker would refuse (and close the server's channel for).
+        Kind::OversizedReply => &[Class::ReplyTooLarge],
+        // `Refused { code: 406 }` (PRECONDITION_FAILED, "message size … larger than configured
+        // max size"), for this call alone; never ran.
+        Kind::OversizedRequest => &[Class::RefusedPrecondition],
     }
 }
+
+/// What a reject-publish window may end any call with, while it lasts: `QueueFull` (the
+/// broker nacked the request; never ran).
+const REJECT_PUBLISH_CLASSES: &[Class] = &[Class::QueueFull];
 
 /// What a fault may end a call with, while it and its recovery last.
 const FAULT_CLASSES: &[Class] = &[
@@ -169,11 +231,50 @@ struct Args {
     node: String,
     callers: usize,
     timeout: Duration,
+    /// The broker's `max_message_size` for the run, if lowered.
+    broker_max_message_size: Option<u64>,
+    oversized_reply_per_mille: u32,
+    oversized_request_per_mille: u32,
+    /// Seconds between forged requests (0: none).
+    forged_reply_every: u64,
+    /// Seconds between reject-publish windows (0: none).
+    reject_publish_every: u64,
     /// `--serve QUEUE NAME URI`: be the server process.
     serve: Option<(String, String, String)>,
 }
 
+impl Args {
+    /// The kind of a call, from a roll of 0 to 999.
+    fn kind_of(&self, roll: u32) -> Kind {
+        let mut bound = 0;
+        for (kind, per_mille) in [
+            (Kind::UnknownExchange, self.bad_per_mille / 2),
+            (Kind::TooLarge, self.bad_per_mille - self.bad_per_mille / 2),
+            (Kind::Dropped, self.drop_per_mille),
+            (Kind::OversizedReply, self.oversized_reply_per_mille),
+            (Kind::OversizedRequest, self.oversized_request_per_mille),
+        ] {
+            bound += per_mille;
+            if roll < bound {
+                return kind;
+            }
+        }
+        Kind::Normal
+    }
+
+    /// The broker's limit: the oversized kinds exist only with one (see [`parse`]).
+    fn broker_limit(&self) -> usize {
+        self.broker_max_message_size
+            .and_then(|b| usize::try_from(b).ok())
+            .unwrap_or(MAX_MESSAGE_SIZE as usize)
+    }
+}
+
 fn parse() -> Result<Args, String> {
+    parse_from(&std::env::args().skip(1).collect::<Vec<_>>())
+}
+
+fn parse_from(flags: &[impl AsRef<str>]) -> Result<Args, String> {
     let mut args = Args {
         minutes: 5.0,
         fault_every: 30,
@@ -184,9 +285,14 @@ fn parse() -> Result<Args, String> {
         node: "second".into(),
         callers: 8,
         timeout: Duration::from_secs(5),
+        broker_max_message_size: None,
+        oversized_reply_per_mille: 0,
+        oversized_request_per_mille: 0,
+        forged_reply_every: 0,
+        reject_publish_every: 0,
         serve: None,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = flags.iter().map(|f| f.as_ref().to_owned());
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -218,17 +324,46 @@ fn parse() -> Result<Args, String> {
                             "--reply-cancel-every {v} (0 for none, else at least 5 s)"
                         ))?;
             }
-            "--bad-per-mille" | "--drop-per-mille" => {
+            "--bad-per-mille"
+            | "--drop-per-mille"
+            | "--oversized-reply-per-mille"
+            | "--oversized-request-per-mille" => {
                 let v = value()?;
                 let per_mille = v
                     .parse()
                     .ok()
                     .filter(|p| *p <= 500)
                     .ok_or(format!("{flag} {v} (0 to 500)"))?;
-                if flag == "--bad-per-mille" {
-                    args.bad_per_mille = per_mille;
+                *match flag.as_str() {
+                    "--bad-per-mille" => &mut args.bad_per_mille,
+                    "--drop-per-mille" => &mut args.drop_per_mille,
+                    "--oversized-reply-per-mille" => &mut args.oversized_reply_per_mille,
+                    _ => &mut args.oversized_request_per_mille,
+                } = per_mille;
+            }
+            "--broker-max-message-size" => {
+                let v = value()?;
+                args.broker_max_message_size = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|b| (MIN_BROKER_LIMIT..MAX_MESSAGE_SIZE).contains(b))
+                        .ok_or(format!(
+                            "--broker-max-message-size {v} ({MIN_BROKER_LIMIT} to \
+                             {MAX_MESSAGE_SIZE} - 1: below the client's own limit)"
+                        ))?,
+                );
+            }
+            "--forged-reply-every" | "--reject-publish-window" => {
+                let v = value()?;
+                let secs = v
+                    .parse()
+                    .ok()
+                    .filter(|s| *s == 0 || *s >= 5)
+                    .ok_or(format!("{flag} {v} (0 for none, else at least 5 s)"))?;
+                if flag == "--forged-reply-every" {
+                    args.forged_reply_every = secs;
                 } else {
-                    args.drop_per_mille = per_mille;
+                    args.reject_publish_every = secs;
                 }
             }
             "--transport" => args.transport = value()?,
@@ -260,6 +395,28 @@ fn parse() -> Result<Args, String> {
     if !["second", "main"].contains(&args.node.as_str()) {
         return Err(format!("--node second or main, not {}", args.node));
     }
+    let per_mille = args.bad_per_mille
+        + args.drop_per_mille
+        + args.oversized_reply_per_mille
+        + args.oversized_request_per_mille;
+    if per_mille > 1000 {
+        return Err(format!(
+            "the per-mille options add up to {per_mille}, above 1000"
+        ));
+    }
+    let oversized = args.oversized_reply_per_mille + args.oversized_request_per_mille;
+    if oversized > 0 && args.broker_max_message_size.is_none() {
+        return Err("the oversized kinds need --broker-max-message-size".into());
+    }
+    if args.node == "main"
+        && (args.broker_max_message_size.is_some() || args.reject_publish_every > 0)
+    {
+        return Err(
+            "--broker-max-message-size and --reject-publish-window change broker settings: \
+             --node second only"
+                .into(),
+        );
+    }
     Ok(args)
 }
 
@@ -273,12 +430,31 @@ fn say(line: &str) {
 async fn serve<R: TestRuntime>(queue: String, name: String, uri: String) -> ExitCode {
     let options = fault_server_options(&uri, &queue, &name, 8);
     let server = Server::<R>::new(options).on_ready(|| say("ready"));
-    match server.serve(fib_handler).await {
+    match server.serve(soak_handler).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soak server: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The soak server's handler: fib(n), and for a body `reply-bytes:N` ([`REPLY_BYTES`], N at
+/// most [`MAX_REPLY_BYTES`]) an answer of N bytes.
+async fn soak_handler(request: Request) -> Result<Bytes, HandlerError> {
+    let Some(size) = request.body.strip_prefix(REPLY_BYTES) else {
+        return fib_handler(request).await;
+    };
+    let size = std::str::from_utf8(size)
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|n| *n <= MAX_REPLY_BYTES);
+    match size {
+        Some(n) => Ok(Bytes::from(vec![b'x'; n])),
+        None => Err(HandlerError::Rejected {
+            code: "invalid_request".into(),
+            message: format!("reply-bytes: 0 to {MAX_REPLY_BYTES}"),
+        }),
     }
 }
 
@@ -317,15 +493,33 @@ impl Fault {
     }
 }
 
-/// The errors of fault classes, by when they happened, to tell those a fault explains from
-/// stray ones. Bounded: at most [`Strays::CAP`] are kept (the rest only counted).
+/// What explains some errors while it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    /// A fault, from its start to the end of its recovery: [`FAULT_CLASSES`].
+    Fault,
+    /// A reject-publish policy on the request queue: [`REJECT_PUBLISH_CLASSES`].
+    RejectPublish,
+}
+
+impl Window {
+    fn explains(self, class: Class) -> bool {
+        match self {
+            Window::Fault => FAULT_CLASSES.contains(&class),
+            Window::RejectPublish => REJECT_PUBLISH_CLASSES.contains(&class),
+        }
+    }
+}
+
+/// The errors only a window explains, by when they happened, to tell those a window explains
+/// from stray ones. Bounded: at most [`Strays::CAP`] are kept (the rest only counted).
 #[derive(Debug, Default)]
 struct Strays {
-    /// (ms since the start, kind, class) of each error of a fault class.
+    /// (ms since the start, kind, class) of each error of a fault or reject-publish class.
     errors: Vec<(u32, Kind, Class)>,
     not_kept: u64,
-    /// Fault windows: from the fault's start to the end of its recovery, ms since the start.
-    windows: Vec<(u32, u32)>,
+    /// The windows, ms since the start.
+    windows: Vec<(u32, u32, Window)>,
 }
 
 impl Strays {
@@ -336,11 +530,15 @@ impl Strays {
         let mut counts = BTreeMap::new();
         let mut lines = Vec::new();
         for (at, kind, class) in &self.errors {
-            if !self.windows.iter().any(|(from, to)| at >= from && at <= to) {
+            let explained = self
+                .windows
+                .iter()
+                .any(|(from, to, window)| at >= from && at <= to && window.explains(*class));
+            if !explained {
                 *counts.entry((*kind, *class)).or_default() += 1;
                 if lines.len() < 10 {
                     lines.push(format!(
-                        "{} call ended {class:?} at {:.1}s, outside every fault",
+                        "{} call ended {class:?} at {:.1}s, outside every window that explains it",
                         kind.describe(),
                         f64::from(*at) / 1000.0
                     ));
@@ -357,6 +555,7 @@ struct Books {
     started: Instant,
     ledgers: Arc<BTreeMap<Kind, Ledger>>,
     strays: Arc<Mutex<Strays>>,
+    rejecting: Arc<AtomicBool>,
 }
 
 impl Books {
@@ -369,6 +568,7 @@ impl Books {
             started: Instant::now(),
             ledgers: Arc::new(ledgers),
             strays: Arc::default(),
+            rejecting: Arc::default(),
         }
     }
 
@@ -385,9 +585,10 @@ impl Books {
         self.strays.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Notes how a call of `kind` ended, if with an error of a fault class.
+    /// Notes how a call of `kind` ended, if with an error only a window explains.
     fn note(&self, kind: Kind, class: Class) {
-        if FAULT_CLASSES.contains(&class) && !expected(kind).contains(&class) {
+        let windowed = FAULT_CLASSES.contains(&class) || REJECT_PUBLISH_CLASSES.contains(&class);
+        if windowed && !expected(kind).contains(&class) {
             let at = self.ms(Instant::now());
             let mut strays = self.lock();
             if strays.errors.len() < Strays::CAP {
@@ -398,10 +599,15 @@ impl Books {
         }
     }
 
-    /// A fault that started at `from` and whose effects ended by `to`.
-    fn window(&self, from: Instant, to: Instant) {
-        let window = (self.ms(from), self.ms(to));
+    /// A window that opened at `from` and whose effects ended by `to`.
+    fn window(&self, from: Instant, to: Instant, window: Window) {
+        let window = (self.ms(from), self.ms(to), window);
         self.lock().windows.push(window);
+    }
+
+    /// Whether a reject-publish window is open now (the forged requests wait for its end).
+    fn rejecting(&self) -> bool {
+        self.rejecting.load(Ordering::SeqCst)
     }
 
     fn summaries(&self) -> BTreeMap<Kind, Summary> {
@@ -452,15 +658,7 @@ impl Callers {
                     let mut made = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         let roll = dice.below(1000) as u32;
-                        let kind = if roll < args.bad_per_mille / 2 {
-                            Kind::UnknownExchange
-                        } else if roll < args.bad_per_mille {
-                            Kind::TooLarge
-                        } else if roll < args.bad_per_mille + args.drop_per_mille {
-                            Kind::Dropped
-                        } else {
-                            Kind::Normal
-                        };
+                        let kind = args.kind_of(roll);
                         // From 2, where fib is strictly increasing: a reply that reached the
                         // wrong caller shows as a wrong value.
                         let n = 2 + ((caller as u64 * 23 + made) % 185) as u32;
@@ -516,10 +714,20 @@ async fn one_call<R: TestRuntime>(
             request.exchange = unique_name("no-such-exchange");
             ledger.call(client, request, n).await
         }
-        Kind::TooLarge => {
+        Kind::TooLarge | Kind::OversizedRequest => {
             // The server would answer fib of the leading number, were it sent.
+            let limit = match kind {
+                Kind::TooLarge => MAX_MESSAGE_SIZE as usize,
+                _ => args.broker_limit(),
+            };
             let mut body = n.to_string().into_bytes();
-            body.resize(MAX_MESSAGE_SIZE as usize + 1, b' ');
+            body.resize(limit + 1, b' ');
+            request.body = body.into();
+            ledger.call(client, request, n).await
+        }
+        Kind::OversizedReply => {
+            let mut body = REPLY_BYTES.to_vec();
+            body.extend_from_slice((args.broker_limit() + 1).to_string().as_bytes());
             request.body = body.into();
             ledger.call(client, request, n).await
         }
@@ -593,6 +801,21 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     } else {
         Node::main()
     };
+    // Declared first, dropped last: whatever the verdict, the broker's settings are put back.
+    let _undo = UndoOnDrop;
+    let limit_line = match args.broker_max_message_size {
+        None => "unchanged".to_owned(),
+        Some(limit) => {
+            let at = node.clone();
+            match blocking(move || set_broker_limit(&at, limit)).await {
+                Ok(line) => line,
+                Err(e) => {
+                    eprintln!("soak: --broker-max-message-size {limit}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let queue = QueueGuard::on(&node, "soak");
     let server_name = unique_name("soak-server");
     let mut server = start_server(&args, queue.name(), &server_name, node.uri());
@@ -630,6 +853,7 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     let books = Books::new();
     let total = Duration::from_secs_f64(args.minutes * 60.0);
     let callers = Callers::start(&client, queue.name(), &books, &args);
+    let beside = Beside::start::<R>(&node, queue.name(), &books, &args);
     let started = books.started;
     let normal = books.ledger(Kind::Normal).clone();
     // Settle: the first calls pay for connection warm-up.
@@ -643,7 +867,9 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     let live_task = live::<R>(books.clone(), Arc::clone(&live_stop));
     say(&format!(
         "soak: {:.1} min on {} against {} ({}), {} callers, timeout {:?}, a fault every {} s, \
-         the reply consumer cancelled every {} s, {}‰ bad calls, {}‰ dropped futures",
+         the reply consumer cancelled every {} s, {}‰ bad calls, {}‰ dropped futures, {}‰ \
+         oversized replies, {}‰ oversized requests, a forged reply_to every {} s, a \
+         reject-publish window every {} s; broker: {limit_line}",
         args.minutes,
         R::NAME,
         node.uri(),
@@ -654,6 +880,10 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         args.reply_cancel_every,
         args.bad_per_mille,
         args.drop_per_mille,
+        args.oversized_reply_per_mille,
+        args.oversized_request_per_mille,
+        args.forged_reply_every,
+        args.reject_publish_every,
     ));
 
     let rotation: Vec<Fault> = Fault::ROTATION
@@ -708,7 +938,7 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         };
         // Calls sent before the fault may end by their deadline after it.
         let window_end = Instant::now().max(at + args.timeout) + BUDGET;
-        books.window(at, window_end);
+        books.window(at, window_end, Window::Fault);
         let offset = at.saturating_duration_since(started).as_secs_f64();
         match outcome {
             Ok(took) => {
@@ -725,6 +955,8 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         }
     }
 
+    let beside = beside.stop::<R>().await;
+    failures.extend(beside.failures.iter().cloned());
     callers.stop::<R>(args.timeout).await;
     sampler.sample_now();
     heap.sample_now();
@@ -744,6 +976,7 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
         let allowed: Vec<Class> = expected(kind)
             .iter()
             .chain(FAULT_CLASSES)
+            .chain(REJECT_PUBLISH_CLASSES)
             .copied()
             .collect();
         let check = std::panic::AssertUnwindSafe(async move {
@@ -820,7 +1053,8 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
     ));
     let stray_total: u64 = strays.values().sum();
     say(&format!(
-        "stray errors        {stray_total} (errors of a fault class outside every fault window)"
+        "stray errors        {stray_total} (errors of a fault or reject-publish class outside \
+         every window that explains them)"
     ));
     for ((kind, class), count) in &strays {
         say(&format!("  {:<18}{class:?} {count}", kind.describe()));
@@ -887,6 +1121,31 @@ async fn run<R: TestRuntime>(args: Args) -> ExitCode {
             Err(e) => format!("FAILED: {e}"),
         }
     ));
+    say(&format!("broker limit        {limit_line}"));
+    if args.forged_reply_every > 0 {
+        say(&format!(
+            "forged reply_to     {} published and taken, every {} s; {} skipped{}",
+            beside.forged_acked,
+            args.forged_reply_every,
+            beside.forged_skipped.len(),
+            beside
+                .forged_skipped
+                .first()
+                .map_or(String::new(), |e| format!(" (e.g. {e})"))
+        ));
+    }
+    if args.reject_publish_every > 0 {
+        say(&format!(
+            "reject-publish      {} windows of {REJECT_PUBLISH_FOR:?}, every {} s; {} skipped{}",
+            beside.windows,
+            args.reject_publish_every,
+            beside.windows_skipped.len(),
+            beside
+                .windows_skipped
+                .first()
+                .map_or(String::new(), |e| format!(" (e.g. {e})"))
+        ));
+    }
     say(&format!(
         "queue drained       {}",
         if drained { "yes" } else { "NO" }
@@ -1013,6 +1272,10 @@ async fn make_fault<R: TestRuntime>(
             sleep::<R>(Duration::from_secs(3)).await;
             blocking(move || stopped.start()).await?;
             soak.server.wait_line::<R>("ready", RECOVERY_LIMIT).await;
+            if let Some(limit) = soak.args.broker_max_message_size {
+                let node = soak.node.clone();
+                blocking(move || recheck_broker_limit(&node, limit)).await?;
+            }
             Ok(())
         }
         Fault::CancelReplyConsumer => {
@@ -1041,6 +1304,321 @@ fn delete_reply_queue(node: &Node, client: &str) -> Result<(), String> {
     }
 }
 
+/// A broker setting the soak changed, and the `rabbitmqctl` command that puts it back.
+#[derive(Debug)]
+struct Undo {
+    what: String,
+    node: Node,
+    command: Vec<String>,
+}
+
+/// The settings to put back when the soak ends, however it ends: [`undo_all`] runs from the
+/// drop of [`UndoOnDrop`] (a return or a panic of `run`) and from the watchdog (exit 3).
+static UNDO: Mutex<Vec<Undo>> = Mutex::new(Vec::new());
+
+impl Undo {
+    /// Remembers how to put `what` back, before it is changed (a change that fails half-way
+    /// is put back too).
+    fn push(what: &str, node: &Node, command: &[&str]) {
+        let undo = Undo {
+            what: what.to_owned(),
+            node: node.clone(),
+            command: command.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        UNDO.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(undo);
+    }
+
+    /// Forgets `what`: it was put back already.
+    fn done(what: &str) {
+        UNDO.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|u| u.what != what);
+    }
+}
+
+/// Puts back every setting still changed, the latest first.
+fn undo_all() {
+    let undos = std::mem::take(&mut *UNDO.lock().unwrap_or_else(PoisonError::into_inner));
+    for undo in undos.into_iter().rev() {
+        let command: Vec<&str> = undo.command.iter().map(String::as_str).collect();
+        match undo.node.rabbitmqctl(&command) {
+            Ok(_) => say(&format!("soak: restored {}", undo.what)),
+            Err(e) => eprintln!("soak: could not restore {}: {e}", undo.what),
+        }
+    }
+}
+
+/// Runs [`undo_all`] when dropped.
+struct UndoOnDrop;
+
+impl Drop for UndoOnDrop {
+    fn drop(&mut self) {
+        undo_all();
+    }
+}
+
+/// The [`Undo`] name of the broker's `max_message_size`.
+const LIMIT_SETTING: &str = "the broker's max_message_size";
+
+/// Lowers the broker's `max_message_size` to `limit` (remembering the value to restore), and
+/// checks that a new channel sees it.
+fn set_broker_limit(node: &Node, limit: u64) -> Result<String, String> {
+    let previous = broker_limit(node)?;
+    let restore = match previous {
+        Some(v) => format!("application:set_env(rabbit, max_message_size, {v})."),
+        None => "application:unset_env(rabbit, max_message_size).".to_owned(),
+    };
+    Undo::push(LIMIT_SETTING, node, &["eval", &restore]);
+    apply_broker_limit(node, limit)?;
+    let checked = check_broker_limit(node, limit)?;
+    Ok(format!(
+        "{checked}; was {}, restored at exit",
+        previous.map_or("unset".to_owned(), |v| v.to_string())
+    ))
+}
+
+fn apply_broker_limit(node: &Node, limit: u64) -> Result<(), String> {
+    let set = format!("application:set_env(rabbit, max_message_size, {limit}).");
+    node.rabbitmqctl(&["eval", &set]).map(|_| ())
+}
+
+/// The node's `max_message_size` (`None`: unset, RabbitMQ's default applies).
+fn broker_limit(node: &Node) -> Result<Option<u64>, String> {
+    let out = node.rabbitmqctl(&["eval", "application:get_env(rabbit, max_message_size)."])?;
+    let out = out.trim();
+    if out == "undefined" {
+        return Ok(None);
+    }
+    out.strip_prefix("{ok,")
+        .and_then(|v| v.strip_suffix('}'))
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or(format!("unexpected max_message_size: {out}"))
+}
+
+/// Checks that the node has `max_message_size` = `limit`, and that a new channel enforces it:
+/// a body of `limit` bytes is taken, one of `limit + 1` closes the channel with 406.
+fn check_broker_limit(node: &Node, limit: u64) -> Result<String, String> {
+    let set = broker_limit(node)?;
+    if set != Some(limit) {
+        return Err(format!("max_message_size is {set:?}, not {limit}"));
+    }
+    // To no queue: unroutable, the broker drops it after its size check.
+    let nowhere = unique_name("soak-size-probe");
+    let size = usize::try_from(limit).map_err(|e| e.to_string())?;
+    let props = BasicProperties::default();
+    let at = node.publish(&nowhere, &props, &vec![b'x'; size])?;
+    let above = node.publish(&nowhere, &props, &vec![b'x'; size + 1])?;
+    match (&at, &above) {
+        (
+            Published::Acked,
+            Published::ChannelClosed {
+                code: ReplyCode::PRECONDITION_FAILED,
+                ..
+            },
+        ) => Ok(format!(
+            "max_message_size {limit}, in effect for new channels ({limit} bytes taken, one \
+             more refused with 406)"
+        )),
+        _ => Err(format!(
+            "max_message_size {limit} not in effect for a new channel: {limit} bytes {at:?}, \
+             one more {above:?}"
+        )),
+    }
+}
+
+/// After a node restart: the limit is still set (set again if not).
+fn recheck_broker_limit(node: &Node, limit: u64) -> Result<(), String> {
+    if broker_limit(node)? != Some(limit) {
+        say("soak: the node's restart reset max_message_size: setting it again");
+        apply_broker_limit(node, limit)?;
+    }
+    check_broker_limit(node, limit).map(|_| ())
+}
+
+/// What the tasks beside the calls did ([`Beside`]).
+#[derive(Debug, Default)]
+struct BesideReport {
+    forged_acked: u64,
+    /// Forged requests not published: the node was unreachable (a fault), with why.
+    forged_skipped: Vec<String>,
+    windows: u64,
+    windows_skipped: Vec<String>,
+    failures: Vec<String>,
+}
+
+/// The tasks beside the calls: forged requests and reject-publish windows, until stopped.
+struct Beside {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<Task<BesideReport>>,
+}
+
+impl Beside {
+    fn start<R: TestRuntime>(node: &Node, queue: &str, books: &Books, args: &Args) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        if args.forged_reply_every > 0 {
+            let (node, queue, books, stop) =
+                (node.clone(), queue.to_owned(), books.clone(), stop.clone());
+            let every = Duration::from_secs(args.forged_reply_every);
+            tasks.push(spawn::<R, _>(forge::<R>(node, queue, books, every, stop)));
+        }
+        if args.reject_publish_every > 0 {
+            let (node, queue, books, stop) =
+                (node.clone(), queue.to_owned(), books.clone(), stop.clone());
+            let every = Duration::from_secs(args.reject_publish_every);
+            tasks.push(spawn::<R, _>(reject_windows::<R>(
+                node, queue, books, every, stop,
+            )));
+        }
+        Self { stop, tasks }
+    }
+
+    /// Stops the tasks and waits for them (a window in progress is cleared first).
+    async fn stop<R: TestRuntime>(self) -> BesideReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = BesideReport::default();
+        for task in self.tasks {
+            match timeout::<R, _>(RECOVERY_LIMIT, task.join()).await {
+                Some(report) => {
+                    all.forged_acked += report.forged_acked;
+                    all.forged_skipped.extend(report.forged_skipped);
+                    all.windows += report.windows;
+                    all.windows_skipped.extend(report.windows_skipped);
+                    all.failures.extend(report.failures);
+                }
+                None => all
+                    .failures
+                    .push("a task beside the calls did not stop in time".into()),
+            }
+        }
+        all
+    }
+}
+
+/// Sleeps `period` in short steps; `false` when `stop` was set meanwhile.
+async fn pause<R: TestRuntime>(period: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + period;
+    while !stop.load(Ordering::SeqCst) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        sleep::<R>(left.min(Duration::from_millis(200))).await;
+    }
+    false
+}
+
+/// Every `every`, publishes to `queue` a request whose `reply_to` is a forged direct reply-to
+/// name, from a raw connection of its own. It must be taken (acked) by the broker; a node that
+/// cannot be reached (a fault) skips one.
+async fn forge<R: TestRuntime>(
+    node: Node,
+    queue: String,
+    books: Books,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> BesideReport {
+    let mut report = BesideReport::default();
+    while pause::<R>(every, &stop).await {
+        // Not while the queue refuses every request: that nack would say nothing.
+        while books.rejecting() && pause::<R>(Duration::from_millis(200), &stop).await {}
+        // RabbitMQ names a direct reply-to `amq.rabbitmq.reply-to.<encoded channel and key>`;
+        // this suffix decodes to no channel.
+        let forged = format!("amq.rabbitmq.reply-to.{}", unique_name("forged"));
+        let properties = BasicProperties::default()
+            .with_reply_to(ShortString::from(forged))
+            .with_correlation_id(ShortString::from(unique_name("forged-call")));
+        let (node, queue) = (node.clone(), queue.clone());
+        match blocking(move || node.publish(&queue, &properties, b"10")).await {
+            Ok(Published::Acked) => report.forged_acked += 1,
+            Ok(other) => report
+                .failures
+                .push(format!("a forged request was not taken: {other:?}")),
+            Err(e) => report.forged_skipped.push(e),
+        }
+    }
+    report
+}
+
+/// Every `every`, for [`REJECT_PUBLISH_FOR`], a policy on `queue` (`max-length` 0,
+/// `overflow: reject-publish`: RabbitMQ "Queue Length Limit") has the broker nack every request.
+/// A node that cannot be reached (a fault) skips a window; a policy that cannot be cleared is a
+/// failure (and is cleared at exit).
+async fn reject_windows<R: TestRuntime>(
+    node: Node,
+    queue: String,
+    books: Books,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> BesideReport {
+    let mut report = BesideReport::default();
+    let policy = unique_name("soak-reject-publish");
+    let what = format!("the policy {policy}");
+    // The queue's name (`e2e-soak-<hex>`) has no regex metacharacter but `-`.
+    let pattern = format!("^{queue}$");
+    // The first window a third of a period early: apart from the reply consumer's cancels
+    // (every 30 s by default, from the start) and the faults (offset by half a period), so that
+    // the report can tell their effects apart.
+    let mut period = every - every / 3;
+    while pause::<R>(period, &stop).await {
+        period = every;
+        let from = Instant::now();
+        books.rejecting.store(true, Ordering::SeqCst);
+        Undo::push(&what, &node, &["clear_policy", &policy]);
+        let set = {
+            let (node, policy, pattern) = (node.clone(), policy.clone(), pattern.clone());
+            blocking(move || {
+                node.rabbitmqctl(&[
+                    "set_policy",
+                    &policy,
+                    &pattern,
+                    r#"{"max-length":0,"overflow":"reject-publish"}"#,
+                    "--apply-to",
+                    "queues",
+                    "--priority",
+                    "100",
+                ])
+            })
+            .await
+        };
+        if let Err(e) = set {
+            report.windows_skipped.push(e);
+        } else {
+            report.windows += 1;
+            sleep::<R>(REJECT_PUBLISH_FOR).await;
+        }
+        // Cleared even when the set failed: it may have been applied all the same.
+        let mut cleared = Err(String::new());
+        let give_up = Instant::now() + RECOVERY_LIMIT;
+        while cleared.is_err() && Instant::now() < give_up {
+            let (node, policy) = (node.clone(), policy.clone());
+            cleared = blocking(move || node.rabbitmqctl(&["clear_policy", &policy])).await;
+            if cleared.as_ref().is_err_and(|e| e.contains("not found")) {
+                cleared = Ok(String::new());
+            }
+            if cleared.is_err() {
+                sleep::<R>(Duration::from_secs(1)).await;
+            }
+        }
+        match cleared {
+            Ok(_) => Undo::done(&what),
+            Err(e) => report
+                .failures
+                .push(format!("{what} could not be cleared: {e}")),
+        }
+        books.window(
+            from,
+            Instant::now() + POLICY_LAG + BUDGET,
+            Window::RejectPublish,
+        );
+        books.rejecting.store(false, Ordering::SeqCst);
+    }
+    report
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
@@ -1067,8 +1645,11 @@ fn main() -> ExitCode {
     std::thread::spawn(move || {
         std::thread::sleep(cap);
         eprintln!("soak: still running after {cap:?}: giving up");
+        undo_all();
         std::process::exit(3);
     });
+    // Held to the end: no other test stops this node or changes its settings meanwhile.
+    let _lease = (args.node == "second").then(node::exclusive);
     match args.transport.as_str() {
         "smol" => Smol::block_on(run::<Smol>(args)),
         _ => Tokio::block_on(run::<Tokio>(args)),
@@ -1089,7 +1670,7 @@ mod tests {
                 (9_000, Kind::UnknownExchange, Class::ConnectionLost),
             ],
             not_kept: 0,
-            windows: vec![(4_000, 6_000)],
+            windows: vec![(4_000, 6_000, Window::Fault)],
         };
         let (counts, lines) = strays.outside();
         assert_eq!(
@@ -1100,6 +1681,109 @@ mod tests {
             ]
         );
         assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn queue_full_is_explained_by_reject_publish_windows_only() {
+        let strays = Strays {
+            errors: vec![
+                (1_500, Kind::Normal, Class::QueueFull),
+                (1_600, Kind::Normal, Class::TimedOut),
+                (5_000, Kind::OversizedReply, Class::QueueFull),
+                (9_000, Kind::Normal, Class::QueueFull),
+            ],
+            not_kept: 0,
+            windows: vec![
+                (1_000, 2_000, Window::RejectPublish),
+                (4_000, 6_000, Window::Fault),
+            ],
+        };
+        let (counts, _) = strays.outside();
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![
+                ((Kind::Normal, Class::TimedOut), 1),
+                ((Kind::Normal, Class::QueueFull), 1),
+                ((Kind::OversizedReply, Class::QueueFull), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn each_kind_gets_its_share_of_rolls() {
+        let mut args = parse_from(&[] as &[&str]).expect("defaults");
+        args.bad_per_mille = 3;
+        args.drop_per_mille = 2;
+        args.oversized_reply_per_mille = 1;
+        args.oversized_request_per_mille = 4;
+        let mut counts = BTreeMap::new();
+        for roll in 0..1000 {
+            *counts.entry(args.kind_of(roll)).or_insert(0u32) += 1;
+        }
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![
+                (Kind::Normal, 990),
+                (Kind::UnknownExchange, 1),
+                (Kind::TooLarge, 2),
+                (Kind::Dropped, 2),
+                (Kind::OversizedReply, 1),
+                (Kind::OversizedRequest, 4),
+            ]
+        );
+    }
+
+    #[test]
+    fn broker_settings_and_their_kinds_are_checked_together() {
+        let refused = |flags: &[&str]| parse_from(flags).err();
+        assert!(refused(&["--oversized-reply-per-mille", "1"]).is_some());
+        assert!(refused(&["--broker-max-message-size", "65536"]).is_some());
+        assert!(refused(&["--node", "main", "--reject-publish-window", "30"]).is_some());
+        assert!(refused(&["--node", "main", "--broker-max-message-size", "16384"]).is_some());
+        assert!(refused(&[
+            "--bad-per-mille",
+            "500",
+            "--drop-per-mille",
+            "500",
+            "--oversized-request-per-mille",
+            "1",
+            "--broker-max-message-size",
+            "16384"
+        ])
+        .is_some());
+        let args = parse_from(&[
+            "--broker-max-message-size",
+            "16384",
+            "--oversized-reply-per-mille",
+            "1",
+            "--oversized-request-per-mille",
+            "1",
+            "--forged-reply-every",
+            "30",
+            "--reject-publish-window",
+            "20",
+        ])
+        .expect("parses");
+        assert_eq!(args.broker_limit(), 16384);
+        assert_eq!(
+            (args.forged_reply_every, args.reject_publish_every),
+            (30, 20)
+        );
+    }
+
+    #[test]
+    fn the_handler_answers_reply_bytes_with_that_many_bytes() {
+        let answer = |body: &'static [u8]| {
+            Smol::block_on(soak_handler(Request {
+                body: Bytes::from_static(body),
+                properties: BasicProperties::default(),
+                deadline: None,
+            }))
+        };
+        assert_eq!(answer(b"reply-bytes:5").map(|b| b.len()), Ok(5));
+        assert_eq!(answer(b"10").as_deref(), Ok(&b"55"[..]));
+        assert!(answer(b"reply-bytes:99999999999").is_err());
+        assert!(answer(b"reply-bytes:x").is_err());
     }
 
     #[test]
