@@ -46,7 +46,10 @@ impl ConnectOptions {
     /// Parses `amqp[s]://user:pass@host:port/vhost?query`. Known query parameters
     /// (RabbitMQ's): `heartbeat` (seconds), `connection_timeout` (milliseconds), `channel_max`,
     /// `frame_max`, `auth_mechanism` (`plain`, `amqplain`, `external`; may repeat, in order of
-    /// preference), and with `amqps` only `cacertfile`, `certfile`, `keyfile`,
+    /// preference), ours: `max_message_size` (bytes, 1 to 536870912: the broker's limit on a
+    /// message body, [`ConnectionConfig::max_message_size`]; set it to the broker's, e.g.
+    /// `16777216` for RabbitMQ 4.x's default, so that a larger request or reply is refused
+    /// before it is sent), and with `amqps` only `cacertfile`, `certfile`, `keyfile`,
     /// `verify` (`verify_peer`, the default, or `verify_none`) and `server_name_indication`
     /// (a host name, or `disable`). Anything else is an error: a misspelt `verify=verify_peer`
     /// must not silently connect without it. No error quotes the URI.
@@ -277,6 +280,16 @@ fn apply_query(options: &mut ConnectOptions, pair: &str) -> Result<(), String> {
         }
         "channel_max" => connection.channel_max = number(u64::from(u16::MAX))? as u16,
         "frame_max" => connection.frame_max = number(u64::from(u32::MAX))? as u32,
+        "max_message_size" => {
+            // The broker's limit, so that a larger body is refused before it is sent (the
+            // broker would close the channel with 406). RabbitMQ caps the setting at 512 MiB
+            // ("Configuration" guide, `max_message_size`); zero would refuse every body.
+            let bytes = number(MAX_MESSAGE_SIZE_CAP)?;
+            if bytes == 0 {
+                return Err("max_message_size must be at least 1 byte".into());
+            }
+            connection.max_message_size = bytes;
+        }
         "auth_mechanism" => {
             let mechanism = SaslMechanism::from_name(&value)
                 .ok_or("auth_mechanism must be plain, amqplain or external")?;
@@ -311,14 +324,17 @@ fn apply_query(options: &mut ConnectOptions, pair: &str) -> Result<(), String> {
             // The key itself is not quoted: in a mangled URI it may be part of the password.
             return Err(
                 "unknown parameter (known: heartbeat, connection_timeout, channel_max, \
-                 frame_max, auth_mechanism, cacertfile, certfile, keyfile, verify, \
-                 server_name_indication)"
+                 frame_max, max_message_size, auth_mechanism, cacertfile, certfile, keyfile, \
+                 verify, server_name_indication)"
                     .into(),
             );
         }
     }
     Ok(())
 }
+
+/// The highest `max_message_size` RabbitMQ accepts (512 MiB, since 3.8).
+const MAX_MESSAGE_SIZE_CAP: u64 = 512 * 1024 * 1024;
 
 /// The query parameters that only mean something with TLS.
 const TLS_KEYS: [&str; 5] = [
@@ -373,9 +389,11 @@ mod tests {
     #[test]
     fn query_sets_heartbeat_and_timeout() {
         let o = ConnectOptions::from_uri(
-            "amqp://u:p@h:1234/v?heartbeat=2&connection_timeout=1500&channel_max=9&frame_max=8192",
+            "amqp://u:p@h:1234/v?heartbeat=2&connection_timeout=1500&channel_max=9&frame_max=8192\
+             &max_message_size=16777216",
         )
         .expect("valid");
+        assert_eq!(o.connection.max_message_size, 16 * 1024 * 1024);
         assert_eq!(o.connection.heartbeat, Duration::from_secs(2));
         assert_eq!(o.connect_timeout, Duration::from_millis(1500));
         assert_eq!(o.connection.handshake_timeout, Duration::from_millis(1500));
@@ -445,15 +463,15 @@ mod tests {
     fn malformed_uris_never_show_the_password() {
         const SECRET: &str = "s3cret";
         let table = [
-            "amqp:guest:s3cret@host/",                          // no //
-            "amqp:/guest:s3cret@host/",                         // one /
-            "guest:s3cret@host",                                // no scheme at all
-            "http://guest:s3cret@host/",                        // unknown scheme
-            "amqpx://guest:s3cret@host/",                       // unknown scheme
-            "amqp://guest:s3cret@host:notaport/",               // bad port
-            "amqp://guest:s3cret@host:99999/",                  // port out of range
-            "amqp://guest:s3cret@host:0/",                      // port 0
-            "amqp://guest:s3cret@host:-1/",                     // negative port
+            "amqp:guest:s3cret@host/",                              // no //
+            "amqp:/guest:s3cret@host/",                             // one /
+            "guest:s3cret@host",                                    // no scheme at all
+            "http://guest:s3cret@host/",                            // unknown scheme
+            "amqpx://guest:s3cret@host/",                           // unknown scheme
+            "amqp://guest:s3cret@host:notaport/",                   // bad port
+            "amqp://guest:s3cret@host:99999/",                      // port out of range
+            "amqp://guest:s3cret@host:0/",                          // port 0
+            "amqp://guest:s3cret@host:-1/",                         // negative port
             "amqp://guest:s3cret%zz@host/", // bad percent-encoding in the password
             "amqp://guest:s3cret%4@host/",  // truncated escape
             "amqp://guest:s3cret%ff@host/", // escape that is not UTF-8
@@ -470,6 +488,9 @@ mod tests {
             "amqps://guest:s3cret@host/?verify=s3cret", // bad verify value
             "amqps://guest:s3cret@host/?auth_mechanism=s3cret", // unknown mechanism
             "amqp://guest:s3cret@host/?connection_timeout=0", // zero timeout
+            "amqp://guest:s3cret@host/?max_message_size=0", // no body would fit
+            "amqp://guest:s3cret@host/?max_message_size=536870913", // above RabbitMQ's cap
+            "amqp://guest:s3cret@host/?max_message_size=1MiB", // not a number
             "amqp://guest:s3cret@[::1/",    // unclosed IPv6 bracket
             "amqp://guest:s3cret@[s3cret]/", // not an IPv6 address
             "amqp://guest:s3cret@[::1]x/",  // junk after ]
