@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use amqp_rpc_core::{ConnectionConfig, ConnectionError, Credentials, SaslMechanism};
+use amqp_rpc_core::{ConnectionConfig, ConnectionError, Credentials, ReplyCode, SaslMechanism};
 
 use crate::tls::{TlsConfig, TlsError, Verify};
 
@@ -119,7 +119,11 @@ impl fmt::Display for ConnectError {
             ConnectError::Tls { address, error } => {
                 write!(f, "TLS with RabbitMQ at {address} failed: {error}")
             }
-            ConnectError::Connection(e) => write!(f, "RabbitMQ refused the connection: {e}"),
+            ConnectError::Connection(e) if is_refusal(e) => {
+                write!(f, "RabbitMQ refused the connection: {e}")
+            }
+            // A handshake that stalled or a socket that dropped is no refusal: say what was seen.
+            ConnectError::Connection(e) => write!(f, "connecting to RabbitMQ failed: {e}"),
             ConnectError::AllFailed(failures) => {
                 write!(
                     f,
@@ -146,6 +150,24 @@ impl std::error::Error for ConnectError {
     }
 }
 
+/// Whether the broker said no to this client (credentials, vhost access, the SASL mechanism,
+/// credentials too long to send): what a change of settings or credentials cures, as opposed
+/// to a broker that is down or slow. RabbitMQ answers a wrong password with 403
+/// ACCESS_REFUSED and a vhost it has not, or that the user may not use, with 530 NOT_ALLOWED on
+/// `connection.open` ("Access Control" guide).
+pub(crate) fn is_refusal(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::AuthenticationFailed { .. }
+        | ConnectionError::NoCommonMechanism { .. }
+        | ConnectionError::CredentialsTooLong { .. }
+        | ConnectionError::ReplyPathRefused { .. } => true,
+        ConnectionError::ClosedByServer { code, .. } => {
+            *code == ReplyCode::ACCESS_REFUSED || *code == ReplyCode::NOT_ALLOWED
+        }
+        _ => false,
+    }
+}
+
 /// The parser. Every error is a fixed text plus, at most, a query parameter's name or a
 /// number: never a piece of the input that could be (or contain) the password.
 fn parse(uri: &str) -> Result<ConnectOptions, String> {
@@ -162,6 +184,18 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
     // A fragment has no meaning in an AMQP URI; refuse it rather than guess.
     if rest.contains('#') {
         return Err("unexpected '#' (escape it as %23)".into());
+    }
+    // RFC 3986 §3.2: the authority ends at the first '/' or '?', so an unescaped one in the
+    // user name or password cuts it short and what is left of it looks like `host:port`: a
+    // connect error would quote it. An '@' after that point means exactly this (a vhost or a
+    // query value with an '@' must escape it as %40).
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if rest[authority_end..].contains('@') {
+        return Err(
+            "an '@' after the host: write '/' as %2F, '?' as %3F and '@' as %40 in a \
+                    user name, password, vhost or query value"
+                .into(),
+        );
     }
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
@@ -214,6 +248,11 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
         }
     }
     options.connection.handshake_timeout = options.connect_timeout;
+    // Refused here rather than by the handshake: a URI error is found before connecting.
+    options
+        .connection
+        .check_credentials_fit()
+        .map_err(|e| e.to_string())?;
     Ok(options)
 }
 
@@ -496,6 +535,16 @@ mod tests {
             "amqp://guest:s3cret@[::1]x/",  // junk after ]
             "amqp://guest:s3cret@ho st/",   // space in the host
             "amqp://guest:s3cret@host/#frag", // fragment
+            // Issue 21 case 6: an unescaped '/' or '?' in the password ends the authority
+            // (RFC 3986 §3.2), so the text before it looked like host:port and was quoted.
+            "amqp://guest:s3cret/more@host/",
+            "amqp://s3cret:12/34@host/",
+            "amqp://guest:s3cret?x@host/",
+            "amqp://guest:s3cret?x=1@host/",
+            "amqp://s3cret:99/x@h/v",
+            "amqp://gu/s3cret@host/",   // in the user name
+            "amqp://s3cret:12/34@host", // parsed as host s3cret, port 12, vhost 34@host
+            "amqp://s3cret/x@host",
         ];
         for uri in table {
             let error = match ConnectOptions::from_uri(uri) {
@@ -509,6 +558,43 @@ mod tests {
             );
             assert!(display.starts_with("invalid AMQP URI: "), "{display}");
         }
+    }
+
+    /// Issue 21 case 6: `amqp://u:12/34@host` connected to "u:12" and said so; whatever is
+    /// left of the '@', no message may show it, and none does, parsed or not.
+    #[test]
+    fn no_part_of_the_userinfo_reaches_a_message() {
+        for (uri, secret) in [
+            ("amqp://u:12/34@host/", "12"),
+            ("amqp://u:12?34@host/", "12"),
+            ("amqp://ab:cd/ef@host/", "cd"),
+        ] {
+            let e = ConnectOptions::from_uri(uri).expect_err("refused");
+            let text = e.to_string();
+            assert!(
+                !text.contains(secret) && !text.contains("u:"),
+                "{uri}: {text}"
+            );
+            assert!(text.contains("%2F"), "says how to write it: {text}");
+        }
+        // Escaped, they parse.
+        let o = ConnectOptions::from_uri("amqp://u:12%2F34%3F@host/").expect("valid");
+        assert_eq!(o.connection.credentials.password(), "12/34?");
+        assert_eq!(o.host, "host");
+    }
+
+    /// Issue 21 case 6: a 70 KB credential was blamed on the server; it is refused while
+    /// parsing, with the lengths and the limit, never the values.
+    #[test]
+    fn credentials_too_long_for_the_handshake_are_refused_while_parsing() {
+        let uri = format!("amqp://user:{}@host/", "p".repeat(70_000));
+        let e = ConnectOptions::from_uri(&uri).expect_err("too long");
+        let text = e.to_string();
+        assert!(matches!(e, ConnectError::InvalidUri(_)), "{e:?}");
+        assert!(text.contains("70000") && text.contains("8192"), "{text}");
+        assert!(!text.contains("ppp"), "{text}");
+        let uri = format!("amqp://user:{}@host/", "p".repeat(4_000));
+        assert!(ConnectOptions::from_uri(&uri).is_ok());
     }
 
     #[test]
