@@ -7,6 +7,7 @@
 //! - [`RpcError`]: how an RPC call ended when it did not end with a reply.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::ids::{ChannelId, ReplyCode};
 
@@ -148,8 +149,27 @@ pub enum ConnectionError {
     },
     /// The application closed the connection.
     ClosedByApplication,
-    /// The handshake did not finish in time.
-    HandshakeTimedOut,
+    /// The handshake did not finish within [`crate::ConnectionConfig::handshake_timeout`].
+    HandshakeTimedOut {
+        /// How far it got: what was seen says what the broker may be short of.
+        stage: HandshakeStage,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The user name and password do not fit in `connection.start-ok`, which must fit in one
+    /// frame before `connection.tune` (spec §4.2.3: no larger frame_max is agreed yet). Refused
+    /// before sending: the broker would drop the connection with a frame error. Only the
+    /// lengths are given, never the values.
+    CredentialsTooLong {
+        /// The user name's length in bytes.
+        username: usize,
+        /// The password's length in bytes.
+        password: usize,
+        /// The `start-ok` frame's size in bytes with them.
+        frame: usize,
+        /// The largest frame allowed before tune.
+        limit: u32,
+    },
     /// Nothing arrived for two heartbeat intervals: the peer is presumed dead.
     HeartbeatTimedOut,
     /// The byte stream ended (the socket closed or failed) without a close handshake.
@@ -186,7 +206,18 @@ impl fmt::Display for ConnectionError {
                 write!(f, "connection closed by server ({code}): {text}")
             }
             ConnectionError::ClosedByApplication => f.write_str("connection closed by the application"),
-            ConnectionError::HandshakeTimedOut => f.write_str("AMQP handshake timed out"),
+            ConnectionError::HandshakeTimedOut { stage, after } => stage.explain(f, *after),
+            ConnectionError::CredentialsTooLong {
+                username,
+                password,
+                frame,
+                limit,
+            } => write!(
+                f,
+                "credentials too long: with a user name of {username} bytes and a password of \
+                 {password} bytes, connection.start-ok is a frame of {frame} bytes, and a frame \
+                 before connection.tune may hold at most {limit}"
+            ),
             ConnectionError::HeartbeatTimedOut => {
                 f.write_str("no data from server for two heartbeat intervals")
             }
@@ -199,6 +230,56 @@ impl fmt::Display for ConnectionError {
 }
 
 impl std::error::Error for ConnectionError {}
+
+/// How far the opening handshake got before [`ConnectionError::HandshakeTimedOut`] (spec
+/// §1.4.2: protocol header, start / start-ok, tune / tune-ok, open / open-ok).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeStage {
+    /// Not one byte came back after our protocol header.
+    NoReply,
+    /// Some bytes came back, but not a whole `connection.start`.
+    PartialStart,
+    /// `connection.start-ok` (the login) sent; neither `connection.tune` nor a close came.
+    AwaitingTune,
+    /// `connection.tune-ok` and `connection.open` sent; no `connection.open-ok` came.
+    AwaitingOpenOk,
+}
+
+impl HandshakeStage {
+    /// What was seen, and what it may mean.
+    fn explain(self, f: &mut fmt::Formatter<'_>, after: Duration) -> fmt::Result {
+        match self {
+            // The kernel completes the TCP handshake from its backlog whether or not RabbitMQ
+            // accepts the socket: a node out of file descriptors (its connection limit) shows
+            // exactly this.
+            HandshakeStage::NoReply => write!(
+                f,
+                "no reply to the AMQP protocol header within {after:?}: the TCP connection was \
+                 accepted but nothing answered; the broker may be out of file descriptors or \
+                 sockets (at its connection limit), overloaded or still starting, or the port \
+                 is not an AMQP listener (a TLS port needs amqps://)"
+            ),
+            HandshakeStage::PartialStart => write!(
+                f,
+                "the answer to the AMQP protocol header stopped short of a whole \
+                 connection.start within {after:?}: the network stalls, or the peer is not an \
+                 AMQP 0-9-1 broker"
+            ),
+            HandshakeStage::AwaitingTune => write!(
+                f,
+                "no answer to the login (connection.start-ok) within {after:?}: the broker is \
+                 overloaded, or its authentication backend (LDAP, HTTP, OAuth) is slow or \
+                 unreachable"
+            ),
+            HandshakeStage::AwaitingOpenOk => write!(
+                f,
+                "no answer to connection.open within {after:?}: the broker is overloaded, or \
+                 the vhost is not available on this node"
+            ),
+        }
+    }
+}
 
 /// Who closed a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

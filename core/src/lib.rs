@@ -19,6 +19,8 @@ pub use connection::{
     Connection, ConnectionConfig, ConsumeOptions, Credentials, Delivery, Event, QueueOptions,
     Reply, Returned, SaslMechanism, Tune,
 };
-pub use error::{ChannelError, ConnectionError, FrameError, Initiator, RpcError, UsageError};
+pub use error::{
+    ChannelError, ConnectionError, FrameError, HandshakeStage, Initiator, RpcError, UsageError,
+};
 pub use ids::{ChannelId, DeliveryTag, ReplyCode, RequestId};
 pub use machine::Machine;

@@ -9,7 +9,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::{
     ChannelError, ChannelId, ConnectionConfig, ConnectionError, ConsumeOptions, Credentials,
-    DeliveryTag, Event, Initiator, QueueOptions, Reply, ReplyCode, UsageError,
+    DeliveryTag, Event, HandshakeStage, Initiator, QueueOptions, Reply, ReplyCode, UsageError,
 };
 use amqp_rpc_sim::{frames, Chunking, HandshakeScript, Sim};
 
@@ -19,6 +19,19 @@ fn config() -> ConnectionConfig {
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+trait EventText {
+    fn to_string_lossy(&self) -> String;
+}
+
+impl EventText for Event {
+    fn to_string_lossy(&self) -> String {
+        match self {
+            Event::Closed(e) => e.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,30 +212,60 @@ fn no_common_mechanism_is_reported_and_no_credentials_leave() {
     assert_eq!(sim.broker.pending_frames(), 0);
 }
 
+/// Issue 21 case 6: a 70 KB credential was blamed on the server ("server violated the
+/// protocol (501)"). It is our limit: the error says so, with the lengths and the limit, never
+/// the values; nothing but the close leaves.
 #[test]
 fn start_ok_too_large_for_the_pre_tune_frame_is_a_clear_error() {
     let mut sim = Sim::new({
         let mut c = config();
-        c.credentials = Credentials::new("user", "p".repeat(9000));
+        c.credentials = Credentials::new("user", "p".repeat(70_000));
         c
     });
     sim.pump();
     sim.broker.send(0, frames::start("PLAIN AMQPLAIN"));
     sim.pump();
     match sim.take_events().as_slice() {
-        [Event::Closed(ConnectionError::Protocol { code, reason })] => {
-            assert_eq!(code.0, 501);
-            assert!(reason.contains("too long"), "{reason}");
+        [Event::Closed(
+            e @ ConnectionError::CredentialsTooLong {
+                username,
+                password,
+                limit,
+                ..
+            },
+        )] => {
+            assert_eq!((*username, *password, *limit), (4, 70_000, 8192));
+            let text = e.to_string();
             assert!(
-                !reason.contains("ppppp"),
-                "the password must not leak: {reason}"
+                text.contains("70000") && text.contains("8192") && !text.contains("ppppp"),
+                "{text}"
             );
+            assert!(!text.contains("server violated"), "{text}");
         }
         other => panic!("{other:?}"),
     }
     // No start-ok went out, only the close.
     let (code, _) = sim.broker.expect_connection_close();
     assert_eq!(code, 501);
+}
+
+/// The same check without a connection, so that a driver can refuse such credentials before
+/// it opens a socket.
+#[test]
+fn credentials_that_cannot_fit_are_refused_before_connecting() {
+    let mut c = config();
+    assert_eq!(c.check_credentials_fit(), Ok(()));
+    c.credentials = Credentials::new("u".repeat(300), "p".repeat(8_000));
+    match c.check_credentials_fit() {
+        Err(e @ ConnectionError::CredentialsTooLong { .. }) => {
+            assert!(!e.to_string().contains("uuuuu"), "{e}");
+            assert!(!e.to_string().contains("ppppp"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A password just short enough fits.
+    c.credentials = Credentials::new("u", "p".repeat(7_000));
+    assert_eq!(c.check_credentials_fit(), Ok(()));
 }
 
 #[test]
@@ -246,6 +289,8 @@ fn long_non_ascii_mechanism_list_does_not_panic() {
     assert!(text.len() <= 255);
 }
 
+/// Issue 21 case 7: the stage says what was seen. Not one byte after the protocol header is
+/// what a broker out of sockets does (the kernel accepts, RabbitMQ never reads).
 #[test]
 fn handshake_times_out_when_the_server_is_silent() {
     let mut sim = Sim::new({
@@ -257,12 +302,62 @@ fn handshake_times_out_when_the_server_is_silent() {
     sim.advance(Duration::from_millis(9_999));
     assert!(sim.events.is_empty());
     sim.advance(Duration::from_millis(1));
+    let events = sim.take_events();
     assert_eq!(
-        sim.take_events(),
-        vec![Event::Closed(ConnectionError::HandshakeTimedOut)]
+        events,
+        vec![Event::Closed(ConnectionError::HandshakeTimedOut {
+            stage: HandshakeStage::NoReply,
+            after: secs(10)
+        })]
+    );
+    let text = events[0].to_string_lossy();
+    assert!(
+        text.contains("no reply to the AMQP protocol header within 10s")
+            && text.contains("file descriptors"),
+        "{text}"
     );
     assert!(sim.client.is_closed());
     assert_eq!(sim.client.poll_timeout(), None);
+}
+
+#[test]
+fn handshake_times_out_with_half_a_start_frame() {
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.handshake_timeout = secs(10);
+        c
+    });
+    sim.pump();
+    sim.broker.send_raw(b"\x01\x00\x00");
+    sim.pump();
+    sim.advance(secs(10));
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Closed(ConnectionError::HandshakeTimedOut {
+            stage: HandshakeStage::PartialStart,
+            after: secs(10)
+        })]
+    );
+}
+
+#[test]
+fn handshake_times_out_when_the_server_stalls_after_start_ok() {
+    let mut sim = Sim::new({
+        let mut c = config();
+        c.handshake_timeout = secs(10);
+        c
+    });
+    sim.pump();
+    sim.broker.send(0, frames::start("PLAIN"));
+    sim.pump();
+    sim.advance(secs(10));
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Closed(ConnectionError::HandshakeTimedOut {
+            stage: HandshakeStage::AwaitingTune,
+            after: secs(10)
+        })]
+    );
 }
 
 #[test]
@@ -279,7 +374,10 @@ fn handshake_times_out_when_the_server_stalls_after_tune() {
     sim.advance(secs(10));
     assert_eq!(
         sim.take_events(),
-        vec![Event::Closed(ConnectionError::HandshakeTimedOut)]
+        vec![Event::Closed(ConnectionError::HandshakeTimedOut {
+            stage: HandshakeStage::AwaitingOpenOk,
+            after: secs(10)
+        })]
     );
 }
 

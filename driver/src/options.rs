@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use amqp_rpc_core::{ConnectionConfig, ConnectionError, Credentials, SaslMechanism};
+use amqp_rpc_core::{ConnectionConfig, ConnectionError, Credentials, ReplyCode, SaslMechanism};
 
 use crate::tls::{TlsConfig, TlsError, Verify};
 
@@ -46,7 +46,10 @@ impl ConnectOptions {
     /// Parses `amqp[s]://user:pass@host:port/vhost?query`. Known query parameters
     /// (RabbitMQ's): `heartbeat` (seconds), `connection_timeout` (milliseconds), `channel_max`,
     /// `frame_max`, `auth_mechanism` (`plain`, `amqplain`, `external`; may repeat, in order of
-    /// preference), and with `amqps` only `cacertfile`, `certfile`, `keyfile`,
+    /// preference), ours: `max_message_size` (bytes, 1 to 536870912: the broker's limit on a
+    /// message body, [`ConnectionConfig::max_message_size`]; set it to the broker's, e.g.
+    /// `16777216` for RabbitMQ 4.x's default, so that a larger request or reply is refused
+    /// before it is sent), and with `amqps` only `cacertfile`, `certfile`, `keyfile`,
     /// `verify` (`verify_peer`, the default, or `verify_none`) and `server_name_indication`
     /// (a host name, or `disable`). Anything else is an error: a misspelt `verify=verify_peer`
     /// must not silently connect without it. No error quotes the URI.
@@ -116,7 +119,11 @@ impl fmt::Display for ConnectError {
             ConnectError::Tls { address, error } => {
                 write!(f, "TLS with RabbitMQ at {address} failed: {error}")
             }
-            ConnectError::Connection(e) => write!(f, "RabbitMQ refused the connection: {e}"),
+            ConnectError::Connection(e) if is_refusal(e) => {
+                write!(f, "RabbitMQ refused the connection: {e}")
+            }
+            // A handshake that stalled or a socket that dropped is no refusal: say what was seen.
+            ConnectError::Connection(e) => write!(f, "connecting to RabbitMQ failed: {e}"),
             ConnectError::AllFailed(failures) => {
                 write!(
                     f,
@@ -143,6 +150,24 @@ impl std::error::Error for ConnectError {
     }
 }
 
+/// Whether the broker said no to this client (credentials, vhost access, the SASL mechanism,
+/// credentials too long to send): what a change of settings or credentials cures, as opposed
+/// to a broker that is down or slow. RabbitMQ answers a wrong password with 403
+/// ACCESS_REFUSED and a vhost it has not, or that the user may not use, with 530 NOT_ALLOWED on
+/// `connection.open` ("Access Control" guide).
+pub(crate) fn is_refusal(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::AuthenticationFailed { .. }
+        | ConnectionError::NoCommonMechanism { .. }
+        | ConnectionError::CredentialsTooLong { .. }
+        | ConnectionError::ReplyPathRefused { .. } => true,
+        ConnectionError::ClosedByServer { code, .. } => {
+            *code == ReplyCode::ACCESS_REFUSED || *code == ReplyCode::NOT_ALLOWED
+        }
+        _ => false,
+    }
+}
+
 /// The parser. Every error is a fixed text plus, at most, a query parameter's name or a
 /// number: never a piece of the input that could be (or contain) the password.
 fn parse(uri: &str) -> Result<ConnectOptions, String> {
@@ -159,6 +184,18 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
     // A fragment has no meaning in an AMQP URI; refuse it rather than guess.
     if rest.contains('#') {
         return Err("unexpected '#' (escape it as %23)".into());
+    }
+    // RFC 3986 §3.2: the authority ends at the first '/' or '?', so an unescaped one in the
+    // user name or password cuts it short and what is left of it looks like `host:port`: a
+    // connect error would quote it. An '@' after that point means exactly this (a vhost or a
+    // query value with an '@' must escape it as %40).
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if rest[authority_end..].contains('@') {
+        return Err(
+            "an '@' after the host: write '/' as %2F, '?' as %3F and '@' as %40 in a \
+                    user name, password, vhost or query value"
+                .into(),
+        );
     }
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
@@ -211,6 +248,11 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
         }
     }
     options.connection.handshake_timeout = options.connect_timeout;
+    // Refused here rather than by the handshake: a URI error is found before connecting.
+    options
+        .connection
+        .check_credentials_fit()
+        .map_err(|e| e.to_string())?;
     Ok(options)
 }
 
@@ -277,6 +319,16 @@ fn apply_query(options: &mut ConnectOptions, pair: &str) -> Result<(), String> {
         }
         "channel_max" => connection.channel_max = number(u64::from(u16::MAX))? as u16,
         "frame_max" => connection.frame_max = number(u64::from(u32::MAX))? as u32,
+        "max_message_size" => {
+            // The broker's limit, so that a larger body is refused before it is sent (the
+            // broker would close the channel with 406). RabbitMQ caps the setting at 512 MiB
+            // ("Configuration" guide, `max_message_size`); zero would refuse every body.
+            let bytes = number(MAX_MESSAGE_SIZE_CAP)?;
+            if bytes == 0 {
+                return Err("max_message_size must be at least 1 byte".into());
+            }
+            connection.max_message_size = bytes;
+        }
         "auth_mechanism" => {
             let mechanism = SaslMechanism::from_name(&value)
                 .ok_or("auth_mechanism must be plain, amqplain or external")?;
@@ -311,14 +363,17 @@ fn apply_query(options: &mut ConnectOptions, pair: &str) -> Result<(), String> {
             // The key itself is not quoted: in a mangled URI it may be part of the password.
             return Err(
                 "unknown parameter (known: heartbeat, connection_timeout, channel_max, \
-                 frame_max, auth_mechanism, cacertfile, certfile, keyfile, verify, \
-                 server_name_indication)"
+                 frame_max, max_message_size, auth_mechanism, cacertfile, certfile, keyfile, \
+                 verify, server_name_indication)"
                     .into(),
             );
         }
     }
     Ok(())
 }
+
+/// The highest `max_message_size` RabbitMQ accepts (512 MiB, since 3.8).
+const MAX_MESSAGE_SIZE_CAP: u64 = 512 * 1024 * 1024;
 
 /// The query parameters that only mean something with TLS.
 const TLS_KEYS: [&str; 5] = [
@@ -373,9 +428,11 @@ mod tests {
     #[test]
     fn query_sets_heartbeat_and_timeout() {
         let o = ConnectOptions::from_uri(
-            "amqp://u:p@h:1234/v?heartbeat=2&connection_timeout=1500&channel_max=9&frame_max=8192",
+            "amqp://u:p@h:1234/v?heartbeat=2&connection_timeout=1500&channel_max=9&frame_max=8192\
+             &max_message_size=16777216",
         )
         .expect("valid");
+        assert_eq!(o.connection.max_message_size, 16 * 1024 * 1024);
         assert_eq!(o.connection.heartbeat, Duration::from_secs(2));
         assert_eq!(o.connect_timeout, Duration::from_millis(1500));
         assert_eq!(o.connection.handshake_timeout, Duration::from_millis(1500));
@@ -445,15 +502,15 @@ mod tests {
     fn malformed_uris_never_show_the_password() {
         const SECRET: &str = "s3cret";
         let table = [
-            "amqp:guest:s3cret@host/",                          // no //
-            "amqp:/guest:s3cret@host/",                         // one /
-            "guest:s3cret@host",                                // no scheme at all
-            "http://guest:s3cret@host/",                        // unknown scheme
-            "amqpx://guest:s3cret@host/",                       // unknown scheme
-            "amqp://guest:s3cret@host:notaport/",               // bad port
-            "amqp://guest:s3cret@host:99999/",                  // port out of range
-            "amqp://guest:s3cret@host:0/",                      // port 0
-            "amqp://guest:s3cret@host:-1/",                     // negative port
+            "amqp:guest:s3cret@host/",                              // no //
+            "amqp:/guest:s3cret@host/",                             // one /
+            "guest:s3cret@host",                                    // no scheme at all
+            "http://guest:s3cret@host/",                            // unknown scheme
+            "amqpx://guest:s3cret@host/",                           // unknown scheme
+            "amqp://guest:s3cret@host:notaport/",                   // bad port
+            "amqp://guest:s3cret@host:99999/",                      // port out of range
+            "amqp://guest:s3cret@host:0/",                          // port 0
+            "amqp://guest:s3cret@host:-1/",                         // negative port
             "amqp://guest:s3cret%zz@host/", // bad percent-encoding in the password
             "amqp://guest:s3cret%4@host/",  // truncated escape
             "amqp://guest:s3cret%ff@host/", // escape that is not UTF-8
@@ -470,11 +527,24 @@ mod tests {
             "amqps://guest:s3cret@host/?verify=s3cret", // bad verify value
             "amqps://guest:s3cret@host/?auth_mechanism=s3cret", // unknown mechanism
             "amqp://guest:s3cret@host/?connection_timeout=0", // zero timeout
+            "amqp://guest:s3cret@host/?max_message_size=0", // no body would fit
+            "amqp://guest:s3cret@host/?max_message_size=536870913", // above RabbitMQ's cap
+            "amqp://guest:s3cret@host/?max_message_size=1MiB", // not a number
             "amqp://guest:s3cret@[::1/",    // unclosed IPv6 bracket
             "amqp://guest:s3cret@[s3cret]/", // not an IPv6 address
             "amqp://guest:s3cret@[::1]x/",  // junk after ]
             "amqp://guest:s3cret@ho st/",   // space in the host
             "amqp://guest:s3cret@host/#frag", // fragment
+            // Issue 21 case 6: an unescaped '/' or '?' in the password ends the authority
+            // (RFC 3986 §3.2), so the text before it looked like host:port and was quoted.
+            "amqp://guest:s3cret/more@host/",
+            "amqp://s3cret:12/34@host/",
+            "amqp://guest:s3cret?x@host/",
+            "amqp://guest:s3cret?x=1@host/",
+            "amqp://s3cret:99/x@h/v",
+            "amqp://gu/s3cret@host/",   // in the user name
+            "amqp://s3cret:12/34@host", // parsed as host s3cret, port 12, vhost 34@host
+            "amqp://s3cret/x@host",
         ];
         for uri in table {
             let error = match ConnectOptions::from_uri(uri) {
@@ -488,6 +558,43 @@ mod tests {
             );
             assert!(display.starts_with("invalid AMQP URI: "), "{display}");
         }
+    }
+
+    /// Issue 21 case 6: `amqp://u:12/34@host` connected to "u:12" and said so; whatever is
+    /// left of the '@', no message may show it, and none does, parsed or not.
+    #[test]
+    fn no_part_of_the_userinfo_reaches_a_message() {
+        for (uri, secret) in [
+            ("amqp://u:12/34@host/", "12"),
+            ("amqp://u:12?34@host/", "12"),
+            ("amqp://ab:cd/ef@host/", "cd"),
+        ] {
+            let e = ConnectOptions::from_uri(uri).expect_err("refused");
+            let text = e.to_string();
+            assert!(
+                !text.contains(secret) && !text.contains("u:"),
+                "{uri}: {text}"
+            );
+            assert!(text.contains("%2F"), "says how to write it: {text}");
+        }
+        // Escaped, they parse.
+        let o = ConnectOptions::from_uri("amqp://u:12%2F34%3F@host/").expect("valid");
+        assert_eq!(o.connection.credentials.password(), "12/34?");
+        assert_eq!(o.host, "host");
+    }
+
+    /// Issue 21 case 6: a 70 KB credential was blamed on the server; it is refused while
+    /// parsing, with the lengths and the limit, never the values.
+    #[test]
+    fn credentials_too_long_for_the_handshake_are_refused_while_parsing() {
+        let uri = format!("amqp://user:{}@host/", "p".repeat(70_000));
+        let e = ConnectOptions::from_uri(&uri).expect_err("too long");
+        let text = e.to_string();
+        assert!(matches!(e, ConnectError::InvalidUri(_)), "{e:?}");
+        assert!(text.contains("70000") && text.contains("8192"), "{text}");
+        assert!(!text.contains("ppp"), "{text}");
+        let uri = format!("amqp://user:{}@host/", "p".repeat(4_000));
+        assert!(ConnectOptions::from_uri(&uri).is_ok());
     }
 
     #[test]

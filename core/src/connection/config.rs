@@ -121,6 +121,8 @@ pub struct ConnectionConfig {
     /// default since 3.8). [`crate::Connection::publish`] refuses a larger body with
     /// [`crate::UsageError::MessageTooLarge`] instead of sending it: the broker would close the
     /// whole channel with 406 PRECONDITION_FAILED, taking every other publish on it along.
+    /// Set it to the broker's value where that is lower (RabbitMQ 4.x defaults to 16 MiB); the
+    /// driver's URI query key `max_message_size` sets it.
     pub max_message_size: u64,
     /// Shown in the RabbitMQ management UI and `rabbitmqctl list_connections name`.
     pub connection_name: Option<String>,

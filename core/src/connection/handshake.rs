@@ -11,7 +11,7 @@ use amq_protocol::protocol::{connection, AMQPClass};
 use super::config::{ConnectionConfig, Credentials, SaslMechanism, Tune};
 use super::heartbeat::Heartbeat;
 use super::{Connection, State, Timer};
-use crate::codec::FRAME_MIN_SIZE;
+use crate::codec::{self, FRAME_MIN_SIZE, PRE_TUNE_FRAME_MAX};
 use crate::error::ConnectionError;
 use crate::ids::{ChannelId, ReplyCode};
 
@@ -117,6 +117,49 @@ fn client_properties(config: &ConnectionConfig) -> FieldTable {
     props
 }
 
+/// [`ConnectionError::CredentialsTooLong`] when `start-ok` with `mechanism` would not fit in a
+/// frame before tune. Encodes it once to measure it: the only exact measure of a field table.
+fn credentials_too_long(
+    config: &ConnectionConfig,
+    mechanism: SaslMechanism,
+) -> Option<ConnectionError> {
+    let method =
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok(config, mechanism)));
+    let mut frame = Vec::new();
+    // With no frame size limit, encoding fails only for a field above its type's maximum
+    // (a longstr over 4 GiB): too long all the same.
+    let len = match codec::encode_method(ChannelId::CONNECTION, &method, u32::MAX, &mut frame) {
+        Ok(()) => frame.len(),
+        Err(_) => usize::MAX,
+    };
+    (len > PRE_TUNE_FRAME_MAX as usize).then(|| ConnectionError::CredentialsTooLong {
+        username: config.credentials.username().len(),
+        password: config.credentials.password().len(),
+        frame: len,
+        limit: PRE_TUNE_FRAME_MAX,
+    })
+}
+
+impl ConnectionConfig {
+    /// Refuses credentials (or a connection name) too long for `connection.start-ok` with any
+    /// of the mechanisms this config may use, with [`ConnectionError::CredentialsTooLong`]:
+    /// the check the handshake makes, for a driver to make before it opens a socket.
+    pub fn check_credentials_fit(&self) -> Result<(), ConnectionError> {
+        let mechanisms = if self.auth_mechanisms.is_empty() {
+            &DEFAULT_MECHANISMS[..]
+        } else {
+            &self.auth_mechanisms[..]
+        };
+        match mechanisms
+            .iter()
+            .find_map(|&m| credentials_too_long(self, m))
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Builds `connection.start-ok`. The locale is `en_US`, the one every RabbitMQ offers.
 pub(crate) fn start_ok(config: &ConnectionConfig, mechanism: SaslMechanism) -> StartOk {
     StartOk {
@@ -159,22 +202,15 @@ impl Connection {
                 }
             };
         self.server_properties = start.server_properties;
+        if let Some(e) = credentials_too_long(&self.config, mechanism) {
+            // Our limit, not the server's fault: the credentials never leave.
+            let text = e.to_string();
+            return self.fail(now, e, Some((ReplyCode::FRAME_ERROR, text)));
+        }
         let start_ok = start_ok(&self.config, mechanism);
         let method = AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok));
-        if self.send_method(ChannelId::CONNECTION, method).is_err() {
-            // Credentials and connection name so long that start-ok exceeds the pre-tune frame
-            // size: say so now rather than let the handshake time out.
-            let reason =
-                "credentials or connection name too long for connection.start-ok".to_owned();
-            self.fail(
-                now,
-                ConnectionError::Protocol {
-                    code: ReplyCode::FRAME_ERROR,
-                    reason: reason.clone(),
-                },
-                Some((ReplyCode::FRAME_ERROR, reason)),
-            );
-        }
+        // Measured above: start-ok fits the pre-tune frame.
+        self.send_method_unchecked(ChannelId::CONNECTION, method);
     }
 
     pub(super) fn on_tune(&mut self, now: Instant, tune: connection::Tune) {

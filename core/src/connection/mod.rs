@@ -26,7 +26,7 @@ use amq_protocol::types::{FieldTable, ShortString};
 use bytes::BytesMut;
 
 use crate::codec::{self, Frame, FrameDecoder, FRAME_MIN_SIZE};
-use crate::error::{ChannelError, ConnectionError, FrameError, UsageError};
+use crate::error::{ChannelError, ConnectionError, FrameError, HandshakeStage, UsageError};
 use crate::ids::{ChannelId, ReplyCode};
 use crate::timers::TimerTable;
 
@@ -293,7 +293,21 @@ impl Connection {
             let reported = matches!(self.state, State::Closing { reported: true });
             self.finish_close(reported);
         } else if self.timers.take_due(&Timer::Handshake, now) {
-            self.fail(now, ConnectionError::HandshakeTimedOut, None);
+            let stage = match self.state {
+                // Bytes of a frame not yet whole wait in `read_buf`.
+                State::Handshake(HandshakeStep::AwaitStart) if self.read_buf.is_empty() => {
+                    HandshakeStage::NoReply
+                }
+                State::Handshake(HandshakeStep::AwaitStart) => HandshakeStage::PartialStart,
+                State::Handshake(HandshakeStep::AwaitTune) => HandshakeStage::AwaitingTune,
+                _ => HandshakeStage::AwaitingOpenOk,
+            };
+            let after = self.config.handshake_timeout;
+            self.fail(
+                now,
+                ConnectionError::HandshakeTimedOut { stage, after },
+                None,
+            );
         } else if self.timers.take_due(&Timer::PeerDead, now) {
             self.fail(now, ConnectionError::HeartbeatTimedOut, None);
         } else if self.timers.take_due(&Timer::SendHeartbeat, now) {
