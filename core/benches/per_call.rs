@@ -10,8 +10,8 @@
 //!
 //! - client: encode one request: `RpcClient::call` + `poll_transmit` (basic.publish + content
 //!   header + body frames, with correlation id, reply_to, expiration, x-rpc-deadline).
-//! - client: handle one reply: `handle_input` of basic.deliver + header + body, then
-//!   `poll_event` until the call's `CallEnded`.
+//! - client: handle one reply: `handle_input` of the request's publisher confirm (basic.ack)
+//!   and basic.deliver + header + body, then `poll_event` until the call's `CallEnded`.
 //! - connection: decode one delivery: `Connection::handle_input` of the same three frames into
 //!   `Event::Delivery`.
 //! - server: one request: `handle_input` of a request's three frames, `poll_request`, `reply`,
@@ -130,6 +130,10 @@ struct Pair {
     /// The last delivery tag each consumer saw.
     reply_tag: u64,
     request_tag: u64,
+    /// The publishing channel (in confirm mode) and the sequence number of its last publish:
+    /// each reply comes after the broker's `basic.ack` of its request, as from RabbitMQ.
+    publish_channel: u16,
+    publish_seq: u64,
 }
 
 impl Pair {
@@ -192,6 +196,15 @@ impl Pair {
             last = Some((parse_all(&to_server), parse_all(&to_client)));
         }
         let (to_server, to_client) = last.unwrap();
+        // Three requests so far on the publishing channel, each confirmed by the broker.
+        let confirms: Vec<u16> = broker
+            .confirms
+            .iter()
+            .filter(|&&(conn, _, _, acked)| conn == client.conn && acked)
+            .map(|&(_, channel, _, _)| channel)
+            .collect();
+        let publish_channel = *confirms.last().expect("requests are confirmed");
+        let publish_seq = confirms.len() as u64;
         let tag_of = |frames: &[AMQPFrame]| {
             frames
                 .iter()
@@ -211,6 +224,8 @@ impl Pair {
             request_properties: properties_of(&to_server),
             reply_tag: tag_of(&to_client),
             request_tag: tag_of(&to_server),
+            publish_channel,
+            publish_seq,
             client: client.m,
             server: server.m,
         }
@@ -224,13 +239,22 @@ impl Pair {
         self.client.poll_transmit(self.now, buf);
     }
 
-    /// The reply RabbitMQ would deliver to the client for the request in `sent`.
+    /// What RabbitMQ would send the client for the request in `sent`: the publish's
+    /// `basic.ack`, then the reply.
     fn reply_for(&mut self, sent: &[u8]) -> Vec<u8> {
         let request = properties_of(&parse_all(sent));
         let properties = BasicProperties::default()
             .with_correlation_id(request.correlation_id().clone().unwrap());
+        self.publish_seq += 1;
+        let mut out = frames::method(self.publish_channel, frames::ack(self.publish_seq, false));
         self.reply_tag += 1;
-        delivery(&self.replies, self.reply_tag, &properties, REPLY_BODY)
+        out.extend(delivery(
+            &self.replies,
+            self.reply_tag,
+            &properties,
+            REPLY_BODY,
+        ));
+        out
     }
 
     /// Feeds the client a reply and reads events until the call ended.

@@ -69,6 +69,24 @@ const PROMPT: Duration = Duration::from_secs(3);
 /// RabbitMQ 3.10's default `max_message_size` (128 MiB).
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 134_217_728;
 
+/// A counter of `client`'s stats once it reaches `expected`, or its value after [`PROMPT`]: the
+/// stats are as of the driver task's last wake-up, which can come after a call's end reached
+/// its caller.
+async fn stat_reaches<R: TestRuntime>(
+    client: &amqp_rpc_driver::Client<R>,
+    counter: impl Fn(&amqp_rpc_driver::ClientStats) -> u64,
+    expected: u64,
+) -> u64 {
+    let started = Instant::now();
+    loop {
+        let value = counter(&client.stats());
+        if value >= expected || started.elapsed() > PROMPT {
+            return value;
+        }
+        sleep::<R>(Duration::from_millis(10)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 1: an oversized request ends alone
 // ---------------------------------------------------------------------------------------------
@@ -265,7 +283,10 @@ async fn full_request_queue_ends_calls_queue_full_at_once<R: TestRuntime>() {
     })
     .await;
     assert_eq!((full, timed_out), (15, 5));
-    assert_eq!(client.stats().requests_nacked, 15);
+    assert_eq!(
+        stat_reaches::<R>(&client, |s| s.requests_nacked, 15).await,
+        15
+    );
     client.close().await;
 }
 
@@ -399,7 +420,10 @@ async fn reply_too_large_ends_at_once_and_big_returns_not_routed<R: TestRuntime>
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(client.stats().replies_too_large, 2);
+    assert_eq!(
+        stat_reaches::<R>(&client, |s| s.replies_too_large, 2).await,
+        2
+    );
     client.close().await;
     server.stop::<R>().await;
 }
