@@ -281,11 +281,8 @@ impl<R: Runtime> Server<R> {
             ..
         } = self;
         let rotation = options.connect.rotation();
-        let mut machine = RpcServer::new(
-            options.rpc.clone(),
-            rotation.current().connection.clone(),
-            Instant::now(),
-        );
+        let config = rotation.current().connection_config();
+        let mut machine = RpcServer::new(options.rpc.clone(), config.clone(), Instant::now());
         let mut workers = Workers::<R> {
             run,
             done: commands,
@@ -302,6 +299,7 @@ impl<R: Runtime> Server<R> {
         };
         run_session::<R, _, _>(
             rotation,
+            config,
             &options.backoff,
             &mut machine,
             &mut receiver,
