@@ -56,6 +56,17 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// A server's default: like [`Backoff::default`], but at most 1 s between attempts. A
+    /// server whose broker comes back must be back as fast as the clients, which only need
+    /// their reply path (calls fail `NoServers` until a server consumes again); a service has
+    /// few servers and many clients, so their attempts cost the broker little.
+    pub fn server() -> Self {
+        Self {
+            max: Duration::from_secs(1),
+            ..Self::default()
+        }
+    }
+
     /// No reconnecting at all.
     pub fn never() -> Self {
         Self {

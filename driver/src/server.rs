@@ -40,7 +40,7 @@ pub struct ServerOptions {
     pub rpc: ServerConfig,
     /// Most requests handled at once.
     pub workers: usize,
-    /// How to reconnect after the connection is lost.
+    /// How to reconnect after the connection is lost ([`Backoff::server`] by default).
     pub backoff: Backoff,
 }
 
@@ -62,7 +62,7 @@ impl ServerOptions {
             connect: Addresses::from_uris(uris)?,
             rpc: ServerConfig::new(queue),
             workers: 1,
-            backoff: Backoff::default(),
+            backoff: Backoff::server(),
         })
     }
 }
