@@ -671,5 +671,10 @@ mod tests {
         let o =
             ConnectOptions::from_uri("amqps://u:hunter2secret@h/?keyfile=/k.pem").expect("valid");
         assert!(!format!("{o:?}").contains("hunter2secret"));
+        // Nor with a provider: its credentials are asked for per attempt, never shown.
+        let o = o.with_credentials_provider(|| Credentials::new("u", "rotated2secret"));
+        let debug = format!("{o:?}");
+        assert!(!debug.contains("secret") && debug.contains("CredentialsProvider(..)"));
+        assert_eq!(o.connection_config().credentials.password(), "rotated2secret");
     }
 }
