@@ -675,6 +675,9 @@ mod tests {
         let o = o.with_credentials_provider(|| Credentials::new("u", "rotated2secret"));
         let debug = format!("{o:?}");
         assert!(!debug.contains("secret") && debug.contains("CredentialsProvider(..)"));
-        assert_eq!(o.connection_config().credentials.password(), "rotated2secret");
+        assert_eq!(
+            o.connection_config().credentials.password(),
+            "rotated2secret"
+        );
     }
 }

@@ -272,9 +272,9 @@ impl Probe {
                 // The first zero after servers were seen is checked again; a second zero (or a
                 // zero with no servers ever seen) is believed, unless the client reconnected
                 // lately and the servers may be reconnecting too.
-                let confirming = consumer_count == 0
-                    && ((had_servers && !before.confirming)
-                        || ((had_servers || before.confirming) && self.in_grace(now)));
+                let first_zero = had_servers && !before.confirming;
+                let graced = (had_servers || before.confirming) && self.in_grace(now);
+                let confirming = consumer_count == 0 && (first_zero || graced);
                 let status = QueueStatus {
                     consumers: Consumers::Count(consumer_count),
                     checked_at: Some(now),
