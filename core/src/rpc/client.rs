@@ -98,6 +98,12 @@ pub struct ClientConfig {
     /// too, and a server comes back a little after a client (it declares its queue again and
     /// consumes). 5 s by default, which covers a server's reconnect with its default backoff
     /// (at most 1 s between attempts); `Duration::ZERO` believes the count at once.
+    ///
+    /// The grace covers `NotRouted` as well as `NoServers`, by choice: a non-durable classic
+    /// queue that vanished with a restart is declared again by its server moments later, and
+    /// a caller is better served by waiting (within its deadline) than by a failure that a
+    /// call a second later would not get. Outside the grace a missing queue is `NotRouted` at
+    /// once, as before: no server has declared it.
     pub reconnect_grace: Duration,
 }
 
