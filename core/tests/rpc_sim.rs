@@ -541,6 +541,60 @@ fn a_momentary_zero_consumer_count_does_not_fail_calls() {
     }
 }
 
+/// Issue 20 case 4: after a broker restart the client was back before its server, and calls
+/// failed `NotRouted` (the non-durable queue had vanished) or `NoServers` until the server had
+/// reconnected. Within `reconnect_grace` of its own reconnect, the client looks again every
+/// 250 ms and calls wait for the server, within their deadline; with no grace (the old rule)
+/// the call fails at once.
+#[test]
+fn after_a_reconnect_calls_wait_for_servers_within_the_grace() {
+    for (mode, grace) in MODES
+        .into_iter()
+        .flat_map(|m| [(m, Duration::from_secs(5)), (m, Duration::ZERO)])
+    {
+        let mut config = client_config(mode);
+        config.server_check = Some(Duration::from_millis(100));
+        config.reconnect_grace = grace;
+        let mut sim = Sim::new(config, 1, 5);
+        let first = sim.call("a", 1000);
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(first)), b"re:a");
+        // The broker restarts: every connection drops and the non-durable queue is gone.
+        let (client, server) = (sim.client.conn, sim.servers[0].conn);
+        sim.broker.drop_connection(client);
+        sim.broker.drop_connection(server);
+        sim.broker.delete(Q);
+        sim.settle();
+        sim.advance(Duration::from_millis(150));
+        // The client is back first.
+        let now = sim.now;
+        assert_eq!(sim.client.m.reconnect(now), Ok(()));
+        sim.client.redial(&mut sim.broker);
+        sim.settle();
+        let waiting = sim.call("b", 10_000);
+        sim.advance(Duration::from_millis(10));
+        if grace.is_zero() {
+            assert_eq!(*err(sim.result(waiting)), RpcError::NotRouted, "{mode:?}");
+            continue;
+        }
+        sim.advance(Duration::from_secs(2));
+        assert!(
+            sim.is_pending(waiting),
+            "{mode:?}: waits for the server, not {:?}",
+            sim.ended
+        );
+        // The server is back 2 s later: it declares its queue and consumes again.
+        let now = sim.now;
+        assert_eq!(sim.servers[0].m.reconnect(now), Ok(()));
+        sim.servers[0].redial(&mut sim.broker);
+        sim.settle();
+        sim.advance(Duration::from_millis(250));
+        sim.serve_all(0);
+        assert_eq!(ok_body(sim.result(waiting)), b"re:b", "{mode:?}");
+        assert_eq!(sim.client.m.stats().requests_sent, 2);
+    }
+}
+
 /// A call that cannot be sent before its deadline (the connection is down) ends `Expired`
 /// exactly at its deadline: never sent, never ran.
 #[test]

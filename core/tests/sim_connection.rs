@@ -234,10 +234,10 @@ fn start_ok_too_large_for_the_pre_tune_frame_is_a_clear_error() {
                 ..
             },
         )] => {
-            assert_eq!((*username, *password, *limit), (4, 70_000, 8192));
+            assert_eq!((*username, *password, *limit), (4, 70_000, 4096));
             let text = e.to_string();
             assert!(
-                text.contains("70000") && text.contains("8192") && !text.contains("ppppp"),
+                text.contains("70000") && text.contains("4096") && !text.contains("ppppp"),
                 "{text}"
             );
             assert!(!text.contains("server violated"), "{text}");
@@ -255,7 +255,7 @@ fn start_ok_too_large_for_the_pre_tune_frame_is_a_clear_error() {
 fn credentials_that_cannot_fit_are_refused_before_connecting() {
     let mut c = config();
     assert_eq!(c.check_credentials_fit(), Ok(()));
-    c.credentials = Credentials::new("u".repeat(300), "p".repeat(8_000));
+    c.credentials = Credentials::new("u".repeat(300), "p".repeat(4_000));
     match c.check_credentials_fit() {
         Err(e @ ConnectionError::CredentialsTooLong { .. }) => {
             assert!(!e.to_string().contains("uuuuu"), "{e}");
@@ -264,7 +264,7 @@ fn credentials_that_cannot_fit_are_refused_before_connecting() {
         other => panic!("{other:?}"),
     }
     // A password just short enough fits.
-    c.credentials = Credentials::new("u", "p".repeat(7_000));
+    c.credentials = Credentials::new("u", "p".repeat(3_500));
     assert_eq!(c.check_credentials_fit(), Ok(()));
 }
 

@@ -169,15 +169,13 @@ pub struct AddressFailure {
 }
 
 impl AddressFailure {
-    /// Errors that trying the same address again cannot fix (credentials refused).
-    pub(crate) fn is_permanent(&self) -> bool {
-        matches!(
-            &self.error,
-            ConnectError::Connection(
-                amqp_rpc_core::ConnectionError::AuthenticationFailed { .. }
-                    | amqp_rpc_core::ConnectionError::NoCommonMechanism { .. }
-            )
-        )
+    /// The broker's refusal, when this failure is one (credentials, vhost access: see
+    /// [`crate::options::is_refusal`]).
+    pub(crate) fn refusal(&self) -> Option<&amqp_rpc_core::ConnectionError> {
+        match &self.error {
+            ConnectError::Connection(e) if crate::options::is_refusal(e) => Some(e),
+            _ => None,
+        }
     }
 
     /// The error a session gives up with after `round` failed: the one error as it is when there

@@ -80,6 +80,15 @@ pub enum CallError {
     },
     /// The client is closed. Never sent.
     Closed,
+    /// The client has no connection to send the call on: the broker refuses it while the
+    /// client retries (the call waited out its deadline in
+    /// [`ConnectionState::Refused`]), or the client gave up reconnecting
+    /// ([`ConnectionState::Failed`]). `error` is the broker's refusal with its reply code and
+    /// words, or why the connection ended. Never sent.
+    Unavailable {
+        /// The broker's refusal, or why the connection ended.
+        error: ConnectionError,
+    },
     /// The request is malformed (a name longer than 255 bytes). Never sent.
     Invalid(UsageError),
     /// The request's payload could not be encoded (`Client::call_json` with a value that has
@@ -118,6 +127,7 @@ impl fmt::Display for CallError {
                 write!(f, "too many calls in flight (limit {limit})")
             }
             CallError::Closed => f.write_str("client is closed"),
+            CallError::Unavailable { error } => write!(f, "no connection to RabbitMQ: {error}"),
             CallError::Invalid(e) => write!(f, "invalid request: {e}"),
             CallError::Encode { message } => write!(f, "request not encodable: {message}"),
             CallError::Decode {
@@ -300,13 +310,26 @@ impl<R: Runtime> Client<R> {
             })
             .await
             .map_err(|_| {
-                telemetry::call_ended(&span, &Err(CallError::Closed));
-                CallError::Closed
+                let closed = self.closed();
+                telemetry::call_ended(&span, &Err(closed.clone()));
+                closed
             })?;
-        let result = rx.await.unwrap_or(Err(CallError::Closed));
+        let result = match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(self.closed()),
+        };
         guard.disarm();
         metrics::call_duration(telemetry::call_outcome(&result), started);
         result
+    }
+
+    /// Why a call cannot be made now that the driver task is gone: the error reconnecting
+    /// gave up with, else `Closed`.
+    fn closed(&self) -> CallError {
+        match self.state.get() {
+            ConnectionState::Failed { error } => CallError::Unavailable { error },
+            _ => CallError::Closed,
+        }
     }
 
     /// The timeout of [`Client::call`] ([`ClientOptions::default_timeout`]).
@@ -372,6 +395,9 @@ struct Callers {
     closing: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
     last_error: Option<ConnectionError>,
+    /// The broker's refusal while reconnecting, or the error reconnecting gave up with: calls
+    /// that end unsent meanwhile end with it.
+    refused: Option<ConnectionError>,
     /// Whether the reply path was armed since the last reconnect attempt (resets the backoff).
     was_ready: bool,
     retry_first_connect: bool,
@@ -399,7 +425,18 @@ impl Session<RpcClient> for Callers {
     fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
         tracing::info!(attempt, ?delay, "reconnecting");
         metrics::reconnecting("client");
+        self.refused = None;
         self.state.set(ConnectionState::Reconnecting { attempt });
+    }
+
+    fn on_refused(&mut self, attempt: u32, delay: Duration, error: &ConnectionError) {
+        tracing::warn!(attempt, ?delay, %error, "the broker refused the connection; retrying");
+        metrics::reconnecting("client");
+        self.refused = Some(error.clone());
+        self.state.set(ConnectionState::Refused {
+            attempt,
+            error: error.clone(),
+        });
     }
 }
 
@@ -412,6 +449,7 @@ impl Handler<RpcClient> for Callers {
                 ClientEvent::Ready => {
                     tracing::debug!("reply path armed");
                     self.was_ready = true;
+                    self.refused = None;
                     self.state.set(ConnectionState::Connected);
                     if let Some(ready) = self.ready.take() {
                         let _ = ready.send(Ok(()));
@@ -420,7 +458,16 @@ impl Handler<RpcClient> for Callers {
                 ClientEvent::CallEnded { call, result } => {
                     if let Some((key, tx, span)) = self.pending.remove(&call) {
                         self.keys.remove(&key);
-                        let result = result.map_err(CallError::Rpc);
+                        let result = result.map_err(|e| match (e, &self.refused) {
+                            // Never sent because the broker refuses us: say so.
+                            (
+                                RpcError::Expired | RpcError::ConnectionLost { sent: false },
+                                Some(error),
+                            ) => CallError::Unavailable {
+                                error: error.clone(),
+                            },
+                            (e, _) => CallError::Rpc(e),
+                        });
                         telemetry::call_ended(&span, &result);
                         // The caller may have given up (dropped its future); nothing to do then.
                         let _ = tx.send(result);
@@ -511,9 +558,10 @@ async fn run<R: Runtime>(
     stats: Publisher<ClientStats>,
 ) {
     let rotation = options.connect.rotation();
+    let config = rotation.current().connection_config();
     let mut machine = RpcClient::new(
         options.rpc.clone(),
-        rotation.current().connection.clone(),
+        config.clone(),
         CorrelationKey::random(),
         Instant::now(),
     );
@@ -524,6 +572,7 @@ async fn run<R: Runtime>(
         closing: Vec::new(),
         shutting_down: false,
         last_error: None,
+        refused: None,
         was_ready: false,
         retry_first_connect: options.retry_first_connect,
         state,
@@ -531,21 +580,36 @@ async fn run<R: Runtime>(
     };
     let outcome = run_session::<R, _, _>(
         rotation,
+        config,
         &options.backoff,
         &mut machine,
         &mut commands,
         &mut callers,
     )
     .await;
-    if let (Some(ready), Err(error)) = (callers.ready.take(), outcome) {
-        let _ = ready.send(Err(error));
+    match outcome {
+        Ok(()) => callers.state.set(ConnectionState::Closed),
+        Err(error) => {
+            let gave_up = error.connection_error();
+            callers.refused = Some(gave_up.clone());
+            callers
+                .state
+                .set(ConnectionState::Failed { error: gave_up });
+            if let Some(ready) = callers.ready.take() {
+                let _ = ready.send(Err(error));
+            }
+        }
     }
-    callers.state.set(ConnectionState::Closed);
     machine.abandon();
     machine.close(Instant::now());
     callers.on_wake(&mut machine, Instant::now());
     for (_, (_, tx, span)) in callers.pending.drain() {
-        let closed = Err(CallError::Closed);
+        let closed = Err(match &callers.refused {
+            Some(error) => CallError::Unavailable {
+                error: error.clone(),
+            },
+            None => CallError::Closed,
+        });
         telemetry::call_ended(&span, &closed);
         let _ = tx.send(closed);
     }

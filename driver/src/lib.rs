@@ -35,9 +35,11 @@ pub use amqp_rpc_core::rpc::{
 };
 /// AMQP field types, for a [`Response`]'s headers and content type.
 pub use amqp_rpc_core::types;
-pub use amqp_rpc_core::{ConnectionError, RpcError, UsageError};
+pub use amqp_rpc_core::{ConnectionError, Credentials, HandshakeStage, RpcError, UsageError};
 pub use client::{CallError, Client, ClientOptions};
-pub use options::{ConnectError, ConnectOptions, AMQPS_PORT, AMQP_PORT, DEFAULT_URI};
+pub use options::{
+    ConnectError, ConnectOptions, CredentialsProvider, AMQPS_PORT, AMQP_PORT, DEFAULT_URI,
+};
 pub use reconnect::Backoff;
 /// The TLS library, for callers who build their own [`rustls::ClientConfig`]
 /// ([`TlsConfig::client_config`]).

@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rpc_core::{ConnectionConfig, ConnectionError, Credentials, ReplyCode, SaslMechanism};
@@ -27,6 +28,32 @@ pub const AMQP_PORT: u16 = 5672;
 /// The IANA port of AMQP over TLS.
 pub const AMQPS_PORT: u16 = 5671;
 
+/// Gives the credentials for each connection attempt: for secrets that rotate (a password
+/// vault, a token service), so that a client or server recovering after a password change
+/// logs in with the new one. Called before every attempt (the first connect, each reconnect,
+/// each address of a list), on the driver task: it should return at once (read a value that
+/// another task refreshes) rather than block. `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct CredentialsProvider(Arc<dyn Fn() -> Credentials + Send + Sync>);
+
+impl CredentialsProvider {
+    /// A provider that calls `f`.
+    pub fn new(f: impl Fn() -> Credentials + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// The credentials for the attempt about to be made.
+    pub fn credentials(&self) -> Credentials {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for CredentialsProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CredentialsProvider(..)")
+    }
+}
+
 /// Broker address and connection settings. `Debug` never shows the password.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -40,6 +67,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// TLS (`amqps://`); `None` is plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Where each attempt's credentials come from instead of `connection.credentials`
+    /// ([`ConnectOptions::with_credentials_provider`]).
+    pub credentials_provider: Option<CredentialsProvider>,
 }
 
 impl ConnectOptions {
@@ -60,6 +90,27 @@ impl ConnectOptions {
     /// Reads `--uri`'s fallback: `AMQP_URL`, else [`DEFAULT_URI`].
     pub fn from_env() -> Result<Self, ConnectError> {
         Self::from_uri(&std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URI.to_owned()))
+    }
+
+    /// These options with their credentials taken from `provider` before each connection
+    /// attempt (see [`CredentialsProvider`]). For every address of a list:
+    /// `for o in addresses.iter_mut() { o.credentials_provider = Some(provider.clone()) }`.
+    pub fn with_credentials_provider(
+        mut self,
+        provider: impl Fn() -> Credentials + Send + Sync + 'static,
+    ) -> Self {
+        self.credentials_provider = Some(CredentialsProvider::new(provider));
+        self
+    }
+
+    /// The settings of the next connection attempt: `connection`, with the provider's
+    /// credentials when there is one.
+    pub(crate) fn connection_config(&self) -> ConnectionConfig {
+        let mut config = self.connection.clone();
+        if let Some(provider) = &self.credentials_provider {
+            config.credentials = provider.credentials();
+        }
+        config
     }
 
     /// `host:port` (`[v6]:port` for an IPv6 address), for messages.
@@ -135,6 +186,23 @@ impl fmt::Display for ConnectError {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl ConnectError {
+    /// The [`ConnectionError`] in this error, for [`crate::ConnectionState::Failed`]: the
+    /// broker's own (for a list of addresses, the last address's), and
+    /// failures below AMQP (name resolution, TCP, TLS, a bad URI) as `ConnectionLost`.
+    pub(crate) fn connection_error(&self) -> ConnectionError {
+        match self {
+            ConnectError::Connection(e) => e.clone(),
+            ConnectError::AllFailed(failures) => failures
+                .last()
+                .map_or(ConnectionError::ConnectionLost, |f| {
+                    f.error.connection_error()
+                }),
+            _ => ConnectionError::ConnectionLost,
         }
     }
 }
@@ -240,6 +308,7 @@ fn parse(uri: &str) -> Result<ConnectOptions, String> {
         connection,
         connect_timeout: Duration::from_secs(10),
         tls: tls.then(TlsConfig::default),
+        credentials_provider: None,
     };
     if let Some(query) = query {
         for (index, pair) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
@@ -591,9 +660,9 @@ mod tests {
         let e = ConnectOptions::from_uri(&uri).expect_err("too long");
         let text = e.to_string();
         assert!(matches!(e, ConnectError::InvalidUri(_)), "{e:?}");
-        assert!(text.contains("70000") && text.contains("8192"), "{text}");
+        assert!(text.contains("70000") && text.contains("4096"), "{text}");
         assert!(!text.contains("ppp"), "{text}");
-        let uri = format!("amqp://user:{}@host/", "p".repeat(4_000));
+        let uri = format!("amqp://user:{}@host/", "p".repeat(3_500));
         assert!(ConnectOptions::from_uri(&uri).is_ok());
     }
 
@@ -602,5 +671,13 @@ mod tests {
         let o =
             ConnectOptions::from_uri("amqps://u:hunter2secret@h/?keyfile=/k.pem").expect("valid");
         assert!(!format!("{o:?}").contains("hunter2secret"));
+        // Nor with a provider: its credentials are asked for per attempt, never shown.
+        let o = o.with_credentials_provider(|| Credentials::new("u", "rotated2secret"));
+        let debug = format!("{o:?}");
+        assert!(!debug.contains("secret") && debug.contains("CredentialsProvider(..)"));
+        assert_eq!(
+            o.connection_config().credentials.password(),
+            "rotated2secret"
+        );
     }
 }

@@ -29,6 +29,17 @@ pub struct Backoff {
     pub jitter: f64,
     /// Attempts before giving up; `None` retries forever.
     pub max_attempts: Option<u32>,
+    /// How long reconnecting goes on while the broker refuses the client (a wrong password:
+    /// 403 ACCESS_REFUSED; a vhost deleted or no longer permitted: 530 NOT_ALLOWED), counted
+    /// from the first refusal since the last good connection; `None` retries forever. Passwords
+    /// get rotated and permissions restored, so a refusal is retried like any failure, with
+    /// the same delays, for this long (with a
+    /// [`crate::ConnectOptions::with_credentials_provider`], each attempt asks for fresh
+    /// credentials). Meanwhile the state is [`crate::ConnectionState::Refused`] with the
+    /// broker's words, and calls wait within their deadline, then end with
+    /// [`crate::CallError::Unavailable`]. After it, the client or server gives up with the
+    /// refusal. A failed first connect is not retried at all unless asked for.
+    pub refusal_budget: Option<Duration>,
 }
 
 impl Default for Backoff {
@@ -39,11 +50,23 @@ impl Default for Backoff {
             factor: 2.0,
             jitter: 0.5,
             max_attempts: None,
+            refusal_budget: Some(Duration::from_secs(60)),
         }
     }
 }
 
 impl Backoff {
+    /// A server's default: like [`Backoff::default`], but at most 1 s between attempts. A
+    /// server whose broker comes back must be back as fast as the clients, which only need
+    /// their reply path (calls fail `NoServers` until a server consumes again); a service has
+    /// few servers and many clients, so their attempts cost the broker little.
+    pub fn server() -> Self {
+        Self {
+            max: Duration::from_secs(1),
+            ..Self::default()
+        }
+    }
+
     /// No reconnecting at all.
     pub fn never() -> Self {
         Self {
@@ -210,22 +233,35 @@ pub(crate) trait Session<M>: Handler<M> {
     fn on_reconnecting(&mut self, attempt: u32, delay: Duration) {
         tracing::info!(attempt, ?delay, "reconnecting");
     }
+    /// A reconnect attempt is about to wait `delay` after the broker refused the last one with
+    /// `error` (see [`Backoff::refusal_budget`]).
+    fn on_refused(&mut self, attempt: u32, delay: Duration, error: &ConnectionError) {
+        tracing::warn!(attempt, ?delay, %error, "the broker refused the connection; retrying");
+        self.on_reconnecting(attempt, delay);
+    }
 }
 
 /// Connects, drives the machine until its connection ends, and reconnects until the session is
-/// finished. The machine must have been created with `rotation.current()`'s connection settings.
+/// finished. The machine must have been created with `config`, from
+/// `rotation.current().connection_config()`.
 ///
 /// Addresses are tried in `rotation`'s order. A *round* tries each address once, moving to the
 /// next at once when one fails (refused, timed out, or closed before the session was ready);
 /// the backoff waits only between rounds, and after a connection that was ready is lost. Every
 /// new connection, after a loss too, goes to the address after the last one used: the node
-/// just lost is the least likely to answer.
+/// just lost is the least likely to answer. Each attempt takes its settings (and credentials,
+/// from a provider if there is one) afresh; credentials that cannot fit in the handshake are
+/// refused before a socket is opened.
 ///
-/// Returns `Err` when it gives up: a first round that failed (unless retried), a round in which
-/// every address refused the credentials, or backoff attempts exhausted. The error is the
-/// address's own when there is one address, else [`ConnectError::AllFailed`] naming each.
+/// One policy for refusals (see [`Backoff::refusal_budget`]): a round with a refusal is
+/// retried with the backoff like any other, until the budget since the first refusal is spent.
+///
+/// Returns `Err` when it gives up: a first round that failed (unless retried), refusals past
+/// their budget, or backoff attempts exhausted. The error is the address's own when there is
+/// one address, else [`ConnectError::AllFailed`] naming each.
 pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
     mut rotation: Rotation,
+    mut config: ConnectionConfig,
     backoff: &Backoff,
     machine: &mut M,
     commands: &mut mpsc::Receiver<S::Command>,
@@ -234,10 +270,16 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
     let mut io = Loop::<R>::new();
     let mut attempt: u32 = 0;
     let mut round: Vec<AddressFailure> = Vec::new();
+    // When the broker first refused us since the last good connection.
+    let mut refused_since: Option<Instant> = None;
     loop {
         let options = rotation.current();
         tracing::debug!(address = %options.address(), "connecting");
-        let connect_error =
+        let connect_error = if let Err(error) = config.check_credentials_fit() {
+            // Not worth a socket: the handshake would refuse them.
+            machine.handle_eof(Instant::now());
+            Some(ConnectError::Connection(error))
+        } else {
             match connect_stream::<R, _, _>(options, &mut io, machine, commands, session).await {
                 Ok(mut stream) => {
                     let exit = io
@@ -260,7 +302,8 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
                     machine.handle_eof(Instant::now());
                     Some(error)
                 }
-            };
+            }
+        };
         session.on_wake(machine, Instant::now());
         if session.finished(machine) {
             return Ok(());
@@ -269,6 +312,7 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
             // A good connection was lost: a fresh start.
             attempt = 0;
             round.clear();
+            refused_since = None;
         } else {
             round.push(AddressFailure {
                 address: options.address(),
@@ -279,17 +323,32 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
         let round_failed = round.len() >= rotation.len();
         if !round.is_empty() && !round_failed {
             // The next address of this round, at once.
-            let config = rotation.current().connection.clone();
-            if machine.reconnect_to(Instant::now(), config).is_err() {
+            config = rotation.current().connection_config();
+            if machine
+                .reconnect_to(Instant::now(), config.clone())
+                .is_err()
+            {
                 return Ok(());
             }
             continue;
         }
-        if round_failed
-            && ((!session.ever_ready() && !session.retry_first_connect())
-                || round.iter().all(AddressFailure::is_permanent))
-        {
+        if round_failed && !session.ever_ready() && !session.retry_first_connect() {
             return Err(AddressFailure::into_error(round));
+        }
+        // The round's last refusal: what the application is told while retrying.
+        let refusal = round
+            .iter()
+            .rev()
+            .find_map(AddressFailure::refusal)
+            .cloned();
+        if refusal.is_some() {
+            let since = *refused_since.get_or_insert_with(Instant::now);
+            if backoff
+                .refusal_budget
+                .is_some_and(|budget| since.elapsed() >= budget)
+            {
+                return Err(AddressFailure::into_error(round));
+            }
         }
         let Some(delay) = backoff.delay(attempt) else {
             return Err(if round.is_empty() {
@@ -300,11 +359,18 @@ pub(crate) async fn run_session<R: Runtime, M: Reconnect, S: Session<M>>(
         };
         attempt += 1;
         round.clear();
-        session.on_reconnecting(attempt, delay);
+        match &refusal {
+            Some(error) => session.on_refused(attempt, delay, error),
+            None => session.on_reconnecting(attempt, delay),
+        }
         io.drive(None, Some(deadline_in(delay)), machine, commands, session)
             .await;
-        let config = rotation.current().connection.clone();
-        if session.finished(machine) || machine.reconnect_to(Instant::now(), config).is_err() {
+        config = rotation.current().connection_config();
+        if session.finished(machine)
+            || machine
+                .reconnect_to(Instant::now(), config.clone())
+                .is_err()
+        {
             return Ok(());
         }
     }

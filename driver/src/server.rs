@@ -40,7 +40,7 @@ pub struct ServerOptions {
     pub rpc: ServerConfig,
     /// Most requests handled at once.
     pub workers: usize,
-    /// How to reconnect after the connection is lost.
+    /// How to reconnect after the connection is lost ([`Backoff::server`] by default).
     pub backoff: Backoff,
 }
 
@@ -62,7 +62,7 @@ impl ServerOptions {
             connect: Addresses::from_uris(uris)?,
             rpc: ServerConfig::new(queue),
             workers: 1,
-            backoff: Backoff::default(),
+            backoff: Backoff::server(),
         })
     }
 }
@@ -281,11 +281,8 @@ impl<R: Runtime> Server<R> {
             ..
         } = self;
         let rotation = options.connect.rotation();
-        let mut machine = RpcServer::new(
-            options.rpc.clone(),
-            rotation.current().connection.clone(),
-            Instant::now(),
-        );
+        let config = rotation.current().connection_config();
+        let mut machine = RpcServer::new(options.rpc.clone(), config.clone(), Instant::now());
         let mut workers = Workers::<R> {
             run,
             done: commands,
@@ -302,6 +299,7 @@ impl<R: Runtime> Server<R> {
         };
         run_session::<R, _, _>(
             rotation,
+            config,
             &options.backoff,
             &mut machine,
             &mut receiver,

@@ -22,8 +22,26 @@ pub enum ConnectionState {
         /// The attempt under way, from 1.
         attempt: u32,
     },
-    /// Closed for good.
+    /// The broker refused the last attempt to reconnect (a rotated password: 403
+    /// ACCESS_REFUSED; a vhost deleted or no longer permitted: 530 NOT_ALLOWED); retrying
+    /// within [`crate::Backoff::refusal_budget`]. Calls wait, within their deadline, and
+    /// then end with [`crate::CallError::Unavailable`] carrying `error`.
+    Refused {
+        /// The attempt under way, from 1.
+        attempt: u32,
+        /// The broker's refusal: its reply code and words (never a password).
+        error: amqp_rpc_core::ConnectionError,
+    },
+    /// Closed for good by [`crate::Client::close`] (or because every handle was dropped).
     Closed,
+    /// Closed for good because reconnecting gave up (the refusal budget or the backoff's
+    /// attempts were spent). Calls end at once with [`crate::CallError::Unavailable`]
+    /// carrying `error`.
+    Failed {
+        /// Why the last attempt failed: the broker's refusal with its code and words, or how
+        /// the connection ended (`ConnectionLost` when the broker could not be reached).
+        error: amqp_rpc_core::ConnectionError,
+    },
 }
 
 /// Subscribers get every change, up to this many unread; a subscriber that falls further behind

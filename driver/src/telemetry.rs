@@ -105,6 +105,7 @@ pub(crate) fn call_outcome(result: &Result<RpcReply, CallError>) -> &'static str
         },
         Err(CallError::TooManyCalls { .. }) => "too_many_calls",
         Err(CallError::Closed) => "closed",
+        Err(CallError::Unavailable { .. }) => "unavailable",
         Err(CallError::Invalid(_)) => "invalid",
         Err(CallError::Encode { .. }) => "encode",
         Err(CallError::Decode { .. }) => "decode",

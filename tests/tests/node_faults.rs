@@ -13,13 +13,23 @@
 
 use std::time::{Duration, Instant};
 
-use amqp_rpc_driver::{CallRequest, ConnectionState, ServerOptions};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use amqp_rpc_driver::{
+    CallError, CallRequest, ClientOptions, ConnectionState, QueueKind, ReplyMode, RpcError,
+    ServerOptions,
+};
+use e2e_tests::broker::{unique_name, QueueGuard};
+use e2e_tests::calls::connect_with;
 use e2e_tests::ledger::{assert_queue_drained, Class, LoadSpec};
 use e2e_tests::node::{self, AppStopped, MemoryAlarm};
 use e2e_tests::rig::{
     is_blocked, is_connected, is_reconnecting, Rig, Service, SlowFib, RECOVERY_LIMIT,
 };
 use e2e_tests::rt::{blocking, sleep, spawn, within, TestRuntime};
+use e2e_tests::servers::{fault_connect_settings, fault_server_options};
 use e2e_tests::servers::{fib_held, Counter, Hold, TestServer, FAULT_HEARTBEAT};
 
 /// Like [`e2e_tests!`](e2e_tests::e2e_tests), one `#[test]` per transport per case, each
@@ -53,6 +63,7 @@ macro_rules! node_tests {
 
 node_tests! {
     case_03_broker_restart_under_load,
+    broker_restart_with_default_backoff_fails_no_call,
     case_08_memory_alarm_blocks_then_resumes,
     close_while_blocked_returns_promptly,
 }
@@ -127,6 +138,108 @@ async fn case_03_broker_restart_under_load<R: TestRuntime>() {
             took >= end.timeout,
             "a call made while reconnecting ended Expired early, after {took:?}"
         );
+    }
+}
+
+/// Issue 20 case 4: after a broker restart the client was back before the server, and calls
+/// made meanwhile failed `NoServers` (quorum queue: 260,384 in ~1.6 s) or `NotRouted` (classic
+/// queue, until the server declared it again); the server's backoff grew to 10 s. With the
+/// default backoffs of client and server (only the heartbeat is the fault suite's), 8 callers
+/// on a classic and on a quorum queue through `stop_app` / `start_app`: no call ends
+/// `NoServers` or `NotRouted`; those in flight at the stop may end `ConnectionLost`, every
+/// other call is answered.
+async fn broker_restart_with_default_backoff_fails_no_call<R: TestRuntime>() {
+    const CALLERS: usize = 8;
+    const CALL_TIMEOUT: Duration = Duration::from_secs(25);
+    let node = node::second_node();
+    let queues = [
+        (QueueGuard::on(node, "restart-classic"), QueueKind::Classic),
+        (QueueGuard::on(node, "restart-quorum"), QueueKind::Quorum),
+    ];
+    let mut servers = Vec::new();
+    for (queue, kind) in &queues {
+        let defaults = ServerOptions::from_uri(node.uri(), queue.name()).expect("uri");
+        let mut options = fault_server_options(node.uri(), queue.name(), &unique_name("s"), 4);
+        options.rpc.declare_as = *kind;
+        options.backoff = defaults.backoff;
+        servers.push(TestServer::start::<R, _, _>(options, amqp_rpc_cli::fib_handler).await);
+    }
+    let mut options = ClientOptions::from_uri(node.uri()).expect("uri");
+    fault_connect_settings(&mut options.connect[0], &unique_name("client"));
+    options.rpc.reply_mode = ReplyMode::default();
+    let client = connect_with::<R>(options).await;
+    let states = e2e_tests::states::StateLog::watch(&client);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ends: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let (client, stop, ends) = (client.clone(), stop.clone(), ends.clone());
+            let queue = queues[i % 2].0.name().to_owned();
+            spawn::<R, _>(async move {
+                // Bounded by count and by the stop flag.
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let result = client
+                        .call_with(CallRequest::new(queue.as_str(), "20", CALL_TIMEOUT))
+                        .await;
+                    let class = match result {
+                        Ok(reply) if reply.body.as_ref() == b"6765" => "ok".to_owned(),
+                        Ok(reply) => format!("wrong {:?}", reply.body),
+                        Err(CallError::Rpc(RpcError::ConnectionLost { sent })) => {
+                            format!("ConnectionLost(sent={sent})")
+                        }
+                        Err(e) => format!("{e:?}"),
+                    };
+                    *ends
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(class)
+                        .or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    sleep::<R>(Duration::from_secs(1)).await;
+
+    let down = Instant::now();
+    let stopped = {
+        let node = node.clone();
+        blocking(move || AppStopped::stop(&node))
+            .await
+            .expect("stop_app")
+    };
+    // Down long enough for the backoffs to grow (the default client backoff to seconds).
+    sleep::<R>(Duration::from_secs(4)).await;
+    blocking(move || stopped.start()).await.expect("start_app");
+    let up = Instant::now();
+    for server in &mut servers {
+        server.wait_ready_again::<R>(RECOVERY_LIMIT).await;
+    }
+    let servers_back = up.elapsed();
+    states
+        .wait_for::<R>(down, "Connected", is_connected, RECOVERY_LIMIT)
+        .await;
+    // Calls made while everything reconnected end; then a while of normal service.
+    sleep::<R>(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        within::<R, _>(CALL_TIMEOUT + PROMPT, "a caller", caller.join()).await;
+    }
+    let ends = ends.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    eprintln!("restart: servers back {servers_back:?} after start_app; ends {ends:?}");
+    for (class, count) in &ends {
+        assert!(
+            class == "ok" || class.starts_with("ConnectionLost"),
+            "{count} calls ended {class}; all: {ends:?}"
+        );
+    }
+    assert!(ends.get("ok").copied().unwrap_or(0) > 100, "{ends:?}");
+    client.close().await;
+    for server in servers {
+        server.stop::<R>().await;
     }
 }
 

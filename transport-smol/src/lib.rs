@@ -39,9 +39,10 @@ pub use amqp_rpc_driver::json;
 pub use amqp_rpc_driver::types;
 pub use amqp_rpc_driver::{
     AddressFailure, Addresses, Backoff, CallError, CallRequest, ClientConfig, ClientOptions,
-    ConnectError, ConnectOptions, ConnectionError, ConnectionState, HandlerError, QueueKind,
-    ReplyMode, Request, Response, RpcError, RpcReply, ServerConfig, ServerHandle, ServerOptions,
-    ServerReport, TlsConfig, TlsError, Verify, DEFAULT_URI,
+    ConnectError, ConnectOptions, ConnectionError, ConnectionState, Credentials,
+    CredentialsProvider, HandlerError, HandshakeStage, QueueKind, ReplyMode, Request, Response,
+    RpcError, RpcReply, ServerConfig, ServerHandle, ServerOptions, ServerReport, TlsConfig,
+    TlsError, Verify, DEFAULT_URI,
 };
 
 /// The smol runtime, as the driver sees it. Tasks go to smol's global executor, so these types

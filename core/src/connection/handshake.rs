@@ -11,7 +11,7 @@ use amq_protocol::protocol::{connection, AMQPClass};
 use super::config::{ConnectionConfig, Credentials, SaslMechanism, Tune};
 use super::heartbeat::Heartbeat;
 use super::{Connection, State, Timer};
-use crate::codec::{self, FRAME_MIN_SIZE, PRE_TUNE_FRAME_MAX};
+use crate::codec::{self, FRAME_MIN_SIZE};
 use crate::error::ConnectionError;
 use crate::ids::{ChannelId, ReplyCode};
 
@@ -118,7 +118,10 @@ fn client_properties(config: &ConnectionConfig) -> FieldTable {
 }
 
 /// [`ConnectionError::CredentialsTooLong`] when `start-ok` with `mechanism` would not fit in a
-/// frame before tune. Encodes it once to measure it: the only exact measure of a field table.
+/// frame before tune: FRAME_MIN_SIZE (spec §4.2.3), the most a peer must accept before tune.
+/// RabbitMQ 3.10 holds to it: a 6 KB start-ok gets no answer at all, and the handshake times
+/// out (measured, `credentials.rs`). Encodes it once to measure it: the only exact measure of a
+/// field table.
 fn credentials_too_long(
     config: &ConnectionConfig,
     mechanism: SaslMechanism,
@@ -132,11 +135,11 @@ fn credentials_too_long(
         Ok(()) => frame.len(),
         Err(_) => usize::MAX,
     };
-    (len > PRE_TUNE_FRAME_MAX as usize).then(|| ConnectionError::CredentialsTooLong {
+    (len > FRAME_MIN_SIZE as usize).then(|| ConnectionError::CredentialsTooLong {
         username: config.credentials.username().len(),
         password: config.credentials.password().len(),
         frame: len,
-        limit: PRE_TUNE_FRAME_MAX,
+        limit: FRAME_MIN_SIZE,
     })
 }
 

@@ -96,6 +96,21 @@ pub struct ClientConfig {
     /// after its caller gave up. Saves the broker a few µs per call (one header table less to
     /// carry).
     pub deadline_header: bool,
+    /// How long after the client's own reconnect a request queue that had servers, and now
+    /// reads zero consumers (or is missing: a non-durable queue gone with a broker restart), is
+    /// looked at again every 250 ms instead of failing calls with `NoServers` (or
+    /// `NotRouted`): calls wait for the servers, within their deadline. Whatever took the
+    /// client's connection (a broker restart, a network cut) most likely took its servers'
+    /// too, and a server comes back a little after a client (it declares its queue again and
+    /// consumes). 5 s by default, which covers a server's reconnect with its default backoff
+    /// (at most 1 s between attempts); `Duration::ZERO` believes the count at once.
+    ///
+    /// The grace covers `NotRouted` as well as `NoServers`, by choice: a non-durable classic
+    /// queue that vanished with a restart is declared again by its server moments later, and
+    /// a caller is better served by waiting (within its deadline) than by a failure that a
+    /// call a second later would not get. Outside the grace a missing queue is `NotRouted` at
+    /// once, as before: no server has declared it.
+    pub reconnect_grace: Duration,
 }
 
 impl Default for ClientConfig {
@@ -109,6 +124,7 @@ impl Default for ClientConfig {
             mandatory: true,
             expiration: true,
             deadline_header: true,
+            reconnect_grace: Duration::from_secs(5),
         }
     }
 }
@@ -1066,6 +1082,7 @@ impl RpcClient {
                 self.phase = Phase::Ready { channel, reply_to };
                 self.arm_failures = 0;
                 self.arm_error = None;
+                self.probe.on_ready(now, self.config.reconnect_grace);
                 self.events.push_back(ClientEvent::Ready);
             }
             _ => {}

@@ -59,6 +59,12 @@ pub(super) struct Probe {
     in_flight: Option<(RequestId, Target)>,
     queues: HashMap<String, QueueStatus>,
     exchanges: HashMap<String, ExchangeStatus>,
+    /// Whether the client was ready once already: the next ready is a reconnect.
+    was_ready: bool,
+    /// Until when, after the client's own reconnect, a queue that had servers and now reads
+    /// zero consumers or missing is looked at again instead of believed (see
+    /// [`Probe::on_ready`]).
+    grace_until: Option<Instant>,
 }
 
 /// What the client knows of a request queue's consumers.
@@ -117,6 +123,36 @@ impl Probe {
     pub(super) fn forget_connection(&mut self) {
         self.channel = None;
         self.in_flight = None;
+    }
+
+    /// The client's reply path is armed at `now`. After a reconnect (not the first connect),
+    /// `grace` begins: a broker restart or a network cut that took the client's connection
+    /// most likely took its servers' too, and they come back on their own schedule (their
+    /// backoff, `queue.declare` of a queue that did not survive, `basic.consume`). Until they
+    /// do, the queue reads zero consumers, or 404 for a non-durable classic queue that vanished
+    /// with the restart. Within the grace such a queue is looked at again every
+    /// [`ZERO_RECHECK`] and calls wait (within their deadline) instead of failing `NoServers`
+    /// or `NotRouted`; after it, the count is believed as usual.
+    pub(super) fn on_ready(&mut self, now: Instant, grace: Duration) {
+        if std::mem::replace(&mut self.was_ready, true) && !grace.is_zero() {
+            self.grace_until = now.checked_add(grace);
+            // A count from before the reconnect says nothing of the servers now: a call sent on
+            // it would come back `NotRouted` from a queue gone with a restart. Look first.
+            for status in self.queues.values_mut() {
+                if matches!(status.consumers, Consumers::Count(n) if n > 0) {
+                    *status = QueueStatus {
+                        consumers: Consumers::Count(0),
+                        checked_at: None,
+                        confirming: true,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Whether `now` is within the grace after a reconnect.
+    fn in_grace(&self, now: Instant) -> bool {
+        self.grace_until.is_some_and(|until| now < until)
     }
 
     /// A channel closed; returns whether it was the probe's.
@@ -234,8 +270,11 @@ impl Probe {
                 let before = self.queues.get(&queue).copied().unwrap_or_default();
                 let had_servers = matches!(before.consumers, Consumers::Count(n) if n > 0);
                 // The first zero after servers were seen is checked again; a second zero (or a
-                // zero with no servers ever seen) is believed.
-                let confirming = consumer_count == 0 && had_servers && !before.confirming;
+                // zero with no servers ever seen) is believed, unless the client reconnected
+                // lately and the servers may be reconnecting too.
+                let first_zero = had_servers && !before.confirming;
+                let graced = (had_servers || before.confirming) && self.in_grace(now);
+                let confirming = consumer_count == 0 && (first_zero || graced);
                 let status = QueueStatus {
                     consumers: Consumers::Count(consumer_count),
                     checked_at: Some(now),
@@ -268,12 +307,21 @@ impl Probe {
                 } else {
                     Consumers::Unknown
                 };
+                // A queue that had servers and vanished just after our reconnect: its server
+                // may be about to declare it again (a non-durable queue after a restart).
+                let before = self.queues.get(&queue).copied().unwrap_or_default();
+                let had_servers = matches!(before.consumers, Consumers::Count(n) if n > 0);
+                let confirming = consumers == Consumers::Absent
+                    && (had_servers || before.confirming)
+                    && self.in_grace(now);
                 let status = QueueStatus {
                     consumers,
                     checked_at: Some(now),
-                    ..QueueStatus::default()
+                    confirming,
                 };
-                Some(self.set_queue_status(queue, status))
+                let mut update = self.set_queue_status(queue, status);
+                update.recheck_at = now.checked_add(ZERO_RECHECK).filter(|_| confirming);
+                Some(update)
             }
             Target::Exchange(exchange) => {
                 let exists = if error.code == ReplyCode::NOT_FOUND {
