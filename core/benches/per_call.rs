@@ -134,6 +134,10 @@ struct Pair {
     /// each reply comes after the broker's `basic.ack` of its request, as from RabbitMQ.
     publish_channel: u16,
     publish_seq: u64,
+    /// The server's reply channel (in confirm mode) and the last sequence number published
+    /// on it: each reply's confirm is fed back, as RabbitMQ sends it, before its ack is due.
+    reply_channel: u16,
+    reply_seq: u64,
 }
 
 impl Pair {
@@ -190,6 +194,9 @@ impl Pair {
             broker.feed(server.conn, now, &buf);
             let to_client = broker.take_output(client.conn);
             client.m.handle_input(now, &to_client);
+            // The reply's confirm: its request's ack goes out now.
+            let confirm = broker.take_output(server.conn);
+            server.m.handle_input(now, &confirm);
             let ended = std::iter::from_fn(|| client.m.poll_event())
                 .any(|e| matches!(e, ClientEvent::CallEnded { result: Ok(_), .. }));
             assert!(ended, "warm-up call answered");
@@ -216,9 +223,18 @@ impl Pair {
                 })
                 .unwrap()
         };
+        let (reply_channel, reply_seq) = broker
+            .confirms
+            .iter()
+            .rev()
+            .find(|(c, ..)| *c == server.conn)
+            .map(|(_, ch, seq, _)| (*ch, *seq))
+            .expect("the server's replies are confirmed");
         Self {
             now,
             wall,
+            reply_channel,
+            reply_seq,
             replies: consumer_of(&to_client),
             requests: consumer_of(&to_server),
             request_properties: properties_of(&to_server),
@@ -280,12 +296,16 @@ impl Pair {
         delivery(&self.requests, self.request_tag, &properties, REQUEST_BODY)
     }
 
-    /// The server's work for one request: decode, hand out, reply, ack, encode.
+    /// The server's work for one request: decode, hand out, reply, read its confirm, ack,
+    /// encode.
     fn serve(&mut self, request: &[u8], buf: &mut Vec<u8>) {
         self.server.handle_input(self.now, request);
         let request = self.server.poll_request(self.now, self.wall).unwrap();
         self.server
             .reply(self.now, request.token, Ok(Bytes::from_static(REPLY_BODY)));
+        self.reply_seq += 1;
+        let confirm = frames::method(self.reply_channel, frames::ack(self.reply_seq, false));
+        self.server.handle_input(self.now, &confirm);
         buf.clear();
         self.server.poll_transmit(self.now, buf);
         black_box(&buf);

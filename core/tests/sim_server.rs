@@ -524,8 +524,9 @@ fn reply_after_channel_rearm_reaches_the_caller_at_once() {
     sim.reply(old, Ok(Bytes::from("first")));
     assert_eq!(sim.ok(id), b"first", "told at once, not at its timeout");
     assert_eq!(sim.server.m.stats().stale_replies, 1);
-    let again = sim.take().expect("the broker redelivered it");
-    sim.reply(again, Ok(Bytes::from("second")));
+    // The redelivered copy waited for the first run and is answered from its reply.
+    assert!(sim.take().is_none(), "not run twice");
+    assert_eq!(sim.server.m.stats().reply_cache_hits, 1);
     assert_eq!(sim.ok(id), b"first", "ended once");
     assert_eq!(sim.client.m.stats().calls_answered, 1);
     assert_eq!(sim.broker.unacked(sim.server.conn), 0);
@@ -549,8 +550,8 @@ fn reply_after_reconnect_reaches_the_caller_at_once() {
     assert!(sim.server.m.is_serving());
     sim.reply(old, Ok(Bytes::from("first")));
     assert_eq!(sim.ok(id), b"first");
-    let again = sim.take().expect("redelivered");
-    sim.reply(again, Ok(Bytes::from("second")));
+    assert!(sim.take().is_none(), "answered from the first run's reply");
+    assert_eq!(sim.server.m.stats().reply_cache_hits, 1);
     assert_eq!(sim.broker.unacked(sim.server.conn), 0);
     assert_eq!(sim.broker.queue_len(Q), 0);
 }
@@ -683,13 +684,10 @@ fn channel_loss_with_acks_waiting_requeues_the_requests() {
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(sim.ok(*id), format!("first{i}").as_bytes(), "told at once");
     }
-    // Redelivered on the new channel: they run again; the client drops the duplicates.
-    let again: Vec<Request> = std::iter::from_fn(|| sim.take()).collect();
-    assert_eq!(again.len(), 2, "both requeued and redelivered");
-    for req in again {
-        sim.reply_in_turn(req, "second");
-    }
-    sim.settle();
+    // Redelivered on the new channel: answered again from the reply cache, not run; the
+    // client drops the duplicates.
+    assert!(sim.take().is_none(), "not run again");
+    assert_eq!(sim.server.m.stats().reply_cache_hits, 2);
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(sim.ok(*id), format!("first{i}").as_bytes(), "ended once");
     }
@@ -1163,6 +1161,91 @@ fn a_forged_direct_reply_to_is_dropped_not_answered() {
     assert_eq!(
         sim.dropped(),
         [(DropReason::BadReplyTo, Some("forged".into()))]
+    );
+    assert_eq!(sim.broker.unacked(conn), 0);
+    assert_eq!(sim.broker.queue_len(Q), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 20 item 3: a request whose reply went out is not run again
+// ---------------------------------------------------------------------------------------------
+
+/// The broker closes the consuming channel while a handler runs (as it does past its
+/// `consumer_timeout`, 406): the request is redelivered at once, while the first run still
+/// goes on. The redelivery waits for that run; its reply (published as a stale reply, since its
+/// ack is void) is then cached and answers the redelivery too, which is acked once confirmed.
+/// The handler ran once; the caller had one answer; nothing is left in the queue.
+#[test]
+fn a_redelivery_of_a_running_request_is_answered_from_its_reply() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let id = sim.call("slow", 60_000);
+    let req = sim.take().unwrap();
+    let channel = sim.server_channel();
+    sim.broker.close_channel(
+        conn,
+        channel,
+        406,
+        "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value \
+         used: 5000 ms. This timeout value can be configured, see consumers doc guide to learn \
+         more",
+    );
+    sim.settle();
+    assert!(sim.server.m.is_serving());
+    assert!(sim
+        .server_events
+        .iter()
+        .any(|e| matches!(e, ServerEvent::AckTimedOut(error) if error.code.0 == 406)));
+    assert!(
+        sim.take().is_none(),
+        "the redelivery does not run beside the first run"
+    );
+    sim.reply(req, Ok(Bytes::from("done")));
+    assert_eq!(sim.ok(id), b"done");
+    assert!(sim.take().is_none(), "never run twice");
+    let stats = sim.server.m.stats();
+    assert_eq!(stats.reply_cache_hits, 1, "{stats:?}");
+    assert_eq!(stats.replied_ok, 1);
+    assert_eq!(sim.broker.unacked(conn), 0, "the redelivery is acked");
+    assert_eq!(sim.broker.queue_len(Q), 0);
+    assert_eq!(sim.client.m.stats().calls_answered, 1);
+}
+
+/// The reply was confirmed but its ack lost with the consuming channel: the redelivered
+/// request is answered again from the reply cache, without running.
+#[test]
+fn a_redelivery_after_the_reply_is_answered_from_the_cache() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    let id = sim.call("x", 60_000);
+    let req = sim.take().unwrap();
+    let channel = sim.server_channel();
+    let now = sim.now;
+    sim.server
+        .m
+        .reply(now, req.token, Ok::<_, HandlerError>(Bytes::from("once")));
+    // The reply goes out and is confirmed; the channel closes before the ack leaves.
+    let mut buf = Vec::new();
+    sim.server.m.poll_transmit(now, &mut buf);
+    sim.broker.feed(conn, now, &buf);
+    let out = sim.broker.take_output(conn);
+    sim.server.m.handle_input(now, &out);
+    sim.broker.close_channel(
+        conn,
+        channel,
+        406,
+        "PRECONDITION_FAILED - unknown delivery tag 1",
+    );
+    let out = sim.broker.take_output(conn);
+    sim.server.m.handle_input(now, &out);
+    sim.settle();
+    assert_eq!(sim.ok(id), b"once");
+    assert!(sim.take().is_none(), "not run again");
+    let stats = sim.server.m.stats();
+    assert_eq!(
+        (stats.reply_cache_hits, stats.replied_ok),
+        (1, 1),
+        "{stats:?}"
     );
     assert_eq!(sim.broker.unacked(conn), 0);
     assert_eq!(sim.broker.queue_len(Q), 0);

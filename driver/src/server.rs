@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use amqp_rpc_core::rpc::{
     HandlerError, ReplyToken, Response, RpcServer, ServerConfig, ServerEvent, ServerStats,
-    DEADLINE_EXCEEDED, HANDLER_PANICKED,
+    DEADLINE_EXCEEDED, HANDLER_PANICKED, HANDLER_TIMEOUT,
 };
 use amqp_rpc_core::types::BasicProperties;
 use amqp_rpc_core::ConnectionError;
@@ -295,6 +295,7 @@ impl<R: Runtime> Server<R> {
             stopped: false,
             stats: Publisher::new(stats),
             queue: options.rpc.queue.clone(),
+            handler_timeout: options.rpc.handler_timeout,
             _runtime: PhantomData,
         };
         run_session::<R, _, _>(
@@ -331,8 +332,18 @@ fn panicked() -> HandlerError {
 
 /// Runs one request to its answer: the handler, caught if it panics, bounded by the request's
 /// deadline.
-async fn answer<R: Runtime>(run: Run, request: Request) -> Result<Response, HandlerError> {
-    let deadline = request.deadline;
+async fn answer<R: Runtime>(
+    run: Run,
+    request: Request,
+    handler_timeout: Option<Duration>,
+) -> Result<Response, HandlerError> {
+    // The handler's own limit, when it comes before the caller's deadline.
+    let limit = handler_timeout.and_then(|t| Instant::now().checked_add(t));
+    let (deadline, code, message) = match (request.deadline, limit) {
+        (Some(d), Some(l)) if l < d => (Some(l), HANDLER_TIMEOUT, HANDLER_TIMEOUT_MESSAGE),
+        (None, Some(l)) => (Some(l), HANDLER_TIMEOUT, HANDLER_TIMEOUT_MESSAGE),
+        (d, _) => (d, DEADLINE_EXCEEDED, DEADLINE_EXCEEDED_MESSAGE),
+    };
     // The call that makes the future may panic too, before any future exists.
     let work = match std::panic::catch_unwind(AssertUnwindSafe(|| run(request))) {
         Ok(future) => AssertUnwindSafe(future)
@@ -349,11 +360,15 @@ async fn answer<R: Runtime>(run: Run, request: Request) -> Result<Response, Hand
         // Dropping the handler's future cancels it; its caller has given up by now, and the
         // worker slot is needed more than the answer.
         Either::Right(_) => Err(HandlerError::Failed {
-            code: DEADLINE_EXCEEDED.into(),
-            message: "the handler was still running at the caller's deadline".into(),
+            code: code.into(),
+            message: message.into(),
         }),
     }
 }
+
+const DEADLINE_EXCEEDED_MESSAGE: &str = "the handler was still running at the caller's deadline";
+const HANDLER_TIMEOUT_MESSAGE: &str =
+    "the handler was still running at the server's handler_timeout";
 
 /// The driver task's side: spawning handlers and collecting their results.
 struct Workers<R: Runtime> {
@@ -370,6 +385,8 @@ struct Workers<R: Runtime> {
     stats: Publisher<ServerStats>,
     /// The queue served, for the requests' spans.
     queue: String,
+    /// [`ServerConfig::handler_timeout`].
+    handler_timeout: Option<Duration>,
     _runtime: PhantomData<fn() -> R>,
 }
 
@@ -417,6 +434,13 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                     "the broker refused a reply even alone in flight; its request was acked \
                      without a reply so that it cannot loop"
                 ),
+                ServerEvent::AckTimedOut(error) => tracing::warn!(
+                    %error,
+                    "the broker closed the consuming channel: a request stayed unacknowledged \
+                     past its consumer_timeout, and every request on the channel is \
+                     redelivered; raise the broker's consumer_timeout above the slowest \
+                     handler, or set ServerConfig::handler_timeout below it"
+                ),
                 ServerEvent::Disconnected(error) => {
                     tracing::warn!(%error, "connection lost");
                     self.last_error = Some(error);
@@ -442,10 +466,13 @@ impl<R: Runtime> Handler<RpcServer> for Workers<R> {
                 deadline: request.deadline,
             };
             let run = Arc::clone(&self.run);
+            let handler_timeout = self.handler_timeout;
             let mut done = self.done.clone();
             R::spawn(async move {
                 let started = Instant::now();
-                let result = answer::<R>(run, view).instrument(span.clone()).await;
+                let result = answer::<R>(run, view, handler_timeout)
+                    .instrument(span.clone())
+                    .await;
                 let outcome = telemetry::request_answered(&span, &result);
                 metrics::request_answered(outcome, started.elapsed());
                 // If the server is gone, the token drops here and the request goes back.

@@ -24,6 +24,7 @@ e2e_tests! {
     prefetch_one_survives_a_request_past_its_deadline,
     two_workers_at_prefetch_one_survive_a_request_without_reply_to,
     forged_direct_reply_to_harms_no_innocent_call,
+    handler_past_handler_timeout_gets_a_typed_error_reply,
 }
 
 /// How long 20 calls to a healthy server may take, all told. Well below half the default
@@ -224,4 +225,39 @@ async fn forged_direct_reply_to_harms_no_innocent_call<R: TestRuntime>() {
     let report = server.stop::<R>().await;
     assert_eq!(report.stats.dropped_bad_reply_to, 3, "{:?}", report.stats);
     assert_eq!(report.stats.replied_ok, 65);
+}
+
+/// Issue 20 item 3: `ServerConfig::handler_timeout` ends a runaway handler with the error
+/// reply `handler_timeout` long before the caller's deadline, and frees its worker.
+async fn handler_past_handler_timeout_gets_a_typed_error_reply<R: TestRuntime>() {
+    let queue = QueueGuard::new("handler-timeout");
+    let mut options = server_options(queue.name());
+    options.rpc.handler_timeout = Some(Duration::from_millis(500));
+    let server =
+        TestServer::start::<R, _, _>(options, |request: amqp_rpc_driver::Request| async move {
+            if &request.body[..] == b"runaway" {
+                e2e_tests::rt::sleep::<R>(Duration::from_secs(60)).await;
+            }
+            fib_handler(request).await
+        })
+        .await;
+    let client = connect::<R>(Default::default()).await;
+    let started = Instant::now();
+    let result = call(&client, queue.name(), "runaway", Duration::from_secs(30)).await;
+    match result {
+        Err(amqp_rpc_driver::CallError::Rpc(amqp_rpc_driver::RpcError::Remote {
+            ref code,
+            ..
+        })) => assert_eq!(code, "handler_timeout"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    expect_fib(call(&client, queue.name(), "10", CALL_TIMEOUT).await, 10);
+    client.close().await;
+    let report = server.stop::<R>().await;
+    assert_eq!(report.stats.replied_error, 1);
 }

@@ -63,6 +63,7 @@ mod json;
 mod outbox;
 mod policy;
 mod probe;
+mod reply_cache;
 mod reply_to;
 mod response;
 mod server;
@@ -77,7 +78,8 @@ pub use policy::DropReason;
 pub use response::Response;
 pub use server::{
     HandlerError, QueueKind, ReplyToken, Request, RpcServer, ServerConfig, ServerEvent,
-    ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, INVALID_REQUEST, IO_ERROR, REPLY_TOO_LARGE,
+    ServerStats, DEADLINE_EXCEEDED, HANDLER_PANICKED, HANDLER_TIMEOUT, INVALID_REQUEST, IO_ERROR,
+    REPLY_TOO_LARGE,
 };
 
 /// Milliseconds since the Unix epoch, as read from the driver's wall clock. The core never reads

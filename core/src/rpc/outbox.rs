@@ -35,6 +35,9 @@ pub(crate) struct Outgoing<F> {
     /// Already the server's replacement for a reply the broker refused: if the broker refuses
     /// this too, the request is settled without a reply.
     pub(crate) is_fallback: bool,
+    /// A reply published before, answered again from the reply cache: counted as a cache hit,
+    /// not as a reply.
+    pub(crate) from_cache: bool,
 }
 
 /// Replies in flight on the reply channel, and replies waiting for a channel or their turn.
@@ -165,6 +168,7 @@ mod tests {
             body: Bytes::new(),
             is_error: false,
             is_fallback: false,
+            from_cache: false,
         }
     }
 

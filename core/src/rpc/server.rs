@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::acks::{Ack, AckWindow};
 use super::outbox::{refused_size_limit, Outbox, Outgoing};
 use super::policy::{decide, Decision, DropReason, HandlerOutcome, RequestFacts};
+use super::reply_cache::{CachedReply, ReplyCache};
 use super::reply_to::is_answerable;
 use super::response::Response;
 use super::{UnixMillis, DEADLINE_HEADER, ERROR_HEADER, REJECTED_HEADER};
@@ -56,6 +57,20 @@ pub struct ServerConfig {
     /// answer (its channel died, or the handler dropped the reply handle). 5 by default;
     /// 0 counts as 1.
     pub max_deliveries: u32,
+    /// How many published replies are remembered, by request, so that a request redelivered
+    /// after its reply went out (its ack was lost with its channel, say to the broker's
+    /// `consumer_timeout`) is answered again from here instead of being run again (counted in
+    /// [`ServerStats::reply_cache_hits`]). 1024 by default; 0 turns the cache off.
+    pub reply_cache_entries: usize,
+    /// How many body bytes the reply cache holds at most (the oldest replies go first);
+    /// 16 MiB by default.
+    pub reply_cache_bytes: usize,
+    /// How long a handler may run before the driver ends it with the error reply
+    /// [`HANDLER_TIMEOUT`] (it may have done part of its work). `None` by default: only the
+    /// caller's deadline bounds a handler. Set it below the broker's `consumer_timeout`
+    /// (RabbitMQ 3.10: 30 minutes) so that a runaway handler is answered before the broker
+    /// closes the consuming channel and redelivers every request on it.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -67,6 +82,9 @@ impl ServerConfig {
             declare_as: QueueKind::Classic,
             clock_skew_tolerance: Duration::from_secs(2),
             max_deliveries: 5,
+            reply_cache_entries: 1024,
+            reply_cache_bytes: 16 * 1024 * 1024,
+            handler_timeout: None,
         }
     }
 }
@@ -231,6 +249,12 @@ pub enum ServerEvent {
         /// The broker's words: the reply code and text it closed the reply channel with.
         error: ChannelError,
     },
+    /// The broker closed the consuming channel because a delivery stayed unacked past its
+    /// `consumer_timeout` (406, "delivery acknowledgement ... timed out"; RabbitMQ "Consumers",
+    /// "Delivery Acknowledgement Timeout"): every request on it is redelivered. Raise the
+    /// broker's `consumer_timeout` above the slowest handler, or set
+    /// [`ServerConfig::handler_timeout`] below it.
+    AckTimedOut(ChannelError),
     /// The connection closed. Requests in flight cannot be acked any more; the broker
     /// redelivers them. [`RpcServer::reconnect`] starts over.
     Disconnected(ConnectionError),
@@ -281,6 +305,9 @@ pub struct ServerStats {
     /// Replies published again on a fresh reply channel after the broker closed the one they
     /// were on before confirming them.
     pub replies_republished: u64,
+    /// Redelivered requests answered from the reply cache instead of being run again (see
+    /// [`ServerConfig::reply_cache_entries`]).
+    pub reply_cache_hits: u64,
 }
 
 /// Error code of the error reply that replaces a reply too large to publish.
@@ -288,6 +315,9 @@ pub const REPLY_TOO_LARGE: &str = "reply_too_large";
 /// Error code of the error reply sent for a request whose handler was still running at the
 /// caller's deadline (sent by the driver; see [`Request::deadline`]).
 pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+/// Error code of the error reply sent for a request whose handler ran longer than
+/// [`ServerConfig::handler_timeout`] (sent by the driver; the handler may have run in part).
+pub const HANDLER_TIMEOUT: &str = "handler_timeout";
 /// Error code of the error reply sent when the handler panicked.
 pub const HANDLER_PANICKED: &str = "handler_panicked";
 
@@ -326,6 +356,8 @@ struct RequestKey {
 struct Remembered {
     deliveries: u32,
     seq: u64,
+    /// A handler has it now (its token is out).
+    running: bool,
 }
 
 /// Where the server is.
@@ -397,6 +429,12 @@ pub struct RpcServer {
     /// connection's [`ConnectionConfig::max_message_size`]: later replies above it become
     /// [`REPLY_TOO_LARGE`] error replies before they are published.
     reply_limit: Option<u64>,
+    /// Replies published lately, by request (see [`ServerConfig::reply_cache_entries`]).
+    cache: ReplyCache<RequestKey>,
+    /// Redeliveries of requests whose handler still runs (the broker closed their channel
+    /// under them): answered from the cache once that handler's reply is out, instead of
+    /// running twice. Bounded by the prefetch window.
+    parked: HashMap<RequestKey, Buffered>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
@@ -405,6 +443,7 @@ pub struct RpcServer {
 impl RpcServer {
     /// A server that starts connecting at `now`.
     pub fn new(config: ServerConfig, conn_config: ConnectionConfig, now: Instant) -> Self {
+        let cache = ReplyCache::new(config.reply_cache_entries, config.reply_cache_bytes);
         Self {
             conn: Connection::new(conn_config.clone(), now),
             conn_config,
@@ -421,6 +460,8 @@ impl RpcServer {
             outbox: Outbox::default(),
             publisher_deaths: 0,
             reply_limit: None,
+            cache,
+            parked: HashMap::new(),
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
@@ -491,6 +532,18 @@ impl RpcServer {
                     reply_to,
                     correlation_id,
                 });
+            if let Some(key) = key.as_ref().filter(|_| delivery.redelivered) {
+                if self.unsettled.get(key).is_some_and(|r| r.running)
+                    && self.parked.len() < usize::from(self.config.prefetch.max(1))
+                {
+                    self.parked
+                        .insert(key.clone(), Buffered { delivery, received });
+                    continue;
+                }
+                if self.answer_from_cache(key, &delivery) {
+                    continue;
+                }
+            }
             let deliveries = self.deliveries(&delivery, key.as_ref());
             let deadline = self.deadline(&delivery.properties, received, now, Some(wall));
             let facts = RequestFacts {
@@ -622,6 +675,9 @@ impl RpcServer {
         self.in_flight = self.in_flight.saturating_sub(1);
         let request_facts = self.token_request_facts(&facts, now);
         if decide(request_facts, HandlerOutcome::Answered) == Decision::ReplyThenAck {
+            // Its handler is done: a redelivery (its channel may close before the reply is
+            // confirmed) must not wait for it.
+            self.stopped_running(&facts);
             if !self.is_current(&facts) {
                 self.stats.stale_replies += 1;
             }
@@ -634,6 +690,7 @@ impl RpcServer {
                 body,
                 is_error,
                 is_fallback: false,
+                from_cache: false,
             });
         }
         self.maybe_finish_shutdown(now);
@@ -647,6 +704,8 @@ impl RpcServer {
         let ReplyToken { facts } = token;
         self.in_flight = self.in_flight.saturating_sub(1);
         self.stats.abandoned += 1;
+        self.stopped_running(&facts);
+        self.unpark(&facts);
         let request_facts = self.token_request_facts(&facts, now);
         if let Decision::Reject { requeue } = decide(request_facts, HandlerOutcome::Abandoned) {
             let requeued = if facts.epoch == self.epoch {
@@ -764,7 +823,15 @@ impl RpcServer {
             Event::ChannelClosed(error) if Some(error.channel) == self.serving_channel() => {
                 // Deliveries of a closed channel are requeued by the broker; our tags for them
                 // are void.
+                if error.code == ReplyCode::PRECONDITION_FAILED
+                    && error.text.contains("acknowledgement")
+                    && error.text.contains("timed out")
+                {
+                    self.events
+                        .push_back(ServerEvent::AckTimedOut(error.clone()));
+                }
                 self.buffer.clear();
+                self.parked.clear();
                 self.acks.clear();
                 self.epoch += 1;
                 self.setup_request = None;
@@ -846,6 +913,7 @@ impl RpcServer {
                 let lost = self.outbox.drain().count();
                 self.stats.stale_replies_lost += u64::try_from(lost).unwrap_or(u64::MAX);
                 self.buffer.clear();
+                self.parked.clear();
                 self.acks.clear();
                 self.epoch += 1;
                 self.setup_request = None;
@@ -1057,7 +1125,14 @@ impl RpcServer {
     fn remember(&mut self, key: RequestKey, deliveries: u32) {
         self.unsettled_seq += 1;
         let seq = self.unsettled_seq;
-        self.unsettled.insert(key, Remembered { deliveries, seq });
+        self.unsettled.insert(
+            key,
+            Remembered {
+                deliveries,
+                seq,
+                running: true,
+            },
+        );
         if self.unsettled.len() > MAX_REMEMBERED_DELIVERIES {
             // Rare (only requests whose redelivery went elsewhere linger), so a scan is fine.
             let oldest = self
@@ -1220,18 +1295,103 @@ impl RpcServer {
     /// The reply is safe (confirmed, or ahead of the ack on the same channel): count it and
     /// ack its request, if its delivery tag is still good.
     fn replied(&mut self, reply: Outgoing<TokenFacts>) {
+        self.settle_answered(&reply.facts);
+        if reply.from_cache {
+            return;
+        }
         if reply.is_error {
             self.stats.replied_error += 1;
         } else {
             self.stats.replied_ok += 1;
         }
-        self.settle_answered(&reply.facts);
+        let Outgoing {
+            facts,
+            properties,
+            body,
+            is_error,
+            ..
+        } = reply;
+        let Some(correlation_id) = facts.correlation_id else {
+            return;
+        };
+        let key = RequestKey {
+            reply_to: facts.reply_to,
+            correlation_id,
+        };
+        let parked = if self.parked.is_empty() {
+            None
+        } else {
+            self.parked.remove(&key)
+        };
+        self.cache.insert(
+            key.clone(),
+            CachedReply {
+                properties,
+                body,
+                is_error,
+            },
+        );
+        if let Some(Buffered { delivery, received }) = parked {
+            if !self.answer_from_cache(&key, &delivery) {
+                self.buffer.push_front(Buffered { delivery, received });
+            }
+        }
+    }
+
+    /// Answers a redelivered request from the reply cache, confirm-gated like any reply, if its
+    /// reply is there; its handler does not run again.
+    fn answer_from_cache(&mut self, key: &RequestKey, delivery: &Delivery) -> bool {
+        let Some(cached) = self.cache.get(key) else {
+            return false;
+        };
+        let reply = Outgoing {
+            seq: None,
+            facts: TokenFacts {
+                epoch: self.epoch,
+                channel: delivery.channel,
+                delivery_tag: delivery.delivery_tag,
+                deliveries: 1,
+                deadline: None,
+                reply_to: key.reply_to.clone(),
+                correlation_id: Some(key.correlation_id.clone()),
+            },
+            properties: cached.properties.clone(),
+            body: cached.body.clone(),
+            is_error: cached.is_error,
+            is_fallback: true,
+            from_cache: true,
+        };
+        self.stats.reply_cache_hits += 1;
+        self.send_reply(reply);
+        true
+    }
+
+    /// The handler of `facts` is done with it (answered on a channel that is gone, or gave
+    /// up): a redelivery of it may run.
+    fn stopped_running(&mut self, facts: &TokenFacts) {
+        if let Some(key) = request_key(facts) {
+            if let Some(r) = self.unsettled.get_mut(&key) {
+                r.running = false;
+            }
+        }
+    }
+
+    /// A parked redelivery of `facts`'s request whose handler ended without a reply in the
+    /// cache runs after all.
+    fn unpark(&mut self, facts: &TokenFacts) {
+        if self.parked.is_empty() {
+            return;
+        }
+        if let Some(parked) = request_key(facts).and_then(|k| self.parked.remove(&k)) {
+            self.buffer.push_front(parked);
+        }
     }
 
     /// No reply could be published (not even the short error reply): the request is acked
     /// all the same, since running it again would end the same way; its caller times out.
     fn settle_unpublished(&mut self, reply: Outgoing<TokenFacts>) {
         self.settle_answered(&reply.facts);
+        self.unpark(&reply.facts);
     }
 
     fn settle_answered(&mut self, facts: &TokenFacts) {
@@ -1283,6 +1443,7 @@ impl RpcServer {
             if self.is_current(&reply.facts) {
                 self.reject(reply.facts.channel, reply.facts.delivery_tag, true);
             }
+            self.unpark(&reply.facts);
         }
         self.publish_waiting();
     }
@@ -1354,6 +1515,14 @@ impl RpcServer {
             }
         }
     }
+}
+
+/// The key of a request, if it has a correlation id.
+fn request_key(facts: &TokenFacts) -> Option<RequestKey> {
+    Some(RequestKey {
+        reply_to: facts.reply_to.clone(),
+        correlation_id: facts.correlation_id.clone()?,
+    })
 }
 
 /// How long from now the caller still waits for a request that arrived `waited` ago: the
