@@ -100,6 +100,8 @@ pub(crate) fn call_outcome(result: &Result<RpcReply, CallError>) -> &'static str
             RpcError::Rejected { .. } => "rejected",
             RpcError::Refused { .. } => "refused",
             RpcError::ReplyPathLost => "reply_path_lost",
+            RpcError::QueueFull => "queue_full",
+            RpcError::ReplyTooLarge { .. } => "reply_too_large",
             // `RpcError` is non-exhaustive: a kind added later is named here when it is.
             _ => "other",
         },

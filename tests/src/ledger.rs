@@ -46,8 +46,10 @@ pub enum Class {
     NotRouted,
     /// An error reply for a request that ran.
     Remote,
-    /// The error reply `reply_too_large` (`Remote { code: REPLY_TOO_LARGE }`): the request ran,
-    /// and its handler's answer exceeded the broker's `max_message_size`.
+    /// A reply too large to travel: the error reply `reply_too_large` (`Remote { code:
+    /// REPLY_TOO_LARGE }`: the handler's answer exceeded the broker's `max_message_size`), or
+    /// `RpcError::ReplyTooLarge` (the reply exceeded the client's `max_body_size`). The request
+    /// ran either way.
     ReplyTooLarge,
     /// An error reply for a request refused before running.
     Rejected,
@@ -95,10 +97,8 @@ impl Class {
                 }
                 RpcError::Refused { .. } => Class::Refused,
                 RpcError::ReplyPathLost => Class::ReplyPathLost,
-                // `RpcError::QueueFull` is named here rather than matched while this tree does
-                // not have the variant yet; where it has, `RpcError::QueueFull { .. } =>
-                // Class::QueueFull` replaces this arm (the Debug name is the same either way).
-                e if format!("{e:?}").starts_with("QueueFull") => Class::QueueFull,
+                RpcError::QueueFull => Class::QueueFull,
+                RpcError::ReplyTooLarge { .. } => Class::ReplyTooLarge,
                 _ => Class::Other,
             },
             Err(CallError::TooManyCalls { .. }) => Class::TooManyCalls,
