@@ -1250,3 +1250,28 @@ fn a_redelivery_after_the_reply_is_answered_from_the_cache() {
     assert_eq!(sim.broker.unacked(conn), 0);
     assert_eq!(sim.broker.queue_len(Q), 0);
 }
+
+/// A shutdown whose last replies are never confirmed (the broker holds the confirms, as it
+/// does for a connection it blocks) still finishes, at the connection's `close_timeout`: the
+/// unconfirmed requests are not acked, so the broker requeues them rather than lose them.
+#[test]
+fn a_shutdown_stops_waiting_for_confirms_at_the_close_timeout() {
+    let mut sim = Sim::prefetch(2);
+    let conn = sim.server.conn;
+    sim.broker.hold_confirms(conn);
+    let ids: Vec<CallId> = (0..2).map(|i| sim.call(&i.to_string(), 60_000)).collect();
+    for i in 0..2 {
+        let req = sim.take().unwrap();
+        sim.reply(req, Ok(Bytes::from(format!("r{i}"))));
+    }
+    let now = sim.now;
+    sim.server.m.shutdown(now);
+    sim.settle();
+    assert!(!sim.server.m.is_stopped(), "waits for the confirms first");
+    sim.advance(Duration::from_secs(6));
+    assert!(sim.server.m.is_stopped(), "stopped at the close timeout");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(sim.ok(*id), format!("r{i}").as_bytes());
+    }
+    assert_eq!(sim.broker.queue_len(Q), 2, "unacked, so requeued");
+}

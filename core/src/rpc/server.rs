@@ -438,6 +438,9 @@ pub struct RpcServer {
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     setup_request: Option<RequestId>,
+    /// When a shutdown stops waiting for the broker's confirms of the last replies (see
+    /// [`RpcServer::shutdown`]).
+    drain_deadline: Option<Instant>,
 }
 
 impl RpcServer {
@@ -465,6 +468,7 @@ impl RpcServer {
             events: VecDeque::new(),
             stats: ServerStats::default(),
             setup_request: None,
+            drain_deadline: None,
         }
     }
 
@@ -488,6 +492,7 @@ impl RpcServer {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.conn.handle_timeout(now);
         self.pump(now);
+        self.maybe_finish_shutdown(now);
     }
 
     /// Appends frames ready to send to `buf`. The acks owed go first, coalesced: one
@@ -508,7 +513,13 @@ impl RpcServer {
 
     /// When [`RpcServer::handle_timeout`] must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conn.poll_timeout()
+        let conn = self.conn.poll_timeout();
+        match self.drain_deadline {
+            Some(drain) if self.is_waiting_for_confirms() => {
+                Some(conn.map_or(drain, |c| c.min(drain)))
+            }
+            _ => conn,
+        }
     }
 
     /// Takes the next request to run off the prefetch buffer. Call it after every input, as
@@ -749,6 +760,7 @@ impl RpcServer {
             Phase::Connecting | Phase::Disconnected | Phase::Draining { .. } => {}
         }
         self.give_back_buffer(now);
+        self.drain_deadline = now.checked_add(self.conn_config.close_timeout);
         self.maybe_finish_shutdown(now);
     }
 
@@ -930,6 +942,8 @@ impl RpcServer {
                     }
                 }
             }
+            // A shutdown waiting for confirms stops waiting (see `maybe_finish_shutdown`).
+            Event::Blocked { .. } => self.maybe_finish_shutdown(now),
             _ => {}
         }
     }
@@ -1498,11 +1512,25 @@ impl RpcServer {
         }
     }
 
-    fn maybe_finish_shutdown(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Draining { .. })
+    /// Shutting down, every handler done, and replies still waiting for their confirms.
+    fn is_waiting_for_confirms(&self) -> bool {
+        matches!(self.phase, Phase::Draining { .. })
             && self.in_flight == 0
-            && self.outbox.is_empty()
-        {
+            && !self.outbox.is_empty()
+            && !self.conn.is_closed()
+    }
+
+    /// Finishes a shutdown once no handler runs and every reply was confirmed (so its request
+    /// acked). It stops waiting for confirms at the connection's `close_timeout`, or at once
+    /// while the broker blocks the connection (a resource alarm: RabbitMQ stops reading from a
+    /// blocked publishing connection, so no confirm comes): the requests of the unconfirmed
+    /// replies stay unacked and the broker requeues them when the connection closes. Their
+    /// callers may then hear twice (a duplicate reply is dropped), never not at all.
+    fn maybe_finish_shutdown(&mut self, now: Instant) {
+        let confirms_settled = self.outbox.is_empty()
+            || self.conn.is_blocked()
+            || self.drain_deadline.is_some_and(|d| now >= d);
+        if matches!(self.phase, Phase::Draining { .. }) && self.in_flight == 0 && confirms_settled {
             if self.conn.is_closed() {
                 self.phase = Phase::Stopped;
                 self.events.push_back(ServerEvent::Stopped);
