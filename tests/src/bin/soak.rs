@@ -25,7 +25,9 @@
 //! - `--oversized-reply-per-mille` (off by default; 1 is the issues' 0.1 %) calls whose
 //!   handler answer ([`REPLY_BYTES`]) is one byte above the broker's limit;
 //! - `--oversized-request-per-mille` (off by default) calls whose body is one byte above the
-//!   broker's limit and below the client's own, so that the broker is what refuses them;
+//!   broker's limit and below the client's own, so that the broker is what refuses the first
+//!   on each connection (the client learns the limit from its words and refuses the rest
+//!   before sending);
 //! - the rest ordinary calls, fib(n) for varying n.
 //!
 //! The broker's limit is `--broker-max-message-size` (below the client's [`MAX_MESSAGE_SIZE`];
@@ -200,8 +202,10 @@ fn expected(kind: Kind) -> &'static [Class] {
         // answer the broker would refuse (and close the server's channel for).
         Kind::OversizedReply => &[Class::ReplyTooLarge],
         // `Refused { code: 406 }` (PRECONDITION_FAILED, "message size … larger than configured
-        // max size"), for this call alone; never ran.
-        Kind::OversizedRequest => &[Class::RefusedPrecondition],
+        // max size"), for this call alone; never ran. The client learns the broker's limit from
+        // those words, so on the same connection the later ones are refused before sending,
+        // `Invalid` (`MessageTooLarge`), never ran too; a new connection learns it again.
+        Kind::OversizedRequest => &[Class::RefusedPrecondition, Class::Invalid],
     }
 }
 
