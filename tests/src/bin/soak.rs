@@ -74,6 +74,9 @@
 //! - the RSS of this process, and the bytes its heap holds, are flat after warm-up
 //!   ([`memory::check_flat`], within [`RSS_MARGIN_KIB`] and [`HEAP_MARGIN_KIB`]).
 //!
+//! `SOAK_LOG=FILE` keeps the client's and the server's logs (`RUST_LOG`, `warn` by default) in
+//! FILE and FILE.server, to read what each side saw around a stray error.
+//!
 //! Exits 0 when all of that holds, 1 otherwise, 2 on bad arguments, 3 when the hard time cap
 //! ([`MAX_MINUTES`] plus [`OVERRUN`]) is hit.
 
@@ -607,6 +610,12 @@ impl Books {
     fn window(&self, from: Instant, to: Instant, window: Window) {
         let window = (self.ms(from), self.ms(to), window);
         self.lock().windows.push(window);
+    }
+
+    /// Prints `what` on the live output, stamped with the time since the start.
+    fn say(&self, what: &str) {
+        let at = Instant::now().saturating_duration_since(self.started);
+        say(&format!("[{:>6.1}s] {what}", at.as_secs_f64()));
     }
 
     /// Whether a reject-publish window is open now (the forged requests wait for its end).
@@ -1537,7 +1546,10 @@ async fn forge<R: TestRuntime>(
             .with_correlation_id(ShortString::from(unique_name("forged-call")));
         let (node, queue) = (node.clone(), queue.clone());
         match blocking(move || node.publish(&queue, &properties, b"10")).await {
-            Ok(Published::Acked) => report.forged_acked += 1,
+            Ok(Published::Acked) => {
+                books.say("a request with a forged reply_to published and taken");
+                report.forged_acked += 1;
+            }
             Ok(other) => report
                 .failures
                 .push(format!("a forged request was not taken: {other:?}")),
@@ -1591,6 +1603,7 @@ async fn reject_windows<R: TestRuntime>(
         if let Err(e) = set {
             report.windows_skipped.push(e);
         } else {
+            books.say("reject-publish policy set on the request queue");
             report.windows += 1;
             sleep::<R>(REJECT_PUBLISH_FOR).await;
         }
@@ -1600,7 +1613,12 @@ async fn reject_windows<R: TestRuntime>(
         while cleared.is_err() && Instant::now() < give_up {
             let (node, policy) = (node.clone(), policy.clone());
             cleared = blocking(move || node.rabbitmqctl(&["clear_policy", &policy])).await;
-            if cleared.as_ref().is_err_and(|e| e.contains("not found")) {
+            // A set that failed (the node was stopped) left nothing to clear: RabbitMQ 3.10
+            // says "Parameter does not exist".
+            if cleared
+                .as_ref()
+                .is_err_and(|e| e.contains("not found") || e.contains("does not exist"))
+            {
                 cleared = Ok(String::new());
             }
             if cleared.is_err() {
@@ -1608,7 +1626,10 @@ async fn reject_windows<R: TestRuntime>(
             }
         }
         match cleared {
-            Ok(_) => Undo::done(&what),
+            Ok(_) => {
+                books.say("reject-publish policy cleared");
+                Undo::done(&what);
+            }
             Err(e) => report
                 .failures
                 .push(format!("{what} could not be cleared: {e}")),
@@ -1623,6 +1644,34 @@ async fn reject_windows<R: TestRuntime>(
     report
 }
 
+/// With `SOAK_LOG=FILE`, the driver's logs (`RUST_LOG`, `warn` when unset) go to FILE, and the
+/// server processes' to FILE.server, each line stamped: what each side saw around a stray
+/// error. Nothing is logged otherwise.
+fn log_to_file(server: bool) {
+    let Some(path) = std::env::var_os("SOAK_LOG") else {
+        return;
+    };
+    let mut path = std::path::PathBuf::from(path);
+    if server {
+        path.as_mut_os_string().push(".server");
+    }
+    // Appended: a killed server's successor logs after it.
+    let file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("soak: cannot write the log {}: {e}", path.display());
+            return;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(Mutex::new(file))
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
@@ -1631,6 +1680,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    log_to_file(args.serve.is_some());
     if let Some((queue, name, uri)) = args.serve.clone() {
         // The server process never outlives the soak: it holds our stdin open.
         std::thread::spawn(|| {
