@@ -1828,6 +1828,11 @@ fn an_oversized_request_ends_alone_and_the_others_are_answered() {
             Duration::from_secs(5),
         ));
         let after: Vec<CallId> = (0..4).map(|i| sim.call(&format!("a{i}"), 5000)).collect();
+        // No body this large was accepted on the channel: it goes out alone, once the
+        // publishes in flight are settled, and the calls after it wait behind it.
+        assert!(sim.is_pending(big));
+        sim.broker.release_confirms(conn);
+        sim.settle();
         match err(sim.result(big)) {
             e @ RpcError::Refused { code, text } => {
                 assert_eq!(code.0, 406);
@@ -1839,7 +1844,6 @@ fn an_oversized_request_ends_alone_and_the_others_are_answered() {
             }
             other => panic!("{other:?}"),
         }
-        sim.broker.release_confirms(conn);
         sim.serve_all(0);
         let answered: Vec<&CallId> = match mode {
             ReplyMode::ExclusiveQueue => {
@@ -1872,6 +1876,45 @@ fn an_oversized_request_ends_alone_and_the_others_are_answered() {
                 limit: 1000
             })
         );
+    }
+}
+
+/// A publish the broker refuses by closing the channel loses the confirms it had not sent yet,
+/// `basic.nack`s of a full `reject-publish` queue included: the calls refused that way would
+/// wait for replies that never come. A request to an exchange the channel has not settled a
+/// publish to goes out alone, so every nacked call still ends `QueueFull` at once and the
+/// refused one alone ends `Refused`. Before requests went out alone, the nacked calls were
+/// left waiting (and ended `TimedOut`, may have run, though none had).
+#[test]
+fn a_refusal_while_the_queue_rejects_loses_no_nack() {
+    for mode in MODES {
+        let mut broker = Broker::new();
+        broker.limit_queue(Q, 0);
+        let mut config = client_config(mode);
+        config.server_check = None;
+        config.exchange_check = None;
+        let mut sim = Sim::with_connection(config, conn_config(), broker, 0, 1);
+        let conn = sim.client.conn;
+        let first = sim.call("0", 5000);
+        assert_eq!(*err(sim.result(first)), RpcError::QueueFull);
+        sim.broker.hold_confirms(conn);
+        let calls: Vec<CallId> = (1..20).map(|i| sim.call(&i.to_string(), 5000)).collect();
+        let bad = sim.call_with({
+            let mut c = CallRequest::new(Q, "bad", Duration::from_secs(5));
+            c.exchange = "no-such-exchange".into();
+            c
+        });
+        assert!(sim.is_pending(bad), "it waits for the nacks in flight");
+        sim.broker.release_confirms(conn);
+        sim.settle();
+        for id in &calls {
+            assert_eq!(*err(sim.result(*id)), RpcError::QueueFull, "{id:?}");
+        }
+        match err(sim.result(bad)) {
+            RpcError::Refused { code, .. } => assert_eq!(code.0, 404),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sim.client.m.stats().requests_nacked, 20);
     }
 }
 

@@ -25,6 +25,7 @@ use e2e_tests::servers::{client_options, client_options_at, fault_server_options
 
 e2e_tests! {
     full_request_queue_ends_calls_queue_full_at_once,
+    a_refusal_while_the_queue_rejects_harms_no_nacked_call,
     channel_max_1_2_3_exclusive,
     channel_max_1_2_3_direct,
     reply_too_large_ends_at_once_and_big_returns_not_routed,
@@ -287,6 +288,78 @@ async fn full_request_queue_ends_calls_queue_full_at_once<R: TestRuntime>() {
         stat_reaches::<R>(&client, |s| s.requests_nacked, 15).await,
         15
     );
+    client.close().await;
+}
+
+/// A refused publish closes the publishing channel, and the broker's `basic.nack`s of earlier
+/// publishes that a full `reject-publish` queue refused can be lost with it (a classic queue
+/// sends them to the channel asynchronously; a closed channel sends nothing more). Those calls
+/// never ran: they must end `QueueFull` (or be answered, once resent), never wait for a reply
+/// that cannot come. 200 calls to a queue of length 0 and one to a missing exchange, pipelined,
+/// five rounds; the exchange check is off so that the broker is what refuses that one.
+async fn a_refusal_while_the_queue_rejects_harms_no_nacked_call<R: TestRuntime>() {
+    const CALLS: u32 = 200;
+    let queue = QueueGuard::new("reject-publish-refusal");
+    {
+        let name = queue.name().to_owned();
+        blocking(move || declare_limited(&Node::main(), &name, 0))
+            .await
+            .expect("declare the limited queue");
+    }
+    let mut options = client_options(ReplyMode::ExclusiveQueue);
+    options.rpc.server_check = None;
+    options.rpc.exchange_check = None;
+    let client = connect_with::<R>(options).await;
+    let timeout = Duration::from_secs(6);
+    for round in 0..5 {
+        let started = Instant::now();
+        let mut calls: Vec<_> = (0..CALLS)
+            .map(|i| {
+                let (client, queue) = (client.clone(), queue.name().to_owned());
+                spawn::<R, _>(async move {
+                    let end = client
+                        .call_with(CallRequest::new(queue, i.to_string(), timeout))
+                        .await;
+                    (end, started.elapsed())
+                })
+            })
+            .collect();
+        let bad = {
+            let client = client.clone();
+            let mut request = CallRequest::new(queue.name(), "1", timeout);
+            request.exchange = unique_name("no-such-exchange");
+            spawn::<R, _>(async move { (client.call_with(request).await, started.elapsed()) })
+        };
+        calls.push(bad);
+        let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+        within::<R, _>(timeout + Duration::from_secs(5), "the calls", async {
+            for task in calls {
+                let (end, at) = task.join().await;
+                let what = match &end {
+                    Err(CallError::Rpc(RpcError::Refused { code, .. })) => {
+                        format!("Refused {}", code.0)
+                    }
+                    Err(CallError::Rpc(e)) => format!("{e:?}"),
+                    other => format!("{other:?}"),
+                };
+                assert!(
+                    at < PROMPT,
+                    "round {round}: a call ended {what} after {at:?}, not at once"
+                );
+                *outcomes.entry(what).or_default() += 1;
+            }
+        })
+        .await;
+        assert_eq!(
+            outcomes,
+            [
+                ("QueueFull".to_owned(), CALLS),
+                ("Refused 404".to_owned(), 1)
+            ]
+            .into(),
+            "round {round}"
+        );
+    }
     client.close().await;
 }
 

@@ -8,6 +8,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 
 use super::correlation::{CallId, CorrelationKey};
+use super::isolation::{Admission, Isolation};
 use super::probe::{Probe, QueueUpdate, Target, Verdict};
 use super::{UnixMillis, DEADLINE_HEADER, DIRECT_REPLY_TO, ERROR_HEADER, REJECTED_HEADER};
 use crate::connection::{
@@ -329,6 +330,11 @@ enum Phase {
 /// [`RpcError::ReplyPathLost`] (may have run; idempotent ones are sent again), the others as
 /// above. See `settle_unconfirmed` for why the culprit is told by the broker's words.
 ///
+/// A request the publishing channel has not accepted the like of (a larger body than any it
+/// settled, an exchange it settled no publish to: the first request on every channel is one)
+/// goes out alone, when nothing else is unconfirmed, and later requests wait for its confirm:
+/// a refusal then loses no other call's confirm or `basic.nack` (see `isolation.rs`).
+///
 /// Few channels (the broker's or the URI's `channel_max`): the client never needs more than
 /// the broker allows. Below three channels (two with direct reply-to) the checks are off on
 /// that connection (no [`RpcError::NoServers`]; a missing exchange is still found, by the
@@ -351,6 +357,8 @@ pub struct RpcClient {
     probe_off: bool,
     /// Publishes on the publishing channel not confirmed yet, in publish order.
     unconfirmed: VecDeque<Unconfirmed>,
+    /// What the publishing channel accepted, and which request is in flight alone on it.
+    isolation: Isolation,
     ids: CorrelationKey,
     next_call: u64,
     calls: HashMap<CallId, Call>,
@@ -402,6 +410,7 @@ impl RpcClient {
             shared: false,
             probe_off: false,
             unconfirmed: VecDeque::new(),
+            isolation: Isolation::default(),
             ids,
             next_call: 0,
             calls: HashMap::new(),
@@ -615,6 +624,7 @@ impl RpcClient {
         self.phase = Phase::Connecting;
         self.publisher = None;
         self.unconfirmed.clear();
+        self.isolation.reset();
         self.arm_failures = 0;
         self.arm_error = None;
         self.probe.forget_connection();
@@ -731,6 +741,7 @@ impl RpcClient {
                 self.probe.forget_connection();
                 self.publisher = None;
                 self.unconfirmed.clear();
+                self.isolation.reset();
                 // The client gave the connection up because the broker kept refusing the reply
                 // path: say so in the broker's words, not as a close of our own.
                 let error = match (self.arm_error.take(), error) {
@@ -805,7 +816,9 @@ impl RpcClient {
     ///
     /// - before the culprit: handled, maybe enqueued, its confirm lost with the channel. It
     ///   may run: the call keeps waiting for its reply (on the reply path, when that lives),
-    ///   and ends `TimedOut` at its deadline only if it was truly lost;
+    ///   and ends `TimedOut` at its deadline only if it was truly lost (or nacked). A culprit
+    ///   the channel had not accepted the like of went out alone (`isolation.rs`), so this
+    ///   group is empty unless an exchange was deleted after a publish to it was confirmed;
     /// - the culprit: ends [`RpcError::Refused`] with the broker's code and text. Never ran;
     /// - after it: discarded by the broker, never ran. Innocent: sent again on the next
     ///   publishing channel within its deadline, at most [`MAX_DISCARD_RESENDS`] times.
@@ -817,6 +830,7 @@ impl RpcClient {
     /// whose culprit is not found this way (the broker's words are unknown, or an operator
     /// closed the channel) leaves every unconfirmed publish in the first group.
     fn settle_unconfirmed(&mut self, error: &ChannelError) {
+        self.isolation.reset();
         let unconfirmed = std::mem::take(&mut self.unconfirmed);
         let Some(culprit) = self.culprit(error, &unconfirmed) else {
             return;
@@ -898,6 +912,7 @@ impl RpcClient {
 
     /// The broker confirmed (`acked`) or refused a publish on the publishing channel.
     fn on_confirmed(&mut self, seq: DeliveryTag, acked: bool) {
+        self.isolation.settled(seq);
         // Confirms come mostly in publish order (and with `multiple` always in order).
         let index = match self.unconfirmed.front() {
             Some(front) if front.seq == seq => 0,
@@ -1168,8 +1183,20 @@ impl RpcClient {
         let mut keep = VecDeque::with_capacity(self.held.len());
         while let Some(id) = self.held.pop_front() {
             match self.gate(now, id) {
-                Gate::Send => self.send(now, id),
+                Gate::Send => {
+                    self.send(now, id);
+                }
+                Gate::SendAlone { exchange, body } => {
+                    if let Some(seq) = self.send(now, id) {
+                        self.isolation.sent_alone(seq, &exchange, body);
+                    }
+                }
                 Gate::Wait => keep.push_back(id),
+                Gate::Hold => {
+                    // First in, first out: nothing behind it overtakes it (see `isolation`).
+                    keep.push_back(id);
+                    keep.append(&mut self.held);
+                }
                 Gate::Fail(error) => self.end(id, Err(error)),
                 Gate::Gone => {}
             }
@@ -1211,6 +1238,17 @@ impl RpcClient {
                 ),
             });
         }
+        match self.check(now, id) {
+            Gate::Send => self.admit(id),
+            other => other,
+        }
+    }
+
+    /// The server or exchange check's verdict on call `id` (see [`ClientConfig::server_check`]).
+    fn check(&mut self, now: Instant, id: CallId) -> Gate {
+        let Some(call) = self.calls.get(&id) else {
+            return Gate::Gone;
+        };
         if self.probe_off {
             return Gate::Send;
         }
@@ -1233,22 +1271,44 @@ impl RpcClient {
             .into()
     }
 
+    /// Whether call `id` goes out pipelined, alone, or waits for the publishes in flight to be
+    /// settled: a request the publishing channel has not accepted the like of goes alone, so
+    /// that its refusal cannot lose another call's confirm (see `isolation.rs`).
+    fn admit(&self, id: CallId) -> Gate {
+        let Some(call) = self.calls.get(&id) else {
+            return Gate::Gone;
+        };
+        let request = &call.request;
+        let body = u64::try_from(request.body.len()).unwrap_or(u64::MAX);
+        match self
+            .isolation
+            .admit(&request.exchange, body, !self.unconfirmed.is_empty())
+        {
+            Admission::Pipelined => Gate::Send,
+            Admission::Alone => Gate::SendAlone {
+                exchange: request.exchange.clone(),
+                body,
+            },
+            Admission::Hold => Gate::Hold,
+        }
+    }
+
     /// Whether a passive declare may start: one at a time, on an open connection.
     fn may_probe(&self) -> bool {
         self.probe.is_idle() && self.conn.is_open()
     }
 
     // Long because the request's properties are built field by field, as the wire format has them.
-    fn send(&mut self, now: Instant, id: CallId) {
+    /// Publishes call `id`'s request; its sequence number on the publishing channel, if it went
+    /// out in confirm mode.
+    fn send(&mut self, now: Instant, id: CallId) -> Option<DeliveryTag> {
         let (Some(channel), Phase::Ready { reply_to, .. }) = (self.publish_channel(), &self.phase)
         else {
-            return;
+            return None;
         };
         let reply_to = reply_to.clone();
         let correlation_id = self.ids.issue(id);
-        let Some(call) = self.calls.get_mut(&id) else {
-            return;
-        };
+        let call = self.calls.get_mut(&id)?;
         // RabbitMQ refuses an expiration above 2^32 - 1 ms with a channel error (its
         // `check_expiry`), which would end every call in flight: cap it there.
         // Rounded up: a budget cut to the millisecond below would let the server give up
@@ -1312,18 +1372,25 @@ impl RpcClient {
                         published_before,
                     });
                 }
+                seq
             }
             // The body is above the broker's limit or a header does not fit in a frame:
             // nothing was sent.
-            Err(UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. }) => self.end(
-                id,
-                Err(RpcError::Rejected {
-                    code: "request_too_large".into(),
-                    message: "request properties do not fit in a frame".into(),
-                }),
-            ),
+            Err(UsageError::FrameTooLarge | UsageError::MessageTooLarge { .. }) => {
+                self.end(
+                    id,
+                    Err(RpcError::Rejected {
+                        code: "request_too_large".into(),
+                        message: "request properties do not fit in a frame".into(),
+                    }),
+                );
+                None
+            }
             // The connection is going away; the call waits for the next one.
-            Err(_) => self.held.push_back(id),
+            Err(_) => {
+                self.held.push_back(id);
+                None
+            }
         }
     }
 
@@ -1421,8 +1488,17 @@ impl RpcClient {
 
 /// What may happen to a held call now.
 enum Gate {
+    /// Publish it, pipelined.
     Send,
+    /// Publish it alone (see `isolation.rs`).
+    SendAlone {
+        exchange: String,
+        body: u64,
+    },
+    /// Not yet.
     Wait,
+    /// Not yet, and nothing behind it goes first.
+    Hold,
     Fail(RpcError),
     Gone,
 }

@@ -58,6 +58,7 @@
 mod acks;
 mod client;
 mod correlation;
+mod isolation;
 #[cfg(feature = "json")]
 mod json;
 mod outbox;

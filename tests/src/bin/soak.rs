@@ -1639,6 +1639,9 @@ async fn reject_windows<R: TestRuntime>(
             Instant::now() + POLICY_LAG + BUDGET,
             Window::RejectPublish,
         );
+        // The broker applies the clear asynchronously: a forged request published at once
+        // could still be nacked (seen once in a 10-minute run).
+        sleep::<R>(POLICY_LAG).await;
         books.rejecting.store(false, Ordering::SeqCst);
     }
     report
@@ -1656,7 +1659,11 @@ fn log_to_file(server: bool) {
         path.as_mut_os_string().push(".server");
     }
     // Appended: a killed server's successor logs after it.
-    let file = match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) => {
             eprintln!("soak: cannot write the log {}: {e}", path.display());
