@@ -1332,23 +1332,25 @@ impl RpcServer {
             reply_to: facts.reply_to,
             correlation_id,
         };
+        let cached = CachedReply {
+            properties,
+            body,
+            is_error,
+        };
+        // Every reply goes in the cache: the key is moved in, cloned only for the rare parked
+        // redelivery that waited for this reply.
         let parked = if self.parked.is_empty() {
             None
         } else {
             self.parked.remove(&key)
         };
-        self.cache.insert(
-            key.clone(),
-            CachedReply {
-                properties,
-                body,
-                is_error,
-            },
-        );
-        if let Some(Buffered { delivery, received }) = parked {
-            if !self.answer_from_cache(&key, &delivery) {
-                self.buffer.push_front(Buffered { delivery, received });
-            }
+        let Some(Buffered { delivery, received }) = parked else {
+            self.cache.insert(key, cached);
+            return;
+        };
+        self.cache.insert(key.clone(), cached);
+        if !self.answer_from_cache(&key, &delivery) {
+            self.buffer.push_front(Buffered { delivery, received });
         }
     }
 
