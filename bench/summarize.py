@@ -29,6 +29,10 @@ def load(path):
             except ValueError:
                 continue
             if not run.get("failed"):
+                # The client's memory per call in flight: (peak - idle resident) / C.
+                if run.get("rss_peak_kib") and run.get("rss_idle_kib") and run.get("concurrency"):
+                    run["kib_per_call_in_flight"] = (
+                        (run["rss_peak_kib"] - run["rss_idle_kib"]) / run["concurrency"])
                 runs.append(run)
     return runs
 
@@ -56,7 +60,7 @@ def grouped(runs, key):
 def medians(group):
     m = {k: med([r.get(k) for r in group]) for k in (
         "calls_per_sec", "p50_us", "p99_us", "client_cpu_us_per_call",
-        "server_cpu_us_per_call", "broker_cpu_us_per_call")}
+        "server_cpu_us_per_call", "broker_cpu_us_per_call", "kib_per_call_in_flight")}
     both = [r["client_cpu_us_per_call"] + r["server_cpu_us_per_call"] for r in group
             if r.get("server_cpu_us_per_call") is not None]
     m["own_cpu_us_per_call"] = med(both)
@@ -69,6 +73,7 @@ SETTINGS = {
     "c1-p1": "C=1, prefetch 1",
     "c64-p1": "C=64, prefetch 1",
     "c64-p64": "C=64, prefetch 64",
+    "c4096-p64": "C=4096, prefetch 64",
 }
 IMPLS = ["tokio", "smol", "amqprs", "amqprs-plain"]
 IMPL_NAMES = {
@@ -110,6 +115,7 @@ def comparison(path, impls, pairs):
         ("p99 µs", "p99_us", 0),
         ("client + server CPU µs/call", "own_cpu_us_per_call", 1),
         ("broker CPU µs/call", "broker_cpu_us_per_call", 1),
+        ("client KiB per call in flight", "kib_per_call_in_flight", 2),
     ]
     # The ratios are medians of per-round ratios: the k-th run of one implementation against
     # the k-th run of the other in the same setting, which ran next to it (interleaved).
@@ -127,6 +133,10 @@ def comparison(path, impls, pairs):
     for label, name in SETTINGS.items():
         for title, key, digits in rows:
             values = [table.get((label, i), {}).get(key) for i in impls]
+            if all(v is None for v in values):
+                continue  # a setting this mode did not run, or a measure it has not
+            if key == "kib_per_call_in_flight" and not label.startswith("c4096"):
+                continue  # at small C it is mostly buffers that grow once
             cells = [fmt(v, digits) for v in values]
             print(f"| {name} | {title} | " + " | ".join(cells) + " | "
                   + " | ".join(paired(label, key, a, b) for a, b in pairs) + " |")

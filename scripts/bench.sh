@@ -9,7 +9,9 @@
 #                                C=64/prefetch 64; calls/s, p50, p99, client, server and broker
 #                                CPU per call
 #   scripts/bench.sh before REV  ours (tokio) built at git revision REV vs ours now vs amqprs,
-#                                interleaved as compare does: what a change cost or saved
+#                                interleaved as compare does: what a change cost or saved;
+#                                also C=4096/prefetch 64 for the client's memory per call in
+#                                flight
 #   scripts/bench.sh features    broker CPU per call of each protocol choice at C=64/prefetch
 #                                64 (mandatory, expiration, x-rpc-deadline, direct reply-to,
 #                                multiple acks), switched one at a time on the amqprs programs,
@@ -151,8 +153,10 @@ compare() {
   interleave compare tokio amqprs smol amqprs-plain
 }
 
-# `before REV`: ours at REV against ours now and amqprs, as compare runs them.
+# `before REV`: ours at REV against ours now and amqprs, as compare runs them, and at C=4096
+# as well: the client's memory per call in flight, (peak - idle resident memory) / C.
 before() {
+  settings+=("c4096-p64 4096 64 $((calls + calls / 40))")
   interleave before tokio-before tokio amqprs
 }
 
