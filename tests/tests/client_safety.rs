@@ -14,13 +14,15 @@
 use std::time::{Duration, Instant};
 
 use amqp_rpc_cli::fib_handler;
-use amqp_rpc_driver::{CallError, CallRequest, ReplyMode, Request, RpcError, UsageError};
+use amqp_rpc_driver::{
+    CallError, CallRequest, Client, ReplyMode, Request, RpcError, RpcReply, UsageError,
+};
 use bytes::Bytes;
 use e2e_tests::broker::{unique_name, Node, QueueGuard};
 use e2e_tests::calls::{call, connect_with, expect_fib, CALL_TIMEOUT};
 use e2e_tests::e2e_tests;
 use e2e_tests::node;
-use e2e_tests::rt::{blocking, sleep, spawn, within, TestRuntime};
+use e2e_tests::rt::{blocking, sleep, spawn, within, Task, TestRuntime};
 use e2e_tests::servers::{client_options, client_options_at, fault_server_options, TestServer};
 
 e2e_tests! {
@@ -253,17 +255,7 @@ async fn full_request_queue_ends_calls_queue_full_at_once<R: TestRuntime>() {
     let client = connect_with::<R>(options).await;
     let timeout = Duration::from_secs(6);
     let started = Instant::now();
-    let calls: Vec<_> = (0..20u32)
-        .map(|i| {
-            let (client, queue) = (client.clone(), queue.name().to_owned());
-            spawn::<R, _>(async move {
-                let end = client
-                    .call_with(CallRequest::new(queue, i.to_string(), timeout))
-                    .await;
-                (end, started.elapsed())
-            })
-        })
-        .collect();
+    let calls = spawn_calls(&client, queue.name(), 20, timeout, started);
     let mut full = 0;
     let mut timed_out = 0;
     within::<R, _>(timeout + Duration::from_secs(5), "the calls", async {
@@ -313,17 +305,7 @@ async fn a_refusal_while_the_queue_rejects_harms_no_nacked_call<R: TestRuntime>(
     let timeout = Duration::from_secs(6);
     for round in 0..5 {
         let started = Instant::now();
-        let mut calls: Vec<_> = (0..CALLS)
-            .map(|i| {
-                let (client, queue) = (client.clone(), queue.name().to_owned());
-                spawn::<R, _>(async move {
-                    let end = client
-                        .call_with(CallRequest::new(queue, i.to_string(), timeout))
-                        .await;
-                    (end, started.elapsed())
-                })
-            })
-            .collect();
+        let mut calls = spawn_calls(&client, queue.name(), CALLS, timeout, started);
         let bad = {
             let client = client.clone();
             let mut request = CallRequest::new(queue.name(), "1", timeout);
@@ -361,6 +343,28 @@ async fn a_refusal_while_the_queue_rejects_harms_no_nacked_call<R: TestRuntime>(
         );
     }
     client.close().await;
+}
+
+/// Spawns `n` calls to `queue` (bodies 0 to n - 1), each ending with its outcome and when it
+/// ended, since `started`.
+fn spawn_calls<R: TestRuntime>(
+    client: &Client<R>,
+    queue: &str,
+    n: u32,
+    timeout: Duration,
+    started: Instant,
+) -> Vec<Task<(Result<RpcReply, CallError>, Duration)>> {
+    (0..n)
+        .map(|i| {
+            let (client, queue) = (client.clone(), queue.to_owned());
+            spawn::<R, _>(async move {
+                let end = client
+                    .call_with(CallRequest::new(queue, i.to_string(), timeout))
+                    .await;
+                (end, started.elapsed())
+            })
+        })
+        .collect()
 }
 
 /// Declares `name` with `x-max-length` `max` and `x-overflow: reject-publish` (through
