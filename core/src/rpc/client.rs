@@ -1188,7 +1188,7 @@ impl RpcClient {
                 }
                 Gate::SendAlone { exchange, body } => {
                     if let Some(seq) = self.send(now, id) {
-                        self.isolation.sent_alone(seq, &exchange, body);
+                        self.isolation.sent_alone(seq, exchange, body);
                     }
                 }
                 Gate::Wait => keep.push_back(id),
@@ -1238,58 +1238,48 @@ impl RpcClient {
                 ),
             });
         }
-        match self.check(now, id) {
-            Gate::Send => self.admit(id),
-            other => other,
-        }
-    }
-
-    /// The server or exchange check's verdict on call `id` (see [`ClientConfig::server_check`]).
-    fn check(&mut self, now: Instant, id: CallId) -> Gate {
-        let Some(call) = self.calls.get(&id) else {
-            return Gate::Gone;
-        };
-        if self.probe_off {
-            return Gate::Send;
-        }
-        if !call.request.exchange.is_empty() {
-            let Some(interval) = self.config.exchange_check else {
-                return Gate::Send;
+        // Whether it goes out pipelined, alone, or waits for the publishes in flight to be
+        // settled (see `isolation.rs`); decided here, and applied only if the checks below let
+        // it go.
+        let admission =
+            match self
+                .isolation
+                .admit(&call.request.exchange, size, !self.unconfirmed.is_empty())
+            {
+                Admission::Pipelined => Gate::Send,
+                Admission::Alone => Gate::SendAlone {
+                    exchange: call.request.exchange.clone(),
+                    body: size,
+                },
+                Admission::Hold => Gate::Hold,
             };
-            let exchange = call.request.exchange.clone();
-            return self
-                .probe
-                .exchange_verdict(&mut self.conn, now, &exchange, interval)
-                .into();
-        }
-        let Some(interval) = self.config.server_check else {
-            return Gate::Send;
+        // The server or exchange check (`ClientConfig::server_check`, `exchange_check`).
+        let checked = if self.probe_off {
+            Gate::Send
+        } else if !call.request.exchange.is_empty() {
+            match self.config.exchange_check {
+                Some(interval) => {
+                    let exchange = call.request.exchange.clone();
+                    self.probe
+                        .exchange_verdict(&mut self.conn, now, &exchange, interval)
+                        .into()
+                }
+                None => Gate::Send,
+            }
+        } else {
+            match self.config.server_check {
+                Some(interval) => {
+                    let queue = call.request.routing_key.clone();
+                    self.probe
+                        .queue_verdict(&mut self.conn, now, &queue, interval)
+                        .into()
+                }
+                None => Gate::Send,
+            }
         };
-        let queue = call.request.routing_key.clone();
-        self.probe
-            .queue_verdict(&mut self.conn, now, &queue, interval)
-            .into()
-    }
-
-    /// Whether call `id` goes out pipelined, alone, or waits for the publishes in flight to be
-    /// settled: a request the publishing channel has not accepted the like of goes alone, so
-    /// that its refusal cannot lose another call's confirm (see `isolation.rs`).
-    fn admit(&self, id: CallId) -> Gate {
-        let Some(call) = self.calls.get(&id) else {
-            return Gate::Gone;
-        };
-        let request = &call.request;
-        let body = u64::try_from(request.body.len()).unwrap_or(u64::MAX);
-        match self
-            .isolation
-            .admit(&request.exchange, body, !self.unconfirmed.is_empty())
-        {
-            Admission::Pipelined => Gate::Send,
-            Admission::Alone => Gate::SendAlone {
-                exchange: request.exchange.clone(),
-                body,
-            },
-            Admission::Hold => Gate::Hold,
+        match checked {
+            Gate::Send => admission,
+            other => other,
         }
     }
 
@@ -1298,9 +1288,9 @@ impl RpcClient {
         self.probe.is_idle() && self.conn.is_open()
     }
 
-    // Long because the request's properties are built field by field, as the wire format has them.
     /// Publishes call `id`'s request; its sequence number on the publishing channel, if it went
     /// out in confirm mode.
+    // Long because the request's properties are built field by field, as the wire format has them.
     fn send(&mut self, now: Instant, id: CallId) -> Option<DeliveryTag> {
         let (Some(channel), Phase::Ready { reply_to, .. }) = (self.publish_channel(), &self.phase)
         else {

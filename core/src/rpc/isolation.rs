@@ -78,11 +78,11 @@ impl Isolation {
     }
 
     /// The request admitted [`Admission::Alone`] went out as publish `seq`.
-    pub(crate) fn sent_alone(&mut self, seq: DeliveryTag, exchange: &str, body: u64) {
+    pub(crate) fn sent_alone(&mut self, seq: DeliveryTag, exchange: String, body: u64) {
         self.alone = Some(Alone {
             seq,
             body,
-            exchange: exchange.to_owned(),
+            exchange,
         });
     }
 
@@ -115,7 +115,7 @@ mod tests {
         let mut iso = Isolation::default();
         assert_eq!(iso.admit("", 10, false), Admission::Alone);
         assert_eq!(iso.admit("", 10, true), Admission::Hold);
-        iso.sent_alone(DeliveryTag(1), "", 10);
+        iso.sent_alone(DeliveryTag(1), String::new(), 10);
         // Everything waits behind it, even what would be within the proof.
         assert_eq!(iso.admit("", 1, false), Admission::Hold);
         // Another publish's confirm proves nothing.
@@ -133,9 +133,9 @@ mod tests {
     #[test]
     fn proofs_accumulate_and_reset_with_the_channel() {
         let mut iso = Isolation::default();
-        iso.sent_alone(DeliveryTag(1), "a", 100);
+        iso.sent_alone(DeliveryTag(1), "a".into(), 100);
         iso.settled(DeliveryTag(1));
-        iso.sent_alone(DeliveryTag(2), "b", 5);
+        iso.sent_alone(DeliveryTag(2), "b".into(), 5);
         iso.settled(DeliveryTag(2));
         // The size proved on one exchange holds for the other: the limit is the channel's.
         assert_eq!(iso.admit("b", 100, true), Admission::Pipelined);
@@ -148,7 +148,7 @@ mod tests {
     fn exchanges_are_bounded_oldest_out() {
         let mut iso = Isolation::default();
         for i in 0..=MAX_EXCHANGES as u64 {
-            iso.sent_alone(DeliveryTag(i + 1), &format!("e{i}"), 1);
+            iso.sent_alone(DeliveryTag(i + 1), format!("e{i}"), 1);
             iso.settled(DeliveryTag(i + 1));
         }
         assert_eq!(iso.exchanges.len(), MAX_EXCHANGES);
