@@ -1879,6 +1879,16 @@ fn an_oversized_request_ends_alone_and_the_others_are_answered() {
     }
 }
 
+/// A client (with `config`) and no server, against a broker whose request queue takes at most
+/// `max_length` messages and nacks the rest (`x-overflow: reject-publish`). The server check is
+/// off: with no server, the calls must go out to find the queue full.
+fn limited_queue_sim(mut config: ClientConfig, max_length: usize) -> Sim {
+    let mut broker = Broker::new();
+    broker.limit_queue(Q, max_length);
+    config.server_check = None;
+    Sim::with_connection(config, conn_config(), broker, 0, 1)
+}
+
 /// A publish the broker refuses by closing the channel loses the confirms it had not sent yet,
 /// `basic.nack`s of a full `reject-publish` queue included: the calls refused that way would
 /// wait for replies that never come. A request to an exchange the channel has not settled a
@@ -1888,12 +1898,9 @@ fn an_oversized_request_ends_alone_and_the_others_are_answered() {
 #[test]
 fn a_refusal_while_the_queue_rejects_loses_no_nack() {
     for mode in MODES {
-        let mut broker = Broker::new();
-        broker.limit_queue(Q, 0);
         let mut config = client_config(mode);
-        config.server_check = None;
         config.exchange_check = None;
-        let mut sim = Sim::with_connection(config, conn_config(), broker, 0, 1);
+        let mut sim = limited_queue_sim(config, 0);
         let conn = sim.client.conn;
         let first = sim.call("0", 5000);
         assert_eq!(*err(sim.result(first)), RpcError::QueueFull);
@@ -1924,12 +1931,7 @@ fn a_refusal_while_the_queue_rejects_loses_no_nack() {
 #[test]
 fn a_full_request_queue_ends_calls_queue_full_at_once() {
     for mode in MODES {
-        let mut broker = Broker::new();
-        broker.limit_queue(Q, 3);
-        let mut config = client_config(mode);
-        // No server yet: the calls must go out to find the queue full.
-        config.server_check = None;
-        let mut sim = Sim::with_connection(config, conn_config(), broker, 0, 1);
+        let mut sim = limited_queue_sim(client_config(mode), 3);
         let calls: Vec<CallId> = (0..5).map(|i| sim.call(&i.to_string(), 10_000)).collect();
         for id in &calls[3..] {
             let e = err(sim.result(*id));

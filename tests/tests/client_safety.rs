@@ -243,13 +243,7 @@ fn set_max_message_size(node: &Node, limit: u64) -> Result<(), String> {
 /// 5 and nacks 15, which end `QueueFull` at once (never ran); the 5 end `TimedOut` at their
 /// deadline.
 async fn full_request_queue_ends_calls_queue_full_at_once<R: TestRuntime>() {
-    let queue = QueueGuard::new("reject-publish");
-    {
-        let name = queue.name().to_owned();
-        blocking(move || declare_limited(&Node::main(), &name, 5))
-            .await
-            .expect("declare the limited queue");
-    }
+    let queue = limited_queue("reject-publish", 5).await;
     let mut options = client_options(ReplyMode::ExclusiveQueue);
     options.rpc.server_check = None;
     let client = connect_with::<R>(options).await;
@@ -291,13 +285,7 @@ async fn full_request_queue_ends_calls_queue_full_at_once<R: TestRuntime>() {
 /// five rounds; the exchange check is off so that the broker is what refuses that one.
 async fn a_refusal_while_the_queue_rejects_harms_no_nacked_call<R: TestRuntime>() {
     const CALLS: u32 = 200;
-    let queue = QueueGuard::new("reject-publish-refusal");
-    {
-        let name = queue.name().to_owned();
-        blocking(move || declare_limited(&Node::main(), &name, 0))
-            .await
-            .expect("declare the limited queue");
-    }
+    let queue = limited_queue("reject-publish-refusal", 0).await;
     let mut options = client_options(ReplyMode::ExclusiveQueue);
     options.rpc.server_check = None;
     options.rpc.exchange_check = None;
@@ -365,6 +353,17 @@ fn spawn_calls<R: TestRuntime>(
             })
         })
         .collect()
+}
+
+/// A queue of the test's own on the main broker, declared with `x-max-length` `max` and
+/// `x-overflow: reject-publish` (deleted when dropped).
+async fn limited_queue(what: &str, max: u32) -> QueueGuard {
+    let queue = QueueGuard::new(what);
+    let name = queue.name().to_owned();
+    blocking(move || declare_limited(&Node::main(), &name, max))
+        .await
+        .expect("declare the limited queue");
+    queue
 }
 
 /// Declares `name` with `x-max-length` `max` and `x-overflow: reject-publish` (through
