@@ -1655,13 +1655,20 @@ fn log_to_file(server: bool) {
         return;
     };
     let mut path = std::path::PathBuf::from(path);
+    let mut server_path = path.clone().into_os_string();
+    server_path.push(".server");
     if server {
-        path.as_mut_os_string().push(".server");
+        path = server_path.into();
+    } else {
+        // A new soak starts both files afresh; each server process appends to its file, so
+        // that a killed server's successor logs after it.
+        let _ = std::fs::remove_file(&server_path);
     }
-    // Appended: a killed server's successor logs after it.
     let file = match std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .append(server)
+        .truncate(!server)
         .open(&path)
     {
         Ok(f) => f,
